@@ -1,0 +1,88 @@
+"""A Ray Data datasource that reads cells from a SOMA experiment and yields token records.
+
+One read task per contiguous chunk of the selected soma_joinids; each task opens the experiment, reads its
+cells' obs and X rows, and tokenizes them (binning and gene selection happen here, in the read tasks, never on
+the training workers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+from ray.data import Datasource, ReadTask
+from ray.data.block import BlockMetadata
+
+from data_ingest import keys
+from data_ingest.source import ResolvedSource, open_experiment
+from data_ingest.tokenize import RECORD_SCHEMA, TokenizeStats, TokenizerConfig, tokenize_csr
+
+
+def read_token_table(
+    src: ResolvedSource, joinids: np.ndarray, tok: TokenizerConfig, cls_id: int,
+    stats: TokenizeStats | None = None,
+) -> pa.Table:
+    """Read and tokenize the cells `joinids` (sorted) of `src`."""
+    joinids = np.asarray(joinids, dtype=np.int64)
+    with open_experiment(src.soma_uri) as exp:
+        obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
+        obs = exp.obs.read(coords=(joinids,), column_names=obs_cols).concat().to_pandas()
+        X = exp.ms[src.measurement].X[src.layer]
+        coo = X.read(coords=(joinids, slice(None))).tables().concat()
+    obs = obs.set_index(keys.SOMA_JOINID).reindex(joinids)
+    rows = np.searchsorted(joinids, coo["soma_dim_0"].to_numpy())
+    cols = coo["soma_dim_1"].to_numpy()
+    vals = coo["soma_data"].to_numpy()
+    order = np.argsort(rows, kind="stable")
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.zeros(len(joinids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(joinids)), out=indptr[1:])
+    batch = pd.Categorical(obs[src.batch_key].astype(str), categories=src.batch_categories).codes
+    labels = None
+    if src.label_key:
+        labels = pd.Categorical(obs[src.label_key].astype(str), categories=src.label_categories).codes
+    return tokenize_csr(
+        indptr, cols, vals, joinids, src.feature_tokens, tok, cls_id,
+        batch=batch, labels=labels, stats=stats,
+    )
+
+
+class SomaTokenDatasource(Datasource):
+    """Ray Data source of token records for the cells of a `ResolvedSource`."""
+
+    def __init__(self, src: ResolvedSource, tok: TokenizerConfig, cls_id: int, cells_per_task: int = 2048):
+        self.src = src
+        self.tok = tok
+        self.cls_id = cls_id
+        self.cells_per_task = cells_per_task
+
+    def estimate_inmemory_data_size(self) -> int:
+        return len(self.src.joinids) * self.tok.max_seq_len * 6
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        n = len(self.src.joinids)
+        n_tasks = max(1, -(-n // self.cells_per_task))
+        chunks = np.array_split(self.src.joinids, n_tasks)
+        # Each task carries only its own chunk of cell ids, not the whole selection.
+        src = dataclasses.replace(self.src, joinids=np.zeros(0, dtype=np.int64))
+        tok, cls_id = self.tok, self.cls_id
+
+        def make(chunk: np.ndarray) -> ReadTask:
+            def read() -> Iterator[pa.Table]:
+                yield read_token_table(src, chunk, tok, cls_id)
+
+            meta = BlockMetadata(
+                num_rows=None,
+                size_bytes=len(chunk) * tok.max_seq_len * 6,
+                exec_stats=None,
+                input_files=None,
+            )
+            return ReadTask(read, meta, schema=RECORD_SCHEMA, per_task_row_limit=per_task_row_limit)
+
+        return [make(c) for c in chunks if len(c)]
+
+    def get_name(self) -> str:
+        return "SomaTokens"

@@ -1,0 +1,43 @@
+"""Column names, special tokens and layout names shared by every module.
+
+One place for string keys, so a rename is a one-line change and a typo is an import error.
+"""
+
+# Token record columns (DESIGN.md "Token record").
+GENES = "genes"
+VALUES = "values"
+BATCH = "batch"
+MODALITY = "modality"
+CELL_ID = "cell_id"
+LABEL = "label"
+PERTURBATION = "perturbation"
+
+# Special gene tokens, in the order they get ids in a new vocabulary.
+PAD_TOKEN = "<pad>"
+CLS_TOKEN = "<cls>"
+EOC_TOKEN = "<eoc>"
+SPECIAL_TOKENS = (PAD_TOKEN, CLS_TOKEN, EOC_TOKEN)
+
+# Value codes (scGPT reference): pad value and the GEP mask value.
+PAD_VALUE = -2
+MASK_VALUE = -1
+
+# Modalities.
+MODALITY_RNA = 0
+MODALITY_ATAC = 1
+MODALITY_PROTEIN = 2
+
+# SOMA layout (the CELLxGENE Census layout).
+SOMA_JOINID = "soma_joinid"
+MEASUREMENT_RNA = "RNA"
+RAW_LAYER = "raw"
+VAR_GENE_NAME = "feature_name"
+VAR_GENE_ID = "feature_id"
+OBS_DATASET = "dataset_id"
+OBS_CELL_TYPE = "cell_type"
+
+# Files inside checkpoint and model directories.
+CONFIG_FILE = "config.yaml"
+VOCAB_FILE = "vocab.json"
+META_FILE = "meta.json"
+MODEL_FILE = "model.safetensors"

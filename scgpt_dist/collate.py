@@ -1,0 +1,74 @@
+"""Token records (Arrow) -> padded tensors, and GEP value masking."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from data_ingest import keys
+
+
+@dataclass
+class Batch:
+    """A padded batch. genes/values/padding: (B, L); batch/label/cell_id: (B,)."""
+
+    genes: torch.Tensor
+    values: torch.Tensor
+    padding: torch.Tensor
+    batch: torch.Tensor
+    label: torch.Tensor
+    cell_id: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int((~self.padding).sum())
+
+
+def _pad_lists(col: pa.ChunkedArray | pa.Array, fill: int, dtype) -> np.ndarray:
+    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    offsets = arr.offsets.to_numpy()
+    offsets = offsets - offsets[0]
+    flat = arr.flatten().to_numpy(zero_copy_only=False)
+    lengths = np.diff(offsets)
+    out = np.full((len(arr), int(lengths.max()) if len(arr) else 0), fill, dtype=dtype)
+    rows = np.repeat(np.arange(len(arr)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(offsets[:-1], lengths)
+    out[rows, cols] = flat
+    return out
+
+
+def collate(table: pa.Table, pad_id: int) -> Batch:
+    """Pad a table of token records to the longest cell in it."""
+    genes = _pad_lists(table[keys.GENES], pad_id, np.int64)
+    values = _pad_lists(table[keys.VALUES], keys.PAD_VALUE, np.float32)
+    label = table[keys.LABEL].to_numpy() if keys.LABEL in table.column_names else None
+    return Batch(
+        genes=torch.from_numpy(genes),
+        values=torch.from_numpy(values),
+        padding=torch.from_numpy(genes == pad_id),
+        batch=torch.from_numpy(table[keys.BATCH].to_numpy().astype(np.int64)),
+        label=torch.from_numpy(
+            label.astype(np.int64) if label is not None else np.full(len(genes), -1, np.int64)
+        ),
+        cell_id=torch.from_numpy(table[keys.CELL_ID].to_numpy().astype(np.int64)),
+    )
+
+
+def mask_values(
+    values: torch.Tensor, mask_ratio: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask `mask_ratio` of each cell's gene values (never `<cls>` or padding, which hold PAD_VALUE).
+
+    Returns (masked input values, boolean mask of masked positions), both (B, L). As in the reference, each
+    cell masks `int(n_genes * mask_ratio)` positions chosen uniformly.
+    """
+    maskable = values != keys.PAD_VALUE  # (B, L)
+    n_mask = (maskable.sum(1).to(torch.float32) * mask_ratio).long()  # (B,)
+    scores = torch.rand(values.shape, generator=generator)
+    scores = scores.masked_fill(~maskable, 2.0)  # never picked
+    ranks = scores.argsort(1).argsort(1)  # (B, L) rank of each position
+    mask = ranks < n_mask[:, None]
+    return values.masked_fill(mask, float(keys.MASK_VALUE)), mask

@@ -1,0 +1,266 @@
+"""Experiment configuration: one dataclass per component, composed into `ExperimentConfig`.
+
+Loaded from YAML (`jobs/configs/*.yaml`) with `a.b=c` overrides from the command line. Unknown keys are errors
+that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data_ingest.source import SourceConfig
+from data_ingest.tokenize import TokenizerConfig
+
+
+@dataclass
+class DataConfig:
+    """Cells, tokenization and the stream that feeds training."""
+
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    vocab_path: str | None = None
+    """vocab.json to use; None builds one from the experiment's genes."""
+    build_demo: bool = False
+    """Build the embedded demo SOMA experiment at `source.soma_uri` when it does not exist."""
+    demo_synth_cells: int = 2000
+    """Synthetic cells added to the demo experiment next to pbmc68k_reduced."""
+    cells_per_read_task: int = 1024
+    """Cells tokenized by one Ray Data read task."""
+    shuffle_buffer: int = 512
+    """Rows in each worker's local shuffle buffer."""
+
+
+@dataclass
+class ModelConfig:
+    """scGPT transformer and its heads."""
+
+    d_model: int = 128
+    """Embedding width D."""
+    n_heads: int = 4
+    n_layers: int = 4
+    d_hid: int = 256
+    """Feed-forward hidden width."""
+    dropout: float = 0.1
+    n_bins: int = 51
+    """Value bins (must equal data.tokenizer.n_bins)."""
+    max_value: float = 512.0
+    """Continuous value encoder clamps inputs at this value (scGPT reference)."""
+    use_batch_labels: bool = True
+    """Add a batch embedding to the cell representation used by the decoders."""
+    n_batches: int = 0
+    """Batch categories; 0 = filled in from the data."""
+    attention: str = "sdpa"
+    """Attention backend: `sdpa` (PyTorch) or `flash` (flash-attn, GPU; falls back to sdpa)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """Pretraining objectives and their weights (0 disables one)."""
+
+    mask_ratio: float = 0.4
+    """Fraction of non-`<cls>` genes whose value is masked for GEP."""
+    gep: float = 1.0
+    """Gene expression prediction: masked value regression."""
+    gepc: float = 1.0
+    """GEPC / MVC: predict masked values from the cell embedding."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the distributed run."""
+
+    num_workers: int = 2
+    """Ray Train workers (ranks)."""
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage (1, 2 or 3)."""
+    micro_batch_size: int = 16
+    """Cells per rank per forward pass."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    max_steps: int = 300
+    """Optimizer steps in the whole run (a resumed run continues to this number)."""
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    """fp32, bf16 or fp16."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (one is always written at the end)."""
+    log_every: int = 10
+    seed: int = 0
+    torch_threads: int = 1
+    """Intra-op threads per worker (CPU)."""
+    stop_after_steps: int | None = None
+    """Stop this invocation after reaching this step (testing / pre-emption); None runs to max_steps."""
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI, else a sqlite store in the output directory."""
+    experiment: str = "scgpt-dist"
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None
+    """Ray cluster address; None uses $RAY_ADDRESS (as under `ray job submit`) or starts a local one."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local cluster; None = cores + workers, so read tasks never starve."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "scgpt"
+    output_dir: str = "outputs/run"
+    """Checkpoints (`checkpoints/step_N`), consolidated model (`model/`) and MLflow store go here."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.n_bins != self.data.tokenizer.n_bins:
+            raise ValueError(
+                f"model.n_bins={self.model.n_bins} but data.tokenizer.n_bins={self.data.tokenizer.n_bins}; "
+                "set both to the same value"
+            )
+        if self.train.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage={self.train.zero_stage}; choose 0, 1, 2 or 3")
+        if self.train.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"train.precision={self.train.precision!r}; choose fp32, bf16 or fp16")
+        if self.model.d_model % self.model.n_heads:
+            raise ValueError(
+                f"model.d_model={self.model.d_model} is not divisible by model.n_heads={self.model.n_heads}"
+            )
+
+
+class ConfigError(ValueError):
+    """A configuration key or value the user must fix."""
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts; unknown keys raise `ConfigError`."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {where!r}{hint} (valid here: {', '.join(names)})")
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
+            kwargs[key] = from_dict(typ, value, where)
+        else:
+            kwargs[key] = _coerce(value, typ, where)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from err
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}={value!r} does not fit type {typ}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (inner,) = typing.get_args(typ) or (Any,)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if typ is Any:
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float) and isinstance(value, str):  # YAML reads `3e-4` as a string
+        try:
+            return typ(value)
+        except ValueError:
+            raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}") from None
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if typ in (int, float, str) and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` -> `{"a.b": 1}` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if isinstance(v, dict):
+            out.update(flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to nested dicts."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an experiment config from YAML (or defaults) plus overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"no config file at {path}; see jobs/configs/ for presets")
+        data = yaml.safe_load(path.read_text()) or {}
+    data = apply_overrides(data, list(overrides or []))
+    return from_dict(ExperimentConfig, data)
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

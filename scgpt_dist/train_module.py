@@ -1,0 +1,125 @@
+"""The train module: model, DeepSpeed engine (optimizer, ZeRO, precision, schedule) and one step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+
+from data_ingest.vocab import GeneVocab
+from scgpt_dist.collate import Batch, mask_values
+from scgpt_dist.config import ExperimentConfig, TrainConfig
+from scgpt_dist.losses import total_loss
+from scgpt_dist.model import build_model
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
+    """DeepSpeed config for this run. The global batch is micro x accumulation x world size."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: DeepSpeed's fused Adam is CUDA-only; torch's runs everywhere.
+            "params": {
+                "lr": cfg.lr,
+                "weight_decay": cfg.weight_decay,
+                "betas": [0.9, 0.98],
+                "eps": 1e-8,
+                "torch_adam": not cfg.use_gpu,
+            },
+        },
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        ds["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return ds
+
+
+def lr_lambda(cfg: TrainConfig):
+    """Linear warmup to `lr`, then cosine decay to 10% of it at `max_steps`."""
+
+    def fn(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / max(1, cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+@dataclass
+class StepOutput:
+    loss: float
+    parts: dict[str, float]
+    n_tokens: int
+    n_cells: int
+    boundary: bool
+    """True when this micro-step completed an optimizer step."""
+
+
+class TrainModule:
+    """Owns the model and DeepSpeed engine; `micro_step` runs forward, backward and (on boundaries) step."""
+
+    def __init__(self, cfg: ExperimentConfig, vocab: GeneVocab, world_size: int, rank: int):
+        self.cfg = cfg
+        self.rank = rank
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = build_model(cfg.model, len(vocab), vocab.pad_id)
+        self.pad_id = vocab.pad_id
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg.train, world_size),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
+        )
+        self.device = self.engine.device
+        self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+
+    def micro_step(self, batch: Batch, step: int, micro: int) -> StepOutput:
+        gen = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, step, micro)) % 2**63)
+        masked, mask = mask_values(batch.values, self.cfg.objectives.mask_ratio, gen)
+        dev = self.device
+        values_in = masked.to(dev)
+        if self._dtype is not None:
+            values_in = values_in.to(self._dtype)
+        out = self.engine(
+            batch.genes.to(dev), values_in, batch.padding.to(dev), batch.batch.to(dev)
+        )
+        out = {k: v.float() for k, v in out.items()}
+        loss, parts = total_loss(out, batch.values.to(dev), mask.to(dev), self.cfg.objectives)
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.backward(loss)
+        self.engine.step()
+        return StepOutput(
+            loss=float(loss.detach()),
+            parts={k: float(v) for k, v in parts.items()},
+            n_tokens=batch.n_tokens,
+            n_cells=len(batch.genes),
+            boundary=boundary,
+        )
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def grad_norm(self) -> float | None:
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def save(self, path: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(path, tag="ds", client_state=client_state)
+
+    def load(self, path: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(path, tag="ds")
+        if client_state is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
+        return client_state

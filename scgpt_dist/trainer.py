@@ -1,0 +1,329 @@
+"""Distributed pretraining on Ray Train + DeepSpeed.
+
+`run_pretraining(cfg)` runs on the driver: it resolves the data and vocabulary, opens (or continues) the MLflow
+run, builds the Ray Data stream, and launches `train_loop_per_worker` on `train.num_workers` Ray Train workers.
+The loop owns the counters; `TrainModule` owns the model and the step; callbacks log and checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from data_ingest.datasource import SomaTokenDatasource
+from data_ingest.source import TRAIN, SomaCellSource
+from data_ingest.vocab import GeneVocab
+from scgpt_dist.callbacks import CheckpointCallback, MlflowCallback
+from scgpt_dist.checkpoint import (
+    CHECKPOINTS_DIR,
+    consolidate,
+    find_latest_checkpoint,
+)
+from scgpt_dist.collate import collate
+from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
+from scgpt_dist.tracking import start_or_resume_run, tracking_uri
+
+log = logging.getLogger(__name__)
+
+STATE_KEYS = ("step", "tokens_seen", "cells_seen", "epoch", "batches_in_epoch")
+
+
+@dataclass
+class TrainState:
+    """Counters owned by the loop; saved in every checkpoint."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    cells_seen: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    """Micro-batches this rank consumed in the current epoch (the data position)."""
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in STATE_KEYS}
+
+    def load_state_dict(self, d: dict) -> None:
+        for k in STATE_KEYS:
+            setattr(self, k, int(d[k]))
+
+
+@dataclass
+class _Window:
+    """Accumulates metrics between two log points."""
+
+    loss: float = 0.0
+    parts: dict = field(default_factory=dict)
+    n: int = 0
+    tokens: int = 0
+    cells: int = 0
+    wait: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def _all_reduce_sum(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    from scgpt_dist.train_module import TrainModule
+
+    cfg: ExperimentConfig = from_dict(ExperimentConfig, loop_config["config"])
+    vocab = GeneVocab(loop_config["vocab"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.train.torch_threads)
+
+    module = TrainModule(cfg, vocab, world, rank)
+    state = TrainState()
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            client = module.load(d)
+        state.load_state_dict(client["train_state"])
+        log.info("rank %d resumed at step %d", rank, state.step)
+
+    mlflow_cb = MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"])
+    shard = ray.train.get_dataset_shard("train")
+    stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
+    micro = 0
+    win = _Window()
+    last_saved = state.step
+
+    while state.step < stop_at:
+        skip = state.batches_in_epoch  # resume inside an epoch: skip what this rank already consumed
+        batches = shard.iter_batches(
+            batch_size=cfg.train.micro_batch_size,
+            batch_format="pyarrow",
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            local_shuffle_seed=cfg.train.seed + state.epoch,
+        )
+        t_wait = time.perf_counter()
+        for table in batches:
+            if skip:
+                skip -= 1
+                t_wait = time.perf_counter()
+                continue
+            win.wait += time.perf_counter() - t_wait
+            out = module.micro_step(collate(table, vocab.pad_id), state.step, micro)
+            micro += 1
+            state.batches_in_epoch += 1
+            win.loss += out.loss
+            win.n += 1
+            win.tokens += out.n_tokens
+            win.cells += out.n_cells
+            for k, v in out.parts.items():
+                win.parts[k] = win.parts.get(k, 0.0) + v
+            if out.boundary:
+                state.step += 1
+                _log_window(cfg, state, win, module, mlflow_cb, world)
+                if state.step % cfg.train.log_every == 0 or state.step == stop_at:
+                    win = _Window()
+                if ckpt_cb.due(state.step) or state.step == stop_at:
+                    ckpt_cb.save(module, state.state_dict(), {"step": state.step, "loss": out.loss})
+                    last_saved = state.step
+                if state.step >= stop_at:
+                    break
+            t_wait = time.perf_counter()
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+            continue
+        break
+    if last_saved != state.step:
+        ckpt_cb.save(module, state.state_dict(), {"step": state.step})
+
+
+def _log_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
+    """At log points: sum the window over ranks, then rank 0 logs to MLflow."""
+    # state.tokens_seen is global: add every rank's tokens at each log point (collective on all ranks).
+    if not (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
+        return
+    names = sorted(win.parts)
+    elapsed = time.perf_counter() - win.t0
+    summed = _all_reduce_sum(
+        [win.loss, win.n, win.tokens, win.cells, win.wait, elapsed] + [win.parts[k] for k in names]
+    )
+    loss, n, tokens, cells, wait, elapsed_sum = summed[:6]
+    state.tokens_seen += int(tokens)
+    state.cells_seen += int(cells)
+    if mlflow_cb is None:
+        return
+    elapsed_mean = elapsed_sum / world
+    metrics = {
+        "loss": loss / max(n, 1),
+        "lr": module.lr,
+        "grad_norm": module.grad_norm(),
+        "tokens_per_s": tokens / max(elapsed_mean, 1e-9),
+        "cells_per_s": cells / max(elapsed_mean, 1e-9),
+        "data_wait_fraction": wait / max(elapsed_sum, 1e-9),
+        "tokens_seen": state.tokens_seen,
+        "epoch": state.epoch,
+    }
+    for k, v in zip(names, summed[6:], strict=True):
+        metrics[f"loss_{k}"] = v / max(n, 1)
+    mlflow_cb.log(state.step, metrics)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def init_ray(cfg: ExperimentConfig) -> None:
+    """Connect to the configured cluster, to $RAY_ADDRESS (set by `ray job submit`), or start a local one."""
+    if ray.is_initialized():
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    num_cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + cfg.train.num_workers
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def resolve_vocab(cfg: ExperimentConfig, source: SomaCellSource, resume_from: Path | None) -> GeneVocab:
+    """The vocabulary of a resumed checkpoint, a configured vocab.json, or one built from the data."""
+    genes = source.gene_names()
+    if resume_from is not None:
+        vocab = GeneVocab.load(resume_from / "vocab.json")
+    elif cfg.data.vocab_path:
+        vocab = GeneVocab.load(cfg.data.vocab_path)
+    else:
+        return GeneVocab.from_genes(genes)
+    known = sum(g in vocab for g in genes)
+    if known == 0:
+        raise ValueError(
+            f"none of the {len(genes)} genes in {cfg.data.source.soma_uri} are in the vocabulary; "
+            "pass the vocab.json that matches this data (data.vocab_path)"
+        )
+    if known < len(genes):
+        log.warning("%d of %d genes in the data are unknown to the vocabulary and are dropped",
+                    len(genes) - known, len(genes))
+    return vocab
+
+
+def run_pretraining(cfg: ExperimentConfig) -> dict:
+    """Pretrain (or resume) and consolidate; returns paths and final figures."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    out = Path(cfg.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.data.build_demo and not Path(cfg.data.source.soma_uri).exists():
+        from data_ingest.demo_data import build_demo_experiment
+
+        build_demo_experiment(cfg.data.source.soma_uri, synth_cells=cfg.data.demo_synth_cells)
+
+    resume_from = find_latest_checkpoint(out)
+    source = SomaCellSource(cfg.data.source)
+    vocab = resolve_vocab(cfg, source, resume_from)
+    resolved = source.resolve(vocab, TRAIN)
+    if cfg.model.use_batch_labels and cfg.model.n_batches == 0:
+        cfg.model.n_batches = len(resolved.batch_categories)
+    data_info = {
+        "soma_uri": str(Path(cfg.data.source.soma_uri).resolve()),
+        "layer": cfg.data.source.layer,
+        "value_filter": cfg.data.source.value_filter,
+        "n_train_cells": int(len(resolved.joinids)),
+        "batch_categories": resolved.batch_categories,
+        "label_categories": resolved.label_categories,
+    }
+
+    init_ray(cfg)
+    ds = ray.data.read_datasource(
+        SomaTokenDatasource(resolved, cfg.data.tokenizer, vocab.cls_id, cfg.data.cells_per_read_task)
+    )
+
+    uri = tracking_uri(cfg.mlflow.tracking_uri, out)
+    run_id = start_or_resume_run(uri, cfg.mlflow.experiment, cfg.name, out)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if resume_from is None:
+        params = flatten(to_dict(cfg))
+        client.log_batch(
+            run_id, params=[_param(k, v) for k, v in params.items()]
+        )
+        client.log_text(run_id, dump_config(cfg), "config.yaml")
+    else:
+        client.set_tag(run_id, "resumed_from", str(resume_from))
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(cfg),
+            "vocab": vocab.to_dict(),
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "data_info": data_info,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers,
+            use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=str(out),
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+        ),
+        datasets={"train": ds},
+        resume_from_checkpoint=(
+            ray.train.Checkpoint.from_directory(str(resume_from)) if resume_from else None
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception:
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    wall = time.perf_counter() - t0
+    latest = find_latest_checkpoint(out)
+    if latest is None:
+        client.set_terminated(run_id, status="FAILED")
+        raise RuntimeError(f"training finished without a complete checkpoint under {out / CHECKPOINTS_DIR}")
+    meta = json.loads((latest / "meta.json").read_text())
+    summary = {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "checkpoint": str(latest),
+        "step": meta["step"],
+        "train_wall_s": wall,
+        "n_train_cells": data_info["n_train_cells"],
+        "result_metrics": result.metrics,
+    }
+    client.set_tag(run_id, "checkpoint", str(latest))
+    if meta["step"] >= cfg.train.max_steps:
+        model_dir = consolidate(latest, out / "model")
+        client.log_artifacts(run_id, str(model_dir), "model")
+        client.set_tag(run_id, "model_dir", str(model_dir))
+        summary["model_dir"] = str(model_dir)
+        client.set_terminated(run_id, status="FINISHED")
+    return summary
+
+
+def _param(k, v):
+    from mlflow.entities import Param
+
+    return Param(k, str(v)[:6000])
+
+
+def steps_per_epoch(n_cells: int, cfg: ExperimentConfig) -> float:
+    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    return float(np.floor(n_cells / per_step))
