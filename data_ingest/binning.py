@@ -33,7 +33,9 @@ def bin_cell(row: np.ndarray, n_bins: int, rng: np.random.Generator) -> np.ndarr
     """Bin a dense expression row: zeros stay 0, non-zeros get bins `1 .. n_bins - 1`."""
     row = np.asarray(row, dtype=np.float64)
     if np.any(row < 0):
-        raise ValueError("expression values must be non-negative; pass raw counts or log-normalized data")
+        raise ValueError(
+            "expression values must be non-negative; pass raw counts or log-normalized data"
+        )
     out = np.zeros(row.shape, dtype=np.int64)
     nz = np.flatnonzero(row)
     out[nz] = bin_nonzero(row[nz], n_bins, rng)

@@ -18,11 +18,14 @@ from ray.data.block import BlockMetadata
 
 from data_ingest import keys
 from data_ingest.source import ResolvedSource, open_experiment
-from data_ingest.tokenize import RECORD_SCHEMA, TokenizeStats, TokenizerConfig, tokenize_csr
+from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig, TokenizeStats, tokenize_csr
 
 
 def read_token_table(
-    src: ResolvedSource, joinids: np.ndarray, tok: TokenizerConfig, cls_id: int,
+    src: ResolvedSource,
+    joinids: np.ndarray,
+    tok: TokenizerConfig,
+    cls_id: int,
     stats: TokenizeStats | None = None,
 ) -> pa.Table:
     """Read and tokenize the cells `joinids` (sorted) of `src`."""
@@ -43,17 +46,29 @@ def read_token_table(
     batch = pd.Categorical(obs[src.batch_key].astype(str), categories=src.batch_categories).codes
     labels = None
     if src.label_key:
-        labels = pd.Categorical(obs[src.label_key].astype(str), categories=src.label_categories).codes
+        labels = pd.Categorical(
+            obs[src.label_key].astype(str), categories=src.label_categories
+        ).codes
     return tokenize_csr(
-        indptr, cols, vals, joinids, src.feature_tokens, tok, cls_id,
-        batch=batch, labels=labels, stats=stats,
+        indptr,
+        cols,
+        vals,
+        joinids,
+        src.feature_tokens,
+        tok,
+        cls_id,
+        batch=batch,
+        labels=labels,
+        stats=stats,
     )
 
 
 class SomaTokenDatasource(Datasource):
     """Ray Data source of token records for the cells of a `ResolvedSource`."""
 
-    def __init__(self, src: ResolvedSource, tok: TokenizerConfig, cls_id: int, cells_per_task: int = 2048):
+    def __init__(
+        self, src: ResolvedSource, tok: TokenizerConfig, cls_id: int, cells_per_task: int = 2048
+    ):
         self.src = src
         self.tok = tok
         self.cls_id = cls_id
@@ -62,7 +77,9 @@ class SomaTokenDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int:
         return len(self.src.joinids) * self.tok.max_seq_len * 6
 
-    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit=None, data_context=None
+    ) -> list[ReadTask]:
         n = len(self.src.joinids)
         n_tasks = max(1, -(-n // self.cells_per_task))
         chunks = np.array_split(self.src.joinids, n_tasks)

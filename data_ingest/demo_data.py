@@ -34,7 +34,9 @@ def load_pbmc() -> ad.AnnData:
     return raw
 
 
-def build_demo_experiment(uri: str | Path, synth_cells: int = 2000, overwrite: bool = False) -> Path:
+def build_demo_experiment(
+    uri: str | Path, synth_cells: int = 2000, overwrite: bool = False
+) -> Path:
     """Write the demo SOMA experiment: pbmc68k_reduced (cell types in `cell_type`) + synthetic batches."""
     pbmc = load_pbmc()
     parts = [to_census_layout(pbmc, PBMC_DATASET, "bulk_labels", "log_normalized")]
@@ -42,5 +44,7 @@ def build_demo_experiment(uri: str | Path, synth_cells: int = 2000, overwrite: b
         synth = make_synthetic(SynthConfig(n_cells=synth_cells), gene_names=list(pbmc.var_names))
         for b in sorted(synth.obs["batch"].unique()):
             part = synth[synth.obs["batch"] == b].copy()
-            parts.append(to_census_layout(part, f"{SYNTH_DATASET_PREFIX}_{b}", "cell_type", "counts"))
+            parts.append(
+                to_census_layout(part, f"{SYNTH_DATASET_PREFIX}_{b}", "cell_type", "counts")
+            )
     return write_experiment(uri, parts, layer=DEMO_LAYER, overwrite=overwrite)

@@ -52,7 +52,9 @@ def validate_anndata(adata: ad.AnnData, name: str = "AnnData") -> None:
         )
     if names.has_duplicates:
         dup = names[names.duplicated()].unique()[:5].tolist()
-        raise ValueError(f"{name} has duplicate gene names {dup}; call adata.var_names_make_unique()")
+        raise ValueError(
+            f"{name} has duplicate gene names {dup}; call adata.var_names_make_unique()"
+        )
     data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
     if data.size and not np.isfinite(data).all():
         raise ValueError(f"{name} has NaN or infinite expression values; fix or drop those cells")
@@ -104,7 +106,9 @@ def write_experiment(
 
     uri = Path(uri).resolve()
     if uri.exists() and not overwrite:
-        raise FileExistsError(f"a SOMA experiment already exists at {uri}; pass overwrite=True or another path")
+        raise FileExistsError(
+            f"a SOMA experiment already exists at {uri}; pass overwrite=True or another path"
+        )
     if not datasets:
         raise ValueError("no datasets to write")
     combined = ad.concat(list(datasets), join="outer", merge="first", fill_value=0)

@@ -111,7 +111,9 @@ class SomaCellSource:
         cfg = self.cfg
         with open_experiment(cfg.soma_uri) as exp:
             var = self._var(exp)
-            obs_cols = [keys.SOMA_JOINID, cfg.batch_key] + ([cfg.label_key] if cfg.label_key else [])
+            obs_cols = [keys.SOMA_JOINID, cfg.batch_key] + (
+                [cfg.label_key] if cfg.label_key else []
+            )
             missing = [c for c in obs_cols if c not in exp.obs.schema.names]
             if missing:
                 raise ValueError(
@@ -128,7 +130,9 @@ class SomaCellSource:
                 f"the obs filter {cfg.value_filter!r} selects no cells in {cfg.soma_uri}; loosen it"
             )
         feature_tokens = np.full(int(var[keys.SOMA_JOINID].max()) + 1, -1, dtype=np.int64)
-        feature_tokens[var[keys.SOMA_JOINID].to_numpy()] = vocab.lookup(var[keys.VAR_GENE_NAME].tolist())
+        feature_tokens[var[keys.SOMA_JOINID].to_numpy()] = vocab.lookup(
+            var[keys.VAR_GENE_NAME].tolist()
+        )
         if (feature_tokens >= 0).sum() == 0:
             raise ValueError(
                 f"none of the {len(var)} genes of {cfg.soma_uri} are in the vocabulary; "
@@ -139,9 +143,13 @@ class SomaCellSource:
             held = holdout_mask(joinids, cfg.holdout_fraction, cfg.split_seed)
             joinids = joinids[held] if split == HOLDOUT else joinids[~held]
         if len(joinids) == 0:
-            raise ValueError(f"split {split!r} of {cfg.soma_uri} has no cells; change holdout_fraction")
+            raise ValueError(
+                f"split {split!r} of {cfg.soma_uri} has no cells; change holdout_fraction"
+            )
         batch_cats = sorted(obs[cfg.batch_key].astype(str).unique().tolist())
-        label_cats = sorted(obs[cfg.label_key].astype(str).unique().tolist()) if cfg.label_key else []
+        label_cats = (
+            sorted(obs[cfg.label_key].astype(str).unique().tolist()) if cfg.label_key else []
+        )
         return ResolvedSource(
             soma_uri=str(cfg.soma_uri),
             measurement=cfg.measurement,

@@ -43,7 +43,9 @@ class SynthConfig:
 def make_synthetic(cfg: SynthConfig, gene_names: list[str] | None = None) -> ad.AnnData:
     """Counts AnnData with obs `cell_type`, `batch`; rows grouped by batch like census datasets."""
     rng = np.random.default_rng(cfg.seed)
-    genes = list(gene_names) if gene_names is not None else [f"SYN{i:05d}" for i in range(cfg.n_genes)]
+    genes = (
+        list(gene_names) if gene_names is not None else [f"SYN{i:05d}" for i in range(cfg.n_genes)]
+    )
     g = len(genes)
     base = rng.lognormal(mean=0.0, sigma=1.5, size=g)
     base /= base.sum()

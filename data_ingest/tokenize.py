@@ -45,9 +45,13 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.n_bins < 3:
-            raise ValueError(f"tokenizer.n_bins={self.n_bins}; it needs at least 3 (0 plus two bins)")
+            raise ValueError(
+                f"tokenizer.n_bins={self.n_bins}; it needs at least 3 (0 plus two bins)"
+            )
         if self.max_seq_len < 2:
-            raise ValueError(f"tokenizer.max_seq_len={self.max_seq_len}; it needs room for <cls> and a gene")
+            raise ValueError(
+                f"tokenizer.max_seq_len={self.max_seq_len}; it needs room for <cls> and a gene"
+            )
 
 
 @dataclass

@@ -94,11 +94,15 @@ class GeneVocab:
     def load(cls, path: str | os.PathLike) -> GeneVocab:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"no vocabulary at {path}; pass the vocab.json of the checkpoint")
+            raise FileNotFoundError(
+                f"no vocabulary at {path}; pass the vocab.json of the checkpoint"
+            )
         try:
             mapping = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); it is not a scGPT vocab.json") from err
+            raise ValueError(
+                f"{path} is not valid JSON ({err}); it is not a scGPT vocab.json"
+            ) from err
         if not isinstance(mapping, dict) or not all(isinstance(v, int) for v in mapping.values()):
             raise ValueError(f"{path} must map gene names to integer ids, like scGPT's vocab.json")
         return cls(mapping)

@@ -35,7 +35,9 @@ def resolve_backend(name: str) -> str:
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {BACKENDS}")
     if name == "flash" and not flash_available():
-        log.warning("flash-attn is not usable here (needs the [gpu] extra and CUDA); using PyTorch SDPA")
+        log.warning(
+            "flash-attn is not usable here (needs the [gpu] extra and CUDA); using PyTorch SDPA"
+        )
         return "sdpa"
     return name
 

@@ -22,7 +22,10 @@ from scgpt_dist.config import ExperimentConfig, dump_config
 def git_sha() -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
         )
         return out.stdout.strip() or None
@@ -54,7 +57,9 @@ class CheckpointCallback:
     """Every rank saves its DeepSpeed shard to a local temp dir; rank 0 adds config, vocab and meta; then
     `ray.train.report` merges all ranks' files into `checkpoints/step_<N>` in the run's storage."""
 
-    def __init__(self, cfg: ExperimentConfig, vocab: GeneVocab, rank: int, world_size: int, data_info: dict):
+    def __init__(
+        self, cfg: ExperimentConfig, vocab: GeneVocab, rank: int, world_size: int, data_info: dict
+    ):
         self.cfg = cfg
         self.vocab = vocab
         self.rank = rank

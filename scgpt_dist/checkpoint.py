@@ -52,7 +52,9 @@ def validate_checkpoint(path: str | Path) -> dict:
     tag_dir = path / DS_TAG
     world = int(meta["world_size"])
     shards = sorted(tag_dir.glob("*optim_states.pt"))
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(tag_dir.glob("*model_states.pt")):
+    if not (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(
+        tag_dir.glob("*model_states.pt")
+    ):
         raise CheckpointError(f"{path} lacks the DeepSpeed model states in {DS_TAG}/")
     if meta.get("zero_stage", 0) > 0 and len(shards) != world:
         raise CheckpointError(
@@ -79,7 +81,9 @@ def load_experiment_config(path: str | Path) -> ExperimentConfig:
     return from_dict(ExperimentConfig, yaml.safe_load(Path(path).read_text()))
 
 
-def consolidate(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+def consolidate(
+    checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """Gather any ZeRO stage's shards into one `model.safetensors` directory, atomically."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import save_file

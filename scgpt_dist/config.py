@@ -168,7 +168,9 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
-            raise ConfigError(f"unknown config key {where!r}{hint} (valid here: {', '.join(names)})")
+            raise ConfigError(
+                f"unknown config key {where!r}{hint} (valid here: {', '.join(names)})"
+            )
         typ = hints[key]
         if dataclasses.is_dataclass(typ):
             kwargs[key] = from_dict(typ, value, where)
@@ -212,7 +214,11 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}") from None
     if typ is bool and not isinstance(value, bool):
         raise ConfigError(f"{where} must be true or false, got {value!r}")
-    if typ in (int, float, str) and not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+    if (
+        typ in (int, float, str)
+        and not isinstance(value, typ)
+        or (typ is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{where} must be {typ.__name__}, got {value!r}")
     return value
 
@@ -250,7 +256,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
     """Load an experiment config from YAML (or defaults) plus overrides."""
     data: dict[str, Any] = {}
     if path is not None:

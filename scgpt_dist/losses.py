@@ -13,12 +13,16 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def gep_loss(out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def gep_loss(
+    out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """GEP: regress the masked genes' values from their transformer outputs."""
     return masked_mse(out["gep"], target, mask)
 
 
-def gepc_loss(out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def gepc_loss(
+    out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """GEPC / MVC: regress the masked genes' values from the cell embedding."""
     return masked_mse(out["gepc"], target, mask)
 

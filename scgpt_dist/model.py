@@ -118,7 +118,9 @@ class TransformerEncoder(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, key_padding_mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, key_padding_mask, use_reentrant=False
+                )
             else:
                 x = layer(x, key_padding_mask)
         return x  # (B, L, D)
@@ -164,7 +166,9 @@ class ScGPT(nn.Module):
     def __init__(self, cfg: ModelConfig, n_tokens: int, pad_id: int):
         super().__init__()
         if cfg.use_batch_labels and cfg.n_batches < 1:
-            raise ValueError("model.use_batch_labels needs model.n_batches >= 1 (filled in from the data)")
+            raise ValueError(
+                "model.use_batch_labels needs model.n_batches >= 1 (filled in from the data)"
+            )
         self.cfg = cfg
         self.n_tokens = n_tokens
         self.pad_id = pad_id
@@ -203,7 +207,9 @@ class ScGPT(nn.Module):
             if batch is None:
                 raise ValueError("this model uses batch labels; pass `batch`")
             batch_emb = self.batch_encoder(batch)  # (B, D)
-            h = torch.cat([h, batch_emb.unsqueeze(1).expand(-1, h.shape[1], -1)], dim=2)  # (B, L, 2D)
+            h = torch.cat(
+                [h, batch_emb.unsqueeze(1).expand(-1, h.shape[1], -1)], dim=2
+            )  # (B, L, 2D)
             cell_rep = torch.cat([cell_emb, batch_emb], dim=1)  # (B, 2D)
         else:
             cell_rep = cell_emb

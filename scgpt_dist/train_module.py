@@ -84,8 +84,10 @@ class TrainModule:
         self.device = self.engine.device
         self._dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
 
-    def micro_step(self, batch: Batch, step: int, micro: int) -> StepOutput:
-        gen = torch.Generator().manual_seed(hash((self.cfg.train.seed, self.rank, step, micro)) % 2**63)
+    def micro_step(self, batch: Batch, position: tuple[int, int]) -> StepOutput:
+        """Forward + backward on one micro-batch; `position` (epoch, batch index) seeds the GEP mask."""
+        key = (self.cfg.train.seed, self.rank, *position)
+        gen = torch.Generator().manual_seed(hash(key) % 2**63)
         masked, mask = mask_values(batch.values, self.cfg.objectives.mask_ratio, gen)
         dev = self.device
         values_in = masked.to(dev)

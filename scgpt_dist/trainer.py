@@ -96,16 +96,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
         state.load_state_dict(client["train_state"])
         log.info("rank %d resumed at step %d", rank, state.step)
 
-    mlflow_cb = MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    mlflow_cb = (
+        MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    )
     ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"])
     shard = ray.train.get_dataset_shard("train")
     stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
-    micro = 0
     win = _Window()
-    last_saved = state.step
 
     while state.step < stop_at:
-        skip = state.batches_in_epoch  # resume inside an epoch: skip what this rank already consumed
+        skip = (
+            state.batches_in_epoch
+        )  # resume inside an epoch: skip what this rank already consumed
         batches = shard.iter_batches(
             batch_size=cfg.train.micro_batch_size,
             batch_format="pyarrow",
@@ -120,8 +122,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 t_wait = time.perf_counter()
                 continue
             win.wait += time.perf_counter() - t_wait
-            out = module.micro_step(collate(table, vocab.pad_id), state.step, micro)
-            micro += 1
+            # The mask seed is the data position, so a resumed run masks exactly as an uninterrupted one.
+            out = module.micro_step(
+                collate(table, vocab.pad_id), (state.epoch, state.batches_in_epoch)
+            )
             state.batches_in_epoch += 1
             win.loss += out.loss
             win.n += 1
@@ -131,12 +135,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 win.parts[k] = win.parts.get(k, 0.0) + v
             if out.boundary:
                 state.step += 1
-                _log_window(cfg, state, win, module, mlflow_cb, world)
-                if state.step % cfg.train.log_every == 0 or state.step == stop_at:
+                save = ckpt_cb.due(state.step) or state.step == stop_at
+                if save or state.step % cfg.train.log_every == 0:
+                    _flush_window(state, win, module, mlflow_cb, world)
                     win = _Window()
-                if ckpt_cb.due(state.step) or state.step == stop_at:
+                if save:
                     ckpt_cb.save(module, state.state_dict(), {"step": state.step, "loss": out.loss})
-                    last_saved = state.step
                 if state.step >= stop_at:
                     break
             t_wait = time.perf_counter()
@@ -145,15 +149,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.batches_in_epoch = 0
             continue
         break
-    if last_saved != state.step:
-        ckpt_cb.save(module, state.state_dict(), {"step": state.step})
 
 
-def _log_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
-    """At log points: sum the window over ranks, then rank 0 logs to MLflow."""
-    # state.tokens_seen is global: add every rank's tokens at each log point (collective on all ranks).
-    if not (state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps):
-        return
+def _flush_window(state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
+    """Sum the window's counters over ranks (a collective: every rank calls it at the same steps), add them
+    to the global counters, and on rank 0 log the window to MLflow."""
     names = sorted(win.parts)
     elapsed = time.perf_counter() - win.t0
     summed = _all_reduce_sum(
@@ -195,7 +195,9 @@ def init_ray(cfg: ExperimentConfig) -> None:
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
 
 
-def resolve_vocab(cfg: ExperimentConfig, source: SomaCellSource, resume_from: Path | None) -> GeneVocab:
+def resolve_vocab(
+    cfg: ExperimentConfig, source: SomaCellSource, resume_from: Path | None
+) -> GeneVocab:
     """The vocabulary of a resumed checkpoint, a configured vocab.json, or one built from the data."""
     genes = source.gene_names()
     if resume_from is not None:
@@ -211,8 +213,11 @@ def resolve_vocab(cfg: ExperimentConfig, source: SomaCellSource, resume_from: Pa
             "pass the vocab.json that matches this data (data.vocab_path)"
         )
     if known < len(genes):
-        log.warning("%d of %d genes in the data are unknown to the vocabulary and are dropped",
-                    len(genes) - known, len(genes))
+        log.warning(
+            "%d of %d genes in the data are unknown to the vocabulary and are dropped",
+            len(genes) - known,
+            len(genes),
+        )
     return vocab
 
 
@@ -245,7 +250,9 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
 
     init_ray(cfg)
     ds = ray.data.read_datasource(
-        SomaTokenDatasource(resolved, cfg.data.tokenizer, vocab.cls_id, cfg.data.cells_per_read_task)
+        SomaTokenDatasource(
+            resolved, cfg.data.tokenizer, vocab.cls_id, cfg.data.cells_per_read_task
+        )
     )
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, out)
@@ -255,9 +262,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     client = MlflowClient(uri)
     if resume_from is None:
         params = flatten(to_dict(cfg))
-        client.log_batch(
-            run_id, params=[_param(k, v) for k, v in params.items()]
-        )
+        client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
         client.log_text(run_id, dump_config(cfg), "config.yaml")
     else:
         client.set_tag(run_id, "resumed_from", str(resume_from))
@@ -297,7 +302,9 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     latest = find_latest_checkpoint(out)
     if latest is None:
         client.set_terminated(run_id, status="FAILED")
-        raise RuntimeError(f"training finished without a complete checkpoint under {out / CHECKPOINTS_DIR}")
+        raise RuntimeError(
+            f"training finished without a complete checkpoint under {out / CHECKPOINTS_DIR}"
+        )
     meta = json.loads((latest / "meta.json").read_text())
     summary = {
         "run_id": run_id,

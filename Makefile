@@ -1,0 +1,22 @@
+# The README's two commands: `make demo` and `make test`. PYTHON is the interpreter to install into
+# (default: the current environment's python3; use `make demo PYTHON=.venv/bin/python` for a venv).
+PYTHON ?= python3
+
+.PHONY: install demo test lint format
+
+install:
+	$(PYTHON) -m pip install -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m jobs.demo
+
+test: install
+	$(PYTHON) -m pytest tests
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff check --fix .
+	$(PYTHON) -m ruff format .

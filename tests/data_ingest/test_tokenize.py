@@ -1,0 +1,111 @@
+import numpy as np
+import scipy.sparse as sp
+
+from data_ingest import keys
+from data_ingest.binning import bin_nonzero
+from data_ingest.tokenize import TokenizerConfig, TokenizeStats, tokenize_csr
+from data_ingest.vocab import GeneVocab
+
+
+def _cells(n=20, g=40, seed=0):
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n, g)) < 0.5, 0.0, rng.poisson(4.0, (n, g)) + 1.0)
+    return sp.csr_matrix(dense), [f"G{i}" for i in range(g)]
+
+
+def test_round_trip_genes_and_values():
+    X, genes = _cells()
+    vocab = GeneVocab.from_genes(genes)
+    cfg = TokenizerConfig(n_bins=11, max_seq_len=100, seed=7)
+    tab = tokenize_csr(
+        X.indptr,
+        X.indices,
+        X.data,
+        np.arange(X.shape[0]) + 100,
+        vocab.lookup(genes),
+        cfg,
+        vocab.cls_id,
+    )
+    assert tab.num_rows == X.shape[0]
+    for i, rec in enumerate(tab.to_pylist()):
+        assert rec[keys.GENES][0] == vocab.cls_id and rec[keys.VALUES][0] == keys.PAD_VALUE
+        names = [vocab.token(t) for t in rec[keys.GENES][1:]]
+        row = X[i].toarray().ravel()
+        # Exactly the expressed genes, in column order, with the bins binning gives for this cell's seed.
+        assert names == [genes[j] for j in np.flatnonzero(row)]
+        expected = bin_nonzero(row[row > 0], 11, np.random.default_rng([7, 100 + i]))
+        assert rec[keys.VALUES][1:] == expected.tolist()
+        assert rec[keys.CELL_ID] == 100 + i
+
+
+def test_truncation_and_zero_fill_and_skips():
+    X, genes = _cells(n=10, g=60)
+    vocab = GeneVocab.from_genes(genes)
+    tokens = vocab.lookup(genes)
+    stats = TokenizeStats()
+    short = tokenize_csr(
+        X.indptr,
+        X.indices,
+        X.data,
+        np.arange(10),
+        tokens,
+        TokenizerConfig(max_seq_len=8),
+        vocab.cls_id,
+        stats=stats,
+    )
+    assert all(len(g) == 8 for g in short[keys.GENES].to_pylist())
+    assert stats.truncated == 10
+    # Truncation is a seeded random subset: the same cell always keeps the same genes.
+    again = tokenize_csr(
+        X.indptr,
+        X.indices,
+        X.data,
+        np.arange(10),
+        tokens,
+        TokenizerConfig(max_seq_len=8),
+        vocab.cls_id,
+    )
+    assert short.equals(again)
+
+    full = tokenize_csr(
+        X.indptr,
+        X.indices,
+        X.data,
+        np.arange(10),
+        tokens,
+        TokenizerConfig(max_seq_len=61, include_zero_genes=True),
+        vocab.cls_id,
+    )
+    for rec in full.to_pylist():
+        assert len(rec[keys.GENES]) == 61 and len(set(rec[keys.GENES])) == 61
+        assert 0 in rec[keys.VALUES]
+
+    empty = sp.csr_matrix((2, 60))
+    stats = TokenizeStats()
+    out = tokenize_csr(
+        empty.indptr,
+        empty.indices,
+        empty.data,
+        np.arange(2),
+        tokens,
+        TokenizerConfig(),
+        vocab.cls_id,
+        stats=stats,
+    )
+    assert out.num_rows == 0 and stats.skipped_few_genes == 2
+
+
+def test_unknown_genes_are_dropped():
+    X, genes = _cells(n=3, g=10)
+    vocab = GeneVocab.from_genes(genes[:5])
+    tab = tokenize_csr(
+        X.indptr,
+        X.indices,
+        X.data,
+        np.arange(3),
+        vocab.lookup(genes),
+        TokenizerConfig(),
+        vocab.cls_id,
+    )
+    for rec in tab.to_pylist():
+        assert all(vocab.token(t) in genes[:5] for t in rec[keys.GENES][1:])

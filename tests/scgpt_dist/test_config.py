@@ -1,0 +1,54 @@
+from pathlib import Path
+
+import pytest
+
+from scgpt_dist.config import ConfigError, ExperimentConfig, dump_config, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    assert {p.name for p in CONFIGS} >= {"demo.yaml", "tiny.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    dumped = tmp_path / "c.yaml"
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
+
+
+def test_overrides_and_types():
+    cfg = load_config(
+        None,
+        [
+            "train.lr=3e-4",
+            "model.n_layers=2",
+            "data.source.value_filter=a == 1",
+            "train.stop_after_steps=null",
+        ],
+    )
+    assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
+    assert cfg.model.n_layers == 2 and cfg.data.source.value_filter == "a == 1"
+    assert cfg.train.stop_after_steps is None
+
+
+def test_unknown_keys_and_bad_values():
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'train.lrr'; did you mean 'train.lr'"
+    ):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        load_config(None, ["modle.d_model=8"])
+    with pytest.raises(ConfigError, match="train.max_steps must be int"):
+        load_config(None, ["train.max_steps=many"])
+    with pytest.raises(ConfigError, match="n_bins"):
+        load_config(None, ["model.n_bins=11"])
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(None, ["train.zero_stage=4"])
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="no config file"):
+        load_config("does/not/exist.yaml")

@@ -1,0 +1,108 @@
+"""A real 2-worker Ray Train + DeepSpeed ZeRO-2 run (the session's `pretrained` fixture): loss, resume,
+checkpoints, consolidation and the MLflow run."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from data_ingest import keys
+from scgpt_dist.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    load_consolidated,
+    validate_checkpoint,
+)
+from scgpt_dist.config import load_config
+from scgpt_dist.train_module import lr_lambda
+from tests.conftest import TINY_CONFIG
+
+
+def _history(pretrained, key):
+    client = MlflowClient(pretrained["second"]["tracking_uri"])
+    return client.get_metric_history(pretrained["second"]["run_id"], key)
+
+
+def test_first_invocation_stopped_with_a_complete_checkpoint(pretrained):
+    first = pretrained["first"]
+    assert first["step"] == 6 and "model_dir" not in first
+    assert pretrained["ckpts_after_first"] == ["step_00000006"]
+
+
+def test_resume_continues_the_same_run(pretrained):
+    second = pretrained["second"]
+    assert second["step"] == 12
+    # Same MLflow run, continued; steps logged once each, no gap and no duplicate across the restart.
+    assert second["run_id"] == pretrained["run_id_after_first"] == pretrained["first"]["run_id"]
+    steps = [m.step for m in _history(pretrained, "loss")]
+    assert steps == [2, 4, 6, 8, 10, 12]
+    # The LR schedule (optimizer + scheduler state) continued where it stopped.
+    cfg = load_config(TINY_CONFIG, pretrained["overrides"])
+    lrs = {m.step: m.value for m in _history(pretrained, "lr")}
+    assert lrs[8] == pytest.approx(cfg.train.lr * lr_lambda(cfg.train)(8), rel=1e-6)
+    # Counters carried in the checkpoint.
+    meta = json.loads((pretrained["output_dir"] / "checkpoints/step_00000012/meta.json").read_text())
+    assert meta["step"] == 12 and meta["world_size"] == 2 and meta["zero_stage"] == 2
+    first_meta = json.loads((pretrained["output_dir"] / "checkpoints/step_00000006/meta.json").read_text())
+    assert meta["tokens_seen"] > first_meta["tokens_seen"] > 0
+
+
+def test_loss_decreases_without_a_jump_at_resume(pretrained):
+    loss = {m.step: m.value for m in _history(pretrained, "loss")}
+    assert loss[12] < 0.8 * loss[2]
+    # After resuming at step 6 the loss picks up where it was, not back at the untrained level.
+    assert loss[8] < 0.9 * loss[2] and loss[8] < 1.3 * loss[6]
+    parts = {m.step: m.value for m in _history(pretrained, "loss_gep")}
+    assert parts[12] < parts[2]
+
+
+def test_mlflow_run_contents(pretrained):
+    client = MlflowClient(pretrained["second"]["tracking_uri"])
+    run = client.get_run(pretrained["second"]["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.zero_stage"] == "2"
+    assert run.data.params["model.d_model"] == "32"
+    assert run.data.tags["resumed_from"].endswith("step_00000006")
+    for key in ("loss", "loss_gep", "loss_gepc", "lr", "grad_norm", "tokens_per_s", "cells_per_s"):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["tokens_per_s"] > 0
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model"} <= artifacts
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert "model/model.safetensors" in model_files
+
+
+def test_sharded_checkpoint_layout_and_partial_detection(pretrained, tmp_path):
+    ckpt = pretrained["output_dir"] / "checkpoints" / "step_00000012"
+    shards = sorted(p.name for p in (ckpt / "ds").iterdir())
+    assert shards == [
+        "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    validate_checkpoint(ckpt)
+    # A copy missing rank 1's shard is detected, and discovery falls back to the previous good one.
+    work = tmp_path / "out"
+    shutil.copytree(pretrained["output_dir"] / "checkpoints", work / "checkpoints")
+    (work / "checkpoints/step_00000012/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="shard is missing"):
+        validate_checkpoint(work / "checkpoints/step_00000012")
+    assert find_latest_checkpoint(work).name == "step_00000006"
+    (work / "checkpoints/step_00000006/meta.json").unlink()
+    assert find_latest_checkpoint(work) is None
+
+
+def test_consolidated_model_matches_checkpoint(pretrained):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    loaded = load_consolidated(pretrained["second"]["model_dir"])
+    ckpt = pretrained["output_dir"] / "checkpoints" / "step_00000012"
+    ref = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="ds")
+    state = loaded.model.state_dict()
+    for k, v in ref.items():
+        torch.testing.assert_close(state[k], v)
+    assert loaded.vocab.fingerprint() == json.loads((ckpt / keys.META_FILE).read_text())["vocab_fingerprint"]
+    assert np.isfinite(sum(float(v.sum()) for v in state.values()))
