@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import anndata as ad
     import numpy as np
+    import ray
     from mlflow.tracking import MlflowClient
 
     from data_ingest.datasource import read_token_table
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     quiet_ray_data()
     summary = run_pretraining(cfg)
+    ray.shutdown()  # training is done; the rest runs in this process
     out = Path(cfg.output_dir).resolve()
     if "model_dir" not in summary:
         raise RuntimeError("pretraining stopped before max_steps; run the demo again to finish it")

@@ -7,6 +7,7 @@ The loop owns the counters; `TrainModule` owns the model and the step; callbacks
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,8 +27,10 @@ from data_ingest.vocab import GeneVocab
 from scgpt_dist.callbacks import CheckpointCallback, MlflowCallback
 from scgpt_dist.checkpoint import (
     CHECKPOINTS_DIR,
+    CheckpointError,
     consolidate,
     find_latest_checkpoint,
+    validate_checkpoint,
 )
 from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
@@ -89,12 +92,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     module = TrainModule(cfg, vocab, world, rank)
     state = TrainState()
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            client = module.load(d)
-        state.load_state_dict(client["train_state"])
-        log.info("rank %d resumed at step %d", rank, state.step)
+    with _resume_dir(loop_config.get("resume_from")) as resume:
+        if resume is not None:
+            state.load_state_dict(module.load(resume)["train_state"])
+            log.info("rank %d resumed from %s at step %d", rank, resume, state.step)
 
     mlflow_cb = (
         MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
@@ -149,6 +150,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.batches_in_epoch = 0
             continue
         break
+
+
+@contextlib.contextmanager
+def _resume_dir(driver_choice: str | None):
+    """The checkpoint to resume from: the newest one Ray Train reported in this run (after a worker failure,
+    or restored from the run's storage), if it is complete; else the one the driver validated on disk."""
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            try:
+                validate_checkpoint(d)
+                yield d
+                return
+            except CheckpointError as err:
+                log.warning("Ray's latest checkpoint is unusable (%s); using %s", err, driver_choice)
+    yield driver_choice
 
 
 def _flush_window(state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
@@ -275,6 +292,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             "tracking_uri": uri,
             "run_id": run_id,
             "data_info": data_info,
+            "resume_from": str(resume_from) if resume_from else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -288,9 +306,6 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
         datasets={"train": ds},
-        resume_from_checkpoint=(
-            ray.train.Checkpoint.from_directory(str(resume_from)) if resume_from else None
-        ),
     )
     t0 = time.perf_counter()
     try:

@@ -24,7 +24,19 @@ def test_embed_writes_normalized_embeddings(pretrained, tmp_path):
     src = tmp_path / "cells.h5ad"
     pbmc.write_h5ad(src)
     out = tmp_path / "out.h5ad"
-    assert embed.main(["--checkpoint", pretrained["second"]["model_dir"], "--h5ad", str(src), "--out", str(out)]) == 0
+    assert (
+        embed.main(
+            [
+                "--checkpoint",
+                pretrained["second"]["model_dir"],
+                "--h5ad",
+                str(src),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     emb = ad.read_h5ad(out).obsm[EMBEDDING_KEY]
     assert emb.shape == (60, 32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
@@ -42,7 +54,8 @@ def test_embed_bad_inputs(pretrained, tmp_path):
     assert res.returncode == 2 and "not a readable .h5ad" in res.stderr
 
     unknown = ad.AnnData(
-        X=sp.csr_matrix(np.ones((4, 3), np.float32)), var=pd.DataFrame(index=["FOO1", "FOO2", "FOO3"])
+        X=sp.csr_matrix(np.ones((4, 3), np.float32)),
+        var=pd.DataFrame(index=["FOO1", "FOO2", "FOO3"]),
     )
     path = tmp_path / "unknown.h5ad"
     unknown.write_h5ad(path)

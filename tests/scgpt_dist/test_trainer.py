@@ -44,9 +44,13 @@ def test_resume_continues_the_same_run(pretrained):
     lrs = {m.step: m.value for m in _history(pretrained, "lr")}
     assert lrs[8] == pytest.approx(cfg.train.lr * lr_lambda(cfg.train)(8), rel=1e-6)
     # Counters carried in the checkpoint.
-    meta = json.loads((pretrained["output_dir"] / "checkpoints/step_00000012/meta.json").read_text())
+    meta = json.loads(
+        (pretrained["output_dir"] / "checkpoints/step_00000012/meta.json").read_text()
+    )
     assert meta["step"] == 12 and meta["world_size"] == 2 and meta["zero_stage"] == 2
-    first_meta = json.loads((pretrained["output_dir"] / "checkpoints/step_00000006/meta.json").read_text())
+    first_meta = json.loads(
+        (pretrained["output_dir"] / "checkpoints/step_00000006/meta.json").read_text()
+    )
     assert meta["tokens_seen"] > first_meta["tokens_seen"] > 0
 
 
@@ -104,5 +108,8 @@ def test_consolidated_model_matches_checkpoint(pretrained):
     state = loaded.model.state_dict()
     for k, v in ref.items():
         torch.testing.assert_close(state[k], v)
-    assert loaded.vocab.fingerprint() == json.loads((ckpt / keys.META_FILE).read_text())["vocab_fingerprint"]
+    assert (
+        loaded.vocab.fingerprint()
+        == json.loads((ckpt / keys.META_FILE).read_text())["vocab_fingerprint"]
+    )
     assert np.isfinite(sum(float(v.sum()) for v in state.values()))
