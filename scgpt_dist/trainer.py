@@ -164,7 +164,9 @@ def _resume_dir(driver_choice: str | None):
                 yield d
                 return
             except CheckpointError as err:
-                log.warning("Ray's latest checkpoint is unusable (%s); using %s", err, driver_choice)
+                log.warning(
+                    "Ray's latest checkpoint is unusable (%s); using %s", err, driver_choice
+                )
     yield driver_choice
 
 
@@ -209,7 +211,13 @@ def init_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + cfg.train.num_workers
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=True,
+        _node_ip_address="127.0.0.1",  # a local cluster stays on loopback
+    )
 
 
 def resolve_vocab(

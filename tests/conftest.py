@@ -21,7 +21,13 @@ def ray_local():
     from ray.data import DataContext
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            _node_ip_address="127.0.0.1",
+        )
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

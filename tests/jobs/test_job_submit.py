@@ -24,9 +24,8 @@ def _free_port() -> int:
 def ray_head():
     """`ray start --head --block` in its own process group, with token auth on; killed as a group after."""
     port, dash = _free_port(), _free_port()
-    temp = tempfile.mkdtemp(
-        prefix="rayjob", dir="/tmp"
-    )  # short: Ray's socket paths have a length limit
+    # Short: Ray's socket paths have a length limit.
+    temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     env.pop("RAY_ADDRESS", None)
     subprocess.run(
@@ -48,6 +47,17 @@ def ray_head():
                 f"--dashboard-port={dash}",
                 f"--temp-dir={temp}",
                 "--disable-usage-stats",
+                # Fresh ports: the session's in-process Ray already holds the agents' default ports.
+                *(
+                    f"--{name}={_free_port()}"
+                    for name in (
+                        "dashboard-agent-listen-port",
+                        "dashboard-agent-grpc-port",
+                        "metrics-export-port",
+                        "runtime-env-agent-port",
+                        "ray-client-server-port",
+                    )
+                ),
             ],
             env=env,
             stdout=log,
@@ -69,7 +79,7 @@ def ray_head():
                     f"{ok.stderr.decode()[-2000:]}"
                 )
             time.sleep(2)
-        yield address, env
+        yield address, env, Path(temp)
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:
@@ -80,7 +90,7 @@ def ray_head():
 
 
 def test_ray_job_submit_round_trip(ray_head, demo_soma, tmp_path):
-    address, env = ray_head
+    address, env, temp = ray_head
     out = tmp_path / "job"
     cmd = [
         "ray",
@@ -103,11 +113,24 @@ def test_ray_job_submit_round_trip(ray_head, demo_soma, tmp_path):
     ]
     deadline = time.time() + 120
     while True:  # the job server answers before the node's agent can take jobs; retry until it can
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path.home())
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path.home()
+        )
         if "No available agent" not in res.stderr + res.stdout or time.time() > deadline:
             break
         time.sleep(3)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1500:] + _agent_logs(temp)
     assert "succeeded" in res.stdout
     assert (out / "model" / "model.safetensors").is_file()
     assert (out / "checkpoints" / "step_00000004" / "meta.json").is_file()
+
+
+def _agent_logs(temp: Path) -> str:
+    """The head's agent and raylet logs, for a failure message."""
+    logs = temp / "session_latest" / "logs"
+    parts = []
+    for name in ("dashboard_agent.log", "raylet.out", "runtime_env_agent.log"):
+        path = logs / name
+        if path.is_file():
+            parts.append(f"\n--- {name} ---\n" + path.read_text()[-2500:])
+    return "".join(parts)
