@@ -6,6 +6,8 @@ PYTHON ?= python3
 
 install:
 	$(PYTHON) -m pip install -e ".[dev]"
+	# The reference scGPT, for the parity tests and the benchmark: its model module only (its own deps do not resolve).
+	$(PYTHON) -m pip install --no-deps "scgpt==0.2.4"
 
 demo: install
 	$(PYTHON) -m jobs.demo

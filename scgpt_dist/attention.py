@@ -1,21 +1,32 @@
-"""Attention backends behind one function.
+"""Attention backends behind one function, on packed tokens.
 
-`sdpa` uses `torch.nn.functional.scaled_dot_product_attention` with a boolean mask (True = may attend) and runs
-everywhere. `flash` uses flash-attn 2 when it is installed and a CUDA device is present; otherwise it logs once
-and falls back to `sdpa`.
+The model keeps a batch's real tokens packed, (T, ...) with T = the number of non-padding tokens, so token-wise
+layers never compute padding. `attend` runs self-attention on the packed q, k, v:
+
+- `sdpa`: scatter into a padded (B, H, L, Dh) batch and call `torch.nn.functional.scaled_dot_product_attention`
+  with a boolean mask (True = may attend) built from the key padding and the generative mask. Runs everywhere.
+- `varlen`: one SDPA call per cell on that cell's tokens only (CPU-friendly sequence packing: padding costs
+  nothing, not even in attention).
+- `flash`: flash-attn 2 `flash_attn_varlen_func` on the packed tokens, when it is installed and a CUDA device is
+  present and q is fp16/bf16; otherwise it logs once and falls back to `sdpa`. The generative mask is not a
+  flash-attn mask, so masked (generative) calls also use `sdpa`.
+
+Generative attention mask (scGPT paper): a cell's genes are known ("prompt") or unknown (values generated).
+Prompt tokens attend to the cell's prompt tokens; an unknown token attends to the prompt tokens and itself.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("sdpa", "flash")
+BACKENDS = ("sdpa", "varlen", "flash")
 
 
 @functools.cache
@@ -42,45 +53,126 @@ def resolve_backend(name: str) -> str:
     return name
 
 
+@dataclass
+class Packing:
+    """Where each cell's real tokens sit in the packed token list. Tokens of a cell are contiguous and keep
+    their order; cell b owns packed rows `cu_seqlens[b]:cu_seqlens[b + 1]`."""
+
+    keep: torch.Tensor
+    """(B, L) True at real (non-padding) tokens."""
+    index: torch.Tensor
+    """(T,) flat position in the (B * L) padded layout of each packed token."""
+    seq_id: torch.Tensor
+    """(T,) cell of each packed token."""
+    cu_seqlens: torch.Tensor
+    """(B + 1,) int32 cumulative lengths (flash-attn's layout)."""
+    lengths: list[int]
+    """Tokens per cell, on the host."""
+
+    @classmethod
+    def from_padding(cls, key_padding_mask: torch.Tensor) -> Packing:
+        keep = ~key_padding_mask.bool()  # (B, L)
+        lens = keep.sum(1)  # (B,)
+        b, seq = keep.shape
+        seq_id = torch.arange(b, device=keep.device).repeat_interleave(lens)  # (T,)
+        return cls(
+            keep=keep,
+            index=keep.flatten().nonzero().squeeze(1),
+            seq_id=seq_id,
+            cu_seqlens=F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0)),
+            lengths=lens.tolist(),
+        )
+
+    @property
+    def batch_size(self) -> int:
+        return self.keep.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.keep.shape[1]
+
+    @property
+    def first(self) -> torch.Tensor:
+        """(B,) packed row of each cell's first token (`<cls>`)."""
+        return self.cu_seqlens[:-1].long()
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (T, ...)."""
+        return x.reshape(-1, *x.shape[2:])[self.index]
+
+    def unpack(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(T, ...) -> (B, L, ...), `fill` at padding."""
+        out = x.new_full((self.batch_size * self.seq_len, *x.shape[1:]), fill)
+        out = out.index_copy(0, self.index, x)
+        return out.view(self.batch_size, self.seq_len, *x.shape[1:])
+
+
+def generative_mask(gen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Boolean attention mask (True = may attend), (B, 1, L, L), from unknown-gene flags `gen` (B, L).
+
+    Query i may attend key j when j is a real token and (j is a prompt token or j == i).
+    """
+    seq = gen.shape[1]
+    eye = torch.eye(seq, dtype=torch.bool, device=gen.device)  # (L, L)
+    allowed = (keep & ~gen)[:, None, :] | eye  # (B, L, L)
+    return allowed[:, None]  # (B, 1, L, L)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None,
+    packing: Packing,
     dropout_p: float,
     backend: str = "sdpa",
+    gen: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention.
+    """Self-attention of packed tokens within their cell.
 
-    q, k, v: (B, H, L, Dh). key_padding_mask: (B, L), True at padding. Returns (B, H, L, Dh).
+    q, k, v: (T, H, Dh). gen: (T,) True at unknown genes (generative mask) or None. Returns (T, H, Dh).
     """
-    if resolve_backend(backend) == "flash" and q.dtype in (torch.float16, torch.bfloat16):
-        return _flash(q, k, v, key_padding_mask, dropout_p)
-    mask = None
-    if key_padding_mask is not None:
-        mask = ~key_padding_mask[:, None, None, :]  # (B, 1, 1, L) True = attend
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    name = resolve_backend(backend)
+    if name == "flash" and gen is None and q.dtype in (torch.float16, torch.bfloat16):
+        return _flash(q, k, v, packing, dropout_p)
+    if name == "varlen":
+        return _varlen(q, k, v, packing, dropout_p, gen)
+    return _padded(q, k, v, packing, dropout_p, gen)
 
 
-def _flash(q, k, v, key_padding_mask, dropout_p):  # pragma: no cover - needs a GPU
+def _padded(q, k, v, packing: Packing, dropout_p: float, gen: torch.Tensor | None):
+    def pad(x):  # (T, H, Dh) -> (B, H, L, Dh)
+        return packing.unpack(x).transpose(1, 2)
+
+    if gen is None:
+        mask = packing.keep[:, None, None, :]  # (B, 1, 1, L)
+    else:
+        gen_padded = packing.unpack(gen, fill=False)  # (B, L)
+        mask = generative_mask(gen_padded, packing.keep)  # (B, 1, L, L)
+    out = F.scaled_dot_product_attention(
+        pad(q), pad(k), pad(v), attn_mask=mask, dropout_p=dropout_p
+    )
+    return packing.pack(out.transpose(1, 2))  # (T, H, Dh)
+
+
+def _varlen(q, k, v, packing: Packing, dropout_p: float, gen: torch.Tensor | None):
+    outs = []
+    start = 0
+    for n in packing.lengths:
+        sl = slice(start, start + n)
+        start += n
+        mask = None
+        if gen is not None and bool(gen[sl].any()):
+            eye = torch.eye(n, dtype=torch.bool, device=q.device)
+            mask = ~gen[sl][None, :] | eye  # (Li, Li)
+        qi, ki, vi = (x[sl].transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # (1, H, Li, Dh)
+        o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, dropout_p=dropout_p)
+        outs.append(o.squeeze(0).transpose(0, 1))  # (Li, H, Dh)
+    return torch.cat(outs, 0)  # (T, H, Dh)
+
+
+def _flash(q, k, v, packing: Packing, dropout_p: float):  # pragma: no cover - needs a GPU
     from flash_attn import flash_attn_varlen_func
 
-    b, h, seq, dh = q.shape
-    keep = (
-        torch.ones(b, seq, dtype=torch.bool, device=q.device)
-        if key_padding_mask is None
-        else ~key_padding_mask
-    )
-    lens = keep.sum(1, dtype=torch.int32)  # (B,)
-    cu = F.pad(torch.cumsum(lens, 0, dtype=torch.int32), (1, 0))
-    idx = keep.flatten().nonzero().squeeze(1)
-
-    def pack(x):  # (B, H, L, Dh) -> (T, H, Dh)
-        return x.transpose(1, 2).reshape(b * seq, h, dh)[idx]
-
-    out = flash_attn_varlen_func(
-        pack(q), pack(k), pack(v), cu, cu, int(lens.max()), int(lens.max()), dropout_p=dropout_p
-    )  # (T, H, Dh)
-    full = q.new_zeros(b * seq, h, dh)
-    full[idx] = out
-    return full.view(b, seq, h, dh).transpose(1, 2)
+    max_len = max(packing.lengths)
+    cu = packing.cu_seqlens.to(q.device)
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p)

@@ -13,7 +13,7 @@ from data_ingest import keys
 
 @dataclass
 class Batch:
-    """A padded batch. genes/values/padding: (B, L); batch/label/cell_id: (B,)."""
+    """A padded batch. genes/values/padding/perturbation: (B, L); batch/label/cell_id/modality: (B,)."""
 
     genes: torch.Tensor
     values: torch.Tensor
@@ -21,6 +21,10 @@ class Batch:
     batch: torch.Tensor
     label: torch.Tensor
     cell_id: torch.Tensor
+    modality: torch.Tensor | None = None
+    """Per-cell modality (data_ingest.keys.MODALITY_*), when the records carry it."""
+    perturbation: torch.Tensor | None = None
+    """Per-gene perturbation flags (padding = 2), when the records carry them."""
 
     @property
     def n_tokens(self) -> int:
@@ -45,6 +49,11 @@ def collate(table: pa.Table, pad_id: int) -> Batch:
     genes = _pad_lists(table[keys.GENES], pad_id, np.int64)
     values = _pad_lists(table[keys.VALUES], keys.PAD_VALUE, np.float32)
     label = table[keys.LABEL].to_numpy() if keys.LABEL in table.column_names else None
+    modality = perturbation = None
+    if keys.MODALITY in table.column_names:
+        modality = torch.from_numpy(table[keys.MODALITY].to_numpy().astype(np.int64))
+    if keys.PERTURBATION in table.column_names:
+        perturbation = torch.from_numpy(_pad_lists(table[keys.PERTURBATION], 2, np.int64))
     return Batch(
         genes=torch.from_numpy(genes),
         values=torch.from_numpy(values),
@@ -54,6 +63,8 @@ def collate(table: pa.Table, pad_id: int) -> Batch:
             label.astype(np.int64) if label is not None else np.full(len(genes), -1, np.int64)
         ),
         cell_id=torch.from_numpy(table[keys.CELL_ID].to_numpy().astype(np.int64)),
+        modality=modality,
+        perturbation=perturbation,
     )
 
 
@@ -72,3 +83,11 @@ def mask_values(
     ranks = scores.argsort(1).argsort(1)  # (B, L) rank of each position
     mask = ranks < n_mask[:, None]
     return values.masked_fill(mask, float(keys.MASK_VALUE)), mask
+
+
+def draw_mask_ratio(mask_ratio: float, schedule: list[float], generator: torch.Generator) -> float:
+    """The mask ratio of one micro-batch: uniformly one of `schedule` (the reference's [0.25, 0.5, 0.75]
+    for generative pretraining) or, when it is empty, `mask_ratio`."""
+    if not schedule:
+        return mask_ratio
+    return float(schedule[int(torch.randint(len(schedule), (1,), generator=generator))])

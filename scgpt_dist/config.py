@@ -38,9 +38,14 @@ class DataConfig:
     """Rows in each worker's local shuffle buffer."""
 
 
+INPUT_EMB_STYLES = ("continuous", "category", "scaling")
+CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
+BATCHNORM_STYLES = ("none", "dsbn", "batchnorm")
+
+
 @dataclass
 class ModelConfig:
-    """scGPT transformer and its heads."""
+    """scGPT transformer and its heads. Field names follow the reference `TransformerModel` arguments."""
 
     d_model: int = 128
     """Embedding width D."""
@@ -53,12 +58,46 @@ class ModelConfig:
     """Value bins (must equal data.tokenizer.n_bins)."""
     max_value: float = 512.0
     """Continuous value encoder clamps inputs at this value (scGPT reference)."""
+    input_emb_style: str = "continuous"
+    """Value embedding: `continuous` (MLP on the bin id), `category` (one embedding per bin; the pad and mask
+    codes get their own rows n_bins and n_bins+1) or `scaling` (gene embedding times the value)."""
+    cell_emb_style: str = "cls"
+    """Cell embedding: `cls` (the `<cls>` output), `avg-pool` (mean over the cell's tokens) or `w-pool`
+    (value-weighted sum, L2-normalized)."""
     use_batch_labels: bool = True
     """Add a batch embedding to the cell representation used by the decoders."""
     n_batches: int = 0
     """Batch categories; 0 = filled in from the data."""
+    domain_spec_batchnorm: str = "none"
+    """Normalize input embeddings: `none`, `dsbn` (one BatchNorm per batch label) or `batchnorm`."""
+    use_modality: bool = False
+    """Add a per-cell modality embedding (RNA / ATAC / protein) to every token (condition token)."""
+    n_modalities: int = 3
+    """Modality categories (data_ingest.keys.MODALITY_*)."""
+    use_perturbation: bool = False
+    """Add a per-gene perturbation-flag embedding (0 = not perturbed, 1 = perturbed, 2 = pad)."""
+    do_mvc: bool = True
+    """Build the GEPC / MVC decoder (value prediction from the cell embedding)."""
+    explicit_zero_prob: bool = False
+    """Decoders also predict each gene's probability of a non-zero value (Bernoulli)."""
+    n_cls: int = 0
+    """Cell-type classes for the CLS head; 0 = no classification head."""
+    nlayers_cls: int = 3
+    """Layers of the CLS head (reference default)."""
+    do_dab: bool = False
+    """Build the gradient-reversal batch discriminator (DAR objective); needs n_batches."""
     attention: str = "sdpa"
-    """Attention backend: `sdpa` (PyTorch) or `flash` (flash-attn, GPU; falls back to sdpa)."""
+    """Attention backend: `sdpa` (PyTorch, padded batch with a boolean mask), `varlen` (packed tokens, one
+    SDPA call per cell: padding costs nothing) or `flash` (flash-attn 2 varlen, GPU; falls back to sdpa)."""
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("input_emb_style", self.input_emb_style, INPUT_EMB_STYLES),
+            ("cell_emb_style", self.cell_emb_style, CELL_EMB_STYLES),
+            ("domain_spec_batchnorm", self.domain_spec_batchnorm, BATCHNORM_STYLES),
+        ):
+            if value not in choices:
+                raise ValueError(f"model.{name}={value!r}; choose one of {choices}")
 
 
 @dataclass
@@ -67,10 +106,30 @@ class ObjectiveConfig:
 
     mask_ratio: float = 0.4
     """Fraction of non-`<cls>` genes whose value is masked for GEP."""
+    mask_ratios: list[float] = field(default_factory=list)
+    """Mask-ratio schedule (reference: [0.25, 0.5, 0.75]): each micro-batch draws one; empty = mask_ratio."""
+    generative: bool = False
+    """Generative attention mask: masked (unknown) genes attend to the known genes and themselves only."""
     gep: float = 1.0
     """Gene expression prediction: masked value regression."""
     gepc: float = 1.0
     """GEPC / MVC: predict masked values from the cell embedding."""
+    gep_zero: float = 0.0
+    """Bernoulli NLL of GEP's zero-probability head (needs model.explicit_zero_prob)."""
+    gepc_zero: float = 0.0
+    """Bernoulli NLL of GEPC's zero-probability head (needs model.explicit_zero_prob)."""
+    ecs: float = 0.0
+    """Elastic cell similarity (pushes cosine similarities of different cells below the threshold)."""
+    ecs_threshold: float = 0.3
+    """ECS similarity threshold (reference default)."""
+    dar: float = 0.0
+    """Domain adaptation by reverse backprop: batch discriminator on the cell embedding (model.do_dab)."""
+    cls: float = 0.0
+    """Cell-type classification cross-entropy (model.n_cls > 0; cells with label -1 are ignored)."""
+    cce: float = 0.0
+    """Contrastive cell embedding: two dropout views of each cell (needs dropout > 0)."""
+    cce_temp: float = 0.5
+    """CCE cosine-similarity temperature (reference value)."""
 
 
 @dataclass
@@ -102,6 +161,34 @@ class TrainConfig:
     """Intra-op threads per worker (CPU)."""
     stop_after_steps: int | None = None
     """Stop this invocation after reaching this step (testing / pre-emption); None runs to max_steps."""
+    global_batch_size: int | None = None
+    """Cells per optimizer step over all ranks. When set, `grad_accum` is derived from it as
+    global / (micro_batch_size x num_workers), so the batch and LR schedule do not change with the
+    worker count."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block in the backward pass (less memory, ~30% more compute)."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload: keep optimizer state in CPU memory (GPU runs; needs ZeRO stage >= 1)."""
+    max_failures: int = 0
+    """Worker-group restarts Ray Train may do after a worker dies; each resumes from the last checkpoint."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept in `checkpoints/` (older ones are deleted once a newer one is committed)."""
+    placement_strategy: str = "PACK"
+    """Ray placement of the workers: PACK (fill a node first) or SPREAD (one per node where possible)."""
+    peak_tflops_per_worker: float | None = None
+    """Accelerator peak (e.g. 989 for an H100 in bf16) for the MFU estimate; None logs no MFU."""
+
+    def resolved_grad_accum(self) -> int:
+        """Micro-batches accumulated per optimizer step for this worker count."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_pass = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_pass:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {per_pass}; change one of them"
+            )
+        return self.global_batch_size // per_pass
 
 
 @dataclass
@@ -109,6 +196,10 @@ class MlflowConfig:
     tracking_uri: str | None = None
     """None: $MLFLOW_TRACKING_URI, else a sqlite store in the output directory."""
     experiment: str = "scgpt-dist"
+    registered_model: str | None = None
+    """Register the consolidated model under this name in the MLflow model registry; None skips it."""
+    system_metrics: bool = True
+    """Log CPU / memory (and GPU where present) system metrics of the driver to the run."""
 
 
 @dataclass
@@ -139,8 +230,28 @@ class ExperimentConfig:
             )
         if self.train.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage={self.train.zero_stage}; choose 0, 1, 2 or 3")
+        if self.train.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ValueError(
+                f"train.placement_strategy={self.train.placement_strategy!r}; choose PACK or SPREAD"
+            )
+        self.train.resolved_grad_accum()
         if self.train.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={self.train.precision!r}; choose fp32, bf16 or fp16")
+        needs = {
+            "gepc": ("do_mvc", self.model.do_mvc),
+            "gep_zero": ("explicit_zero_prob", self.model.explicit_zero_prob),
+            "gepc_zero": (
+                "explicit_zero_prob",
+                self.model.explicit_zero_prob and self.model.do_mvc,
+            ),
+            "dar": ("do_dab", self.model.do_dab),
+            "cls": ("n_cls", self.model.n_cls > 0),
+        }
+        for obj, (field_name, ok) in needs.items():
+            if getattr(self.objectives, obj) and not ok:
+                raise ValueError(
+                    f"objectives.{obj} > 0 needs model.{field_name} set; set it or objectives.{obj}=0"
+                )
         if self.model.d_model % self.model.n_heads:
             raise ValueError(
                 f"model.d_model={self.model.d_model} is not divisible by model.n_heads={self.model.n_heads}"

@@ -1,8 +1,15 @@
-"""Pretraining objectives, each a separate function, and their weighted sum."""
+"""Pretraining objectives, each a separate function, and their weighted sum.
+
+Formulas follow the scGPT reference (`scgpt/loss.py` and `TransformerModel.forward`): GEP and GEPC are masked
+MSEs, their explicit-zero variants masked Bernoulli NLLs of "value > 0", ECS is
+`mean(1 - (relu(cos) - threshold)^2)` over off-diagonal pairs (diagonal zeroed), CCE a SimCSE-style
+cross-entropy over cosine similarities / temperature, DAR and CLS cross-entropies.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from scgpt_dist.config import ObjectiveConfig
 
@@ -11,6 +18,17 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     """Mean squared error over positions where `mask` is True. pred, target, mask: (B, L)."""
     mask = mask.to(pred.dtype)
     return ((pred - target) ** 2 * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def masked_bernoulli_nll(
+    prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean negative log-likelihood of `target > 0` under Bernoulli(prob) where `mask`. All (B, L)."""
+    mask = mask.to(prob.dtype)
+    nll = F.binary_cross_entropy(
+        prob.clamp(0.0, 1.0), (target > 0).to(prob.dtype), reduction="none"
+    )
+    return (nll * mask).sum() / mask.sum().clamp(min=1.0)
 
 
 def gep_loss(
@@ -27,19 +45,90 @@ def gepc_loss(
     return masked_mse(out["gepc"], target, mask)
 
 
-OBJECTIVES = {"gep": gep_loss, "gepc": gepc_loss}
+def gep_zero_loss(
+    out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Explicit zero probability of GEP: Bernoulli NLL of each masked gene being expressed."""
+    return masked_bernoulli_nll(out["gep_zero_prob"], target, mask)
+
+
+def gepc_zero_loss(
+    out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Explicit zero probability of GEPC: Bernoulli NLL from the cell embedding."""
+    return masked_bernoulli_nll(out["gepc_zero_prob"], target, mask)
+
+
+def ecs_loss(cell_emb: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Elastic cell similarity (reference formula) on cell embeddings (B, D)."""
+    normed = F.normalize(cell_emb, p=2, dim=1)  # (B, D)
+    cos = normed @ normed.t()  # (B, B)
+    eye = torch.eye(cos.shape[0], dtype=torch.bool, device=cos.device)
+    cos = F.relu(cos.masked_fill(eye, 0.0))
+    return torch.mean(1 - (cos - threshold) ** 2)
+
+
+def cce_loss(cell_emb: torch.Tensor, cell_emb2: torch.Tensor, temp: float) -> torch.Tensor:
+    """Contrastive cell embedding: each cell's two views are positives, other cells negatives. (B, D) each."""
+    sim = F.cosine_similarity(cell_emb[:, None, :], cell_emb2[None, :, :], dim=-1) / temp  # (B, B)
+    return F.cross_entropy(sim, torch.arange(sim.shape[0], device=sim.device))
+
+
+def dar_loss(dar_logits: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """Domain adaptation by reverse backprop: batch classification behind gradient reversal. (B, n), (B,)."""
+    return F.cross_entropy(dar_logits, batch.long())
+
+
+def cls_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cell-type classification; labels < 0 (unlabelled cells) are ignored. (B, n_cls), (B,)."""
+    labels = labels.long()
+    if not bool((labels >= 0).any()):
+        return cls_logits.sum() * 0.0
+    return F.cross_entropy(cls_logits, labels, ignore_index=-1)
+
+
+OBJECTIVES = ("gep", "gepc", "gep_zero", "gepc_zero", "ecs", "cce", "dar", "cls")
+"""Objective names; each is a weight in `ObjectiveConfig`."""
 
 
 def total_loss(
-    out: dict[str, torch.Tensor], target: torch.Tensor, mask: torch.Tensor, cfg: ObjectiveConfig
+    out: dict[str, torch.Tensor],
+    target: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: ObjectiveConfig,
+    batch: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of enabled objectives, and each one's value (detached) for logging."""
-    parts = {}
+    """Weighted sum of enabled objectives, and each one's value (detached) for logging.
+
+    out: the model's outputs; target, mask: (B, L) true values and masked positions; batch, labels: (B,),
+    needed by DAR and CLS.
+    """
+    parts: dict[str, torch.Tensor] = {}
     total = torch.zeros((), dtype=target.dtype, device=target.device)
-    for name, fn in OBJECTIVES.items():
+    for name in OBJECTIVES:
         weight = getattr(cfg, name)
-        if weight:
+        if not weight:
+            continue
+        if name in ("gep", "gepc", "gep_zero", "gepc_zero"):
+            fn = {"gep": gep_loss, "gepc": gepc_loss, "gep_zero": gep_zero_loss}.get(
+                name, gepc_zero_loss
+            )
             value = fn(out, target, mask)
-            parts[name] = value.detach()
-            total = total + weight * value
+        elif name == "ecs":
+            value = ecs_loss(out["cell_emb"], cfg.ecs_threshold)
+        elif name == "cce":
+            if "cell_emb2" not in out:
+                raise ValueError("objectives.cce needs the model run with cce=True")
+            value = cce_loss(out["cell_emb"], out["cell_emb2"], cfg.cce_temp)
+        elif name == "dar":
+            if batch is None:
+                raise ValueError("objectives.dar needs the batch labels")
+            value = dar_loss(out["dar_logits"], batch)
+        else:
+            if labels is None:
+                raise ValueError("objectives.cls needs the cell-type labels")
+            value = cls_loss(out["cls_logits"], labels)
+        parts[name] = value.detach()
+        total = total + weight * value
     return total, parts

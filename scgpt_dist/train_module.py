@@ -9,7 +9,7 @@ import deepspeed
 import torch
 
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.collate import Batch, mask_values
+from scgpt_dist.collate import Batch, draw_mask_ratio, mask_values
 from scgpt_dist.config import ExperimentConfig, TrainConfig
 from scgpt_dist.losses import total_loss
 from scgpt_dist.model import build_model
@@ -17,10 +17,11 @@ from scgpt_dist.model import build_model
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
     """DeepSpeed config for this run. The global batch is micro x accumulation x world size."""
+    accum = cfg.resolved_grad_accum()
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": cfg.micro_batch_size * accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "optimizer": {
             "type": "AdamW",
@@ -37,6 +38,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if cfg.offload_optimizer:
+        if cfg.zero_stage < 1:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     if cfg.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
@@ -74,6 +79,7 @@ class TrainModule:
         self.rank = rank
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, len(vocab), vocab.pad_id)
+        model.transformer_encoder.gradient_checkpointing = cfg.train.activation_checkpointing
         self.pad_id = vocab.pad_id
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
@@ -88,16 +94,32 @@ class TrainModule:
         """Forward + backward on one micro-batch; `position` (epoch, batch index) seeds the GEP mask."""
         key = (self.cfg.train.seed, self.rank, *position)
         gen = torch.Generator().manual_seed(hash(key) % 2**63)
-        masked, mask = mask_values(batch.values, self.cfg.objectives.mask_ratio, gen)
+        obj = self.cfg.objectives
+        ratio = draw_mask_ratio(obj.mask_ratio, obj.mask_ratios, gen)
+        masked, mask = mask_values(batch.values, ratio, gen)
         dev = self.device
         values_in = masked.to(dev)
         if self._dtype is not None:
             values_in = values_in.to(self._dtype)
+        optional = {"modality": batch.modality, "perturbation": batch.perturbation}
         out = self.engine(
-            batch.genes.to(dev), values_in, batch.padding.to(dev), batch.batch.to(dev)
+            batch.genes.to(dev),
+            values_in,
+            batch.padding.to(dev),
+            batch.batch.to(dev),
+            gen_mask=mask.to(dev) if obj.generative else None,
+            cce=obj.cce > 0,
+            **{k: v.to(dev) for k, v in optional.items() if v is not None},
         )
         out = {k: v.float() for k, v in out.items()}
-        loss, parts = total_loss(out, batch.values.to(dev), mask.to(dev), self.cfg.objectives)
+        loss, parts = total_loss(
+            out,
+            batch.values.to(dev),
+            mask.to(dev),
+            obj,
+            batch=batch.batch.to(dev),
+            labels=batch.label.to(dev),
+        )
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()
