@@ -1,0 +1,179 @@
+"""Each objective against hand-computed values and, where it exists, the reference scGPT's formula."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from scgpt_dist.config import ExperimentConfig, ModelConfig, ObjectiveConfig
+from scgpt_dist.losses import (
+    cce_loss,
+    cls_loss,
+    dar_loss,
+    ecs_loss,
+    gep_zero_loss,
+    gepc_zero_loss,
+    masked_bernoulli_nll,
+    masked_mse,
+    total_loss,
+)
+
+
+def _reference_loss_module():
+    spec = importlib.util.find_spec("scgpt")
+    if spec is None:
+        pytest.skip("reference scGPT not installed (make install adds it)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "loss.py"
+    mod_spec = importlib.util.spec_from_file_location("_scgpt_reference_loss", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)  # imports only torch
+    return mod
+
+
+def test_bernoulli_nll_by_hand():
+    prob = torch.tensor([[0.8, 0.3, 0.9]])
+    target = torch.tensor([[2.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    expected = -(math.log(0.8) + math.log(0.7)) / 2
+    assert masked_bernoulli_nll(prob, target, mask).item() == pytest.approx(expected, rel=1e-6)
+    out = {"gep_zero_prob": prob, "gepc_zero_prob": 1 - prob}
+    assert gep_zero_loss(out, target, mask).item() == pytest.approx(expected, rel=1e-6)
+    expected_c = -(math.log(0.2) + math.log(0.3)) / 2
+    assert gepc_zero_loss(out, target, mask).item() == pytest.approx(expected_c, rel=1e-6)
+
+
+def test_mse_and_bernoulli_match_reference_formulas():
+    ref = _reference_loss_module()
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(4, 9, generator=g)
+    prob = torch.rand(4, 9, generator=g) * 0.98 + 0.01
+    target = torch.randint(0, 5, (4, 9), generator=g).float()
+    mask = torch.rand(4, 9, generator=g) < 0.5
+    torch.testing.assert_close(
+        masked_mse(pred, target, mask), ref.masked_mse_loss(pred, target, mask)
+    )
+    torch.testing.assert_close(
+        masked_bernoulli_nll(prob, target, mask),
+        ref.criterion_neg_log_bernoulli(prob, target, mask),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_ecs_by_hand():
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert ecs_loss(orthogonal, 0.3).item() == pytest.approx(1 - 0.09)
+    same = torch.tensor([[1.0, 1.0], [2.0, 2.0]])
+    # off-diagonal cos 1 -> 1 - 0.49; the zeroed diagonal -> 1 - 0.09; mean of the 2 x 2 matrix
+    assert ecs_loss(same, 0.3).item() == pytest.approx((0.51 * 2 + 0.91 * 2) / 4, rel=1e-6)
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])  # negative similarities are not optimized
+    assert ecs_loss(opposite, 0.3).item() == pytest.approx(0.91, rel=1e-6)
+
+
+def test_cce_by_hand():
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # each view's positive has cos 1, the negative cos 0; temp 0.5 -> logits [2, 0]
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert cce_loss(a, a, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    swapped = a.flip(0)  # positives orthogonal, negatives identical: a worse loss
+    assert cce_loss(a, swapped, 0.5).item() > expected + 1
+
+
+def test_ecs_and_cce_match_reference_model():
+    from data_ingest.vocab import GeneVocab
+    from scgpt_dist import interchange
+
+    try:
+        interchange.load_reference_module()
+    except ImportError:
+        pytest.skip("reference scGPT not installed")
+    vocab = GeneVocab.from_genes([f"G{i}" for i in range(20)])
+    args = {"embsize": 16, "nheads": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0, "n_bins": 51}
+    torch.manual_seed(0)
+    ref = interchange.build_reference_model(args, vocab).eval()
+    genes = torch.randint(3, 23, (5, 7))
+    values = torch.randint(0, 51, (5, 7)).float()
+    padding = torch.zeros(5, 7, dtype=torch.bool)
+    with torch.no_grad():
+        out = ref(genes, values, padding, ECS=True, CCE=True)
+    emb = out["cell_emb"]
+    torch.testing.assert_close(ecs_loss(emb, ref.ecs_threshold), out["loss_ecs"])
+    torch.testing.assert_close(cce_loss(emb, emb, ref.sim.temp), out["loss_cce"])
+
+
+def test_dar_and_cls_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    expected = (
+        -(math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(math.exp(1) / (1 + math.exp(1)))) / 2
+    )
+    assert dar_loss(logits, torch.tensor([0, 1])).item() == pytest.approx(expected, rel=1e-6)
+    # unlabelled cells (-1) are ignored; none labelled -> 0 with a gradient path
+    only_first = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert cls_loss(logits, torch.tensor([0, -1])).item() == pytest.approx(only_first, rel=1e-6)
+    z = cls_loss(logits.requires_grad_(True), torch.tensor([-1, -1]))
+    assert z.item() == 0.0 and z.requires_grad
+
+
+def _outputs():
+    g = torch.Generator().manual_seed(0)
+    b, length = 4, 6
+    return (
+        {
+            "gep": torch.randn(b, length, generator=g),
+            "gepc": torch.randn(b, length, generator=g),
+            "gep_zero_prob": torch.rand(b, length, generator=g),
+            "gepc_zero_prob": torch.rand(b, length, generator=g),
+            "cell_emb": torch.randn(b, 8, generator=g),
+            "cell_emb2": torch.randn(b, 8, generator=g),
+            "dar_logits": torch.randn(b, 3, generator=g),
+            "cls_logits": torch.randn(b, 5, generator=g),
+        },
+        torch.randint(0, 5, (b, length), generator=g).float(),
+        torch.rand(b, length, generator=g) < 0.5,
+    )
+
+
+def test_total_loss_weights_every_objective():
+    out, target, mask = _outputs()
+    batch, labels = torch.tensor([0, 1, 2, 0]), torch.tensor([1, -1, 4, 0])
+    w = dict(gep=1.0, gepc=0.5, gep_zero=0.25, gepc_zero=0.125, ecs=2.0, cce=3.0, dar=0.7, cls=0.3)
+    cfg = ObjectiveConfig(**w, ecs_threshold=0.4, cce_temp=0.2)
+    total, parts = total_loss(out, target, mask, cfg, batch=batch, labels=labels)
+    assert set(parts) == set(w)
+    expected = {
+        "gep": masked_mse(out["gep"], target, mask),
+        "gepc": masked_mse(out["gepc"], target, mask),
+        "gep_zero": masked_bernoulli_nll(out["gep_zero_prob"], target, mask),
+        "gepc_zero": masked_bernoulli_nll(out["gepc_zero_prob"], target, mask),
+        "ecs": ecs_loss(out["cell_emb"], 0.4),
+        "cce": cce_loss(out["cell_emb"], out["cell_emb2"], 0.2),
+        "dar": dar_loss(out["dar_logits"], batch),
+        "cls": cls_loss(out["cls_logits"], labels),
+    }
+    for k, v in expected.items():
+        torch.testing.assert_close(parts[k], v)
+    torch.testing.assert_close(total, sum(w[k] * expected[k] for k in w))
+
+
+def test_defaults_are_gep_and_gepc_only():
+    out, target, mask = _outputs()
+    _, parts = total_loss(out, target, mask, ObjectiveConfig())
+    assert set(parts) == {"gep", "gepc"}
+
+
+def test_objectives_need_their_heads():
+    with pytest.raises(ValueError, match="objectives.cls > 0 needs model.n_cls"):
+        ExperimentConfig(objectives=ObjectiveConfig(cls=1.0))
+    with pytest.raises(ValueError, match="objectives.dar > 0 needs model.do_dab"):
+        ExperimentConfig(objectives=ObjectiveConfig(dar=1.0))
+    with pytest.raises(ValueError, match="gep_zero"):
+        ExperimentConfig(objectives=ObjectiveConfig(gep_zero=1.0))
+    ExperimentConfig(
+        model=ModelConfig(explicit_zero_prob=True), objectives=ObjectiveConfig(gep_zero=1.0)
+    )
+    out, target, mask = _outputs()
+    with pytest.raises(ValueError, match="cce=True"):
+        del out["cell_emb2"]
+        total_loss(out, target, mask, ObjectiveConfig(cce=1.0))
