@@ -35,6 +35,27 @@ VAR_GENE_NAME = "feature_name"
 VAR_GENE_ID = "feature_id"
 OBS_DATASET = "dataset_id"
 OBS_CELL_TYPE = "cell_type"
+OBS_CELL_TYPE_ID = "cell_type_ontology_term_id"
+OBS_TISSUE = "tissue"
+OBS_TISSUE_GENERAL = "tissue_general"
+OBS_ASSAY = "assay"
+OBS_IS_PRIMARY = "is_primary_data"
+OBS_DISEASE = "disease"
+OBS_SEX = "sex"
+OBS_DONOR = "donor_id"
+OBS_SUSPENSION = "suspension_type"
+OBS_NNZ = "nnz"
+OBS_RAW_SUM = "raw_sum"
+VAR_NNZ = "nnz"
+
+# CELLxGENE Census collection layout: `<census>/census_data/<organism>` is the experiment,
+# `<census>/census_info/{summary,datasets}` describe the release.
+CENSUS_DATA = "census_data"
+CENSUS_INFO = "census_info"
+CENSUS_SUMMARY = "summary"
+CENSUS_DATASETS = "datasets"
+DEFAULT_ORGANISM = "homo_sapiens"
+PRIMARY_FILTER = "is_primary_data == True"
 
 # Files inside checkpoint and model directories.
 CONFIG_FILE = "config.yaml"
