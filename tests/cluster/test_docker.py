@@ -71,6 +71,7 @@ def test_images_are_shipped():
     assert {p.name for p in DOCKER.glob("Dockerfile.*") if p.suffix != ".dockerignore"} == {
         "Dockerfile.cpu",
         "Dockerfile.gpu",
+        "Dockerfile.submitter",
     }
 
 
@@ -170,3 +171,15 @@ def test_build_context_sends_what_the_image_copies(kind):
     assert not sent("outputs/demo/soma") and not sent(".git/config")
     assert not sent("cluster/scgpt.env"), "the env file with the Ray token must not enter the image"
     assert not sent("scgpt_dist/__pycache__/model.cpython-311.pyc")
+
+
+def test_submitter_image_pins_and_verifies_kubectl():
+    path = DOCKER / "Dockerfile.submitter"
+    args = args_of(path)
+    assert re.fullmatch(r"v1\.\d+\.\d+", args["KUBECTL_VERSION"])
+    (run,) = [a for op, a in instructions(path) if op == "RUN" and "kubectl" in a]
+    assert "/release/${KUBECTL_VERSION}/bin/linux/${TARGETARCH}/kubectl.sha256" in run
+    assert "sha256sum --check" in run
+    users = [a for op, a in instructions(path) if op == "USER"]
+    assert users == ["65532"]  # the CronJob's runAsUser (tests/cluster/test_k8s.py)
+    assert not [a for op, a in instructions(path) if op == "COPY"]
