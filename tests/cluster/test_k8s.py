@@ -282,6 +282,10 @@ def test_repretrain_cronjob_and_its_rayjob_template():
     assert m
     if (REPO / "jobs" / "repretrain.py").exists():
         assert (REPO / m.group(1)).is_file()
+    else:
+        assert spec["suspend"] is True, (
+            "no weekly GPU cluster for an entry point that does not exist yet"
+        )
 
     # The submitter may create and watch RayJobs, nothing more.
     (binding,) = _by_kind("RoleBinding")
