@@ -15,7 +15,7 @@ import ray.train
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist import __version__
-from scgpt_dist.checkpoint import step_dir_name
+from scgpt_dist.checkpoint import CHECKPOINTS_DIR, step_dir_name, write_manifest
 from scgpt_dist.config import ExperimentConfig, dump_config
 
 
@@ -34,23 +34,55 @@ def git_sha() -> str | None:
 
 
 class MlflowCallback:
-    """Logs metrics to the job's MLflow run. Constructed on rank 0 only; other ranks never write."""
+    """Logs the job's metrics to its MLflow run. Constructed on rank 0 only; other ranks never write.
+
+    Metrics are buffered and written when the checkpoint covering their steps is committed; the buffer is
+    also stored in that checkpoint's meta.json. After a failure the run resumes from the newest complete
+    checkpoint, first writes whatever of its stored metrics MLflow does not have yet (the process may have
+    died between the checkpoint and the MLflow write), then recomputes the later steps. So the MLflow curve
+    has each step exactly once, with no gap.
+    """
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        self._pending: list = []
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        self.client.log_batch(self.run_id, metrics=batch)
+        self._pending += [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None
+        ]
 
-    def tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+    def pending(self) -> list[list]:
+        """Buffered metrics as JSON-able rows `[key, value, timestamp_ms, step]`."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
+
+    def replay(self, rows: list[list]) -> None:
+        """Write the stored rows whose step MLflow has not seen yet (after a resume)."""
+        from mlflow.entities import Metric
+
+        if not rows:
+            return
+        logged = self.client.get_metric_history(self.run_id, "loss")
+        last = max((m.step for m in logged), default=-1)
+        missing = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows if int(s) > last]
+        for i in range(0, len(missing), 900):
+            self.client.log_batch(self.run_id, metrics=missing[i : i + 900])
+
+    def commit(self, tags: dict[str, str] | None = None) -> None:
+        """Write buffered metrics (and tags): their steps are now covered by a committed checkpoint."""
+        from mlflow.entities import RunTag
+
+        for i in range(0, len(self._pending), 900):  # MLflow caps a batch at 1000 entries
+            self.client.log_batch(self.run_id, metrics=self._pending[i : i + 900])
+        self._pending = []
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 class CheckpointCallback:
@@ -58,8 +90,15 @@ class CheckpointCallback:
     `ray.train.report` merges all ranks' files into `checkpoints/step_<N>` in the run's storage."""
 
     def __init__(
-        self, cfg: ExperimentConfig, vocab: GeneVocab, rank: int, world_size: int, data_info: dict
+        self,
+        cfg: ExperimentConfig,
+        vocab: GeneVocab,
+        rank: int,
+        world_size: int,
+        data_info: dict,
+        output_dir: str,
     ):
+        self.output_dir = output_dir
         self.cfg = cfg
         self.vocab = vocab
         self.rank = rank
@@ -69,7 +108,13 @@ class CheckpointCallback:
     def due(self, step: int) -> bool:
         return step % self.cfg.train.checkpoint_every == 0
 
-    def save(self, module, state: dict, metrics: dict[str, float]) -> None:
+    def save(
+        self, module, state: dict, metrics: dict[str, float], pending_metrics: list | None = None
+    ) -> str:
+        """Write and report the checkpoint (a collective: every rank calls it at the same step); returns
+        the committed checkpoint's path."""
+        nodes = _gather_node_ids()
+        name = step_dir_name(state["step"])
         tmp = tempfile.mkdtemp(prefix=f"scgpt-ckpt-r{self.rank}-")
         try:
             module.save(tmp, client_state={"train_state": dict(state)})
@@ -79,23 +124,49 @@ class CheckpointCallback:
                 meta = {
                     **state,
                     "world_size": self.world_size,
+                    "worker_nodes": nodes,
                     "zero_stage": self.cfg.train.zero_stage,
                     "data": self.data_info,
                     "vocab_fingerprint": self.vocab.fingerprint(),
+                    "pending_metrics": pending_metrics or [],
                     "package_version": __version__,
                     "git_sha": git_sha(),
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
                 # meta.json is the completion marker: written last, after the shards.
                 write_text_atomic(Path(tmp) / keys.META_FILE, json.dumps(meta, indent=1))
+            write_manifest(tmp, self.rank)  # last: marks this rank's files complete
             ray.train.report(
                 metrics,
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=step_dir_name(state["step"]),
+                checkpoint_dir_name=name,
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        return f"{self.output_dir}/{CHECKPOINTS_DIR}/{name}"
 
 
-def local_rank_env() -> dict[str, str]:
-    return {k: os.environ.get(k, "") for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+def _gather_node_ids() -> list[str]:
+    """The Ray node id of every rank, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    mine = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+def write_worker_info(output_dir: str, rank: int) -> None:
+    """`workers/rank_<r>.json`: pid, host and Ray node of each rank, for operators (and failure tests)."""
+    import socket
+
+    info = {
+        "rank": rank,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_text_atomic(Path(output_dir) / "workers" / f"rank_{rank}.json", json.dumps(info))

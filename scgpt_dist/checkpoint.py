@@ -2,13 +2,16 @@
 
 A training checkpoint is `checkpoints/step_<N>/` (written through Ray Train, which merges every rank's files):
 DeepSpeed's shards under the tag folder `ds/`, plus `config.yaml`, `vocab.json` and `meta.json` from rank 0.
-`meta.json` records the world size, so a directory missing a rank's shard is detected and skipped.
+Each rank also writes `manifest_rank_<r>.json` (size + sha256 of its files) after its shard; `meta.json` records
+the world size, so a directory missing a rank's files, or with a truncated or corrupt file, is detected and
+skipped in favour of the previous complete checkpoint.
 A consolidated model is `model.safetensors` + `config.yaml` + `vocab.json` (+ `meta.json`), written to a
 temporary directory and renamed into place.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -21,7 +24,7 @@ import torch
 import yaml
 
 from data_ingest import keys
-from data_ingest.vocab import GeneVocab
+from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist.config import ExperimentConfig, from_dict
 
 log = logging.getLogger(__name__)
@@ -39,27 +42,68 @@ class CheckpointError(ValueError):
     """A checkpoint directory that cannot be used, with the reason."""
 
 
-def validate_checkpoint(path: str | Path) -> dict:
-    """Return a complete checkpoint's meta, or raise `CheckpointError` naming what is missing."""
+MANIFEST_PREFIX = "manifest_rank_"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: str | Path, rank: int) -> Path:
+    """Record size and sha256 of every file this rank wrote into `directory`; written last by each rank,
+    so a manifest's presence means the rank's files are complete."""
+    directory = Path(directory)
+    files = {
+        str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.name.startswith(MANIFEST_PREFIX)
+    }
+    path = directory / f"{MANIFEST_PREFIX}{rank}.json"
+    write_text_atomic(path, json.dumps({"rank": rank, "files": files}, indent=1))
+    return path
+
+
+def validate_checkpoint(path: str | Path, verify_checksums: bool = True) -> dict:
+    """Return a complete checkpoint's meta, or raise `CheckpointError` naming what is wrong.
+
+    Complete means: `meta.json` (rank 0), one manifest per rank of the world size recorded there, and every
+    file a manifest lists present with its recorded size (and sha256, unless `verify_checksums=False`).
+    """
     path = Path(path)
     meta_path = path / keys.META_FILE
     if not meta_path.is_file():
         raise CheckpointError(f"{path} has no {keys.META_FILE}; it was not completely written")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+        world = int(meta["world_size"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}/{keys.META_FILE} is damaged ({err})") from err
+    for rank in range(world):
+        manifest_path = path / f"{MANIFEST_PREFIX}{rank}.json"
+        if not manifest_path.is_file():
+            raise CheckpointError(
+                f"{path} lacks rank {rank}'s manifest; rank {rank}'s shard is missing or incomplete"
+            )
+        manifest = json.loads(manifest_path.read_text())
+        for rel, info in manifest["files"].items():
+            f = path / rel
+            if not f.is_file():
+                raise CheckpointError(
+                    f"{path} lacks {rel} (written by rank {rank}); a shard is missing"
+                )
+            if f.stat().st_size != info["bytes"]:
+                raise CheckpointError(f"{path}/{rel} has the wrong size; the file is truncated")
+            if verify_checksums and file_sha256(f) != info["sha256"]:
+                raise CheckpointError(
+                    f"{path}/{rel} fails its sha256 checksum; the file is corrupt"
+                )
     for name in (keys.CONFIG_FILE, keys.VOCAB_FILE):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} lacks {name}")
-    tag_dir = path / DS_TAG
-    world = int(meta["world_size"])
-    shards = sorted(tag_dir.glob("*optim_states.pt"))
-    if not (tag_dir / "mp_rank_00_model_states.pt").is_file() and not list(
-        tag_dir.glob("*model_states.pt")
-    ):
-        raise CheckpointError(f"{path} lacks the DeepSpeed model states in {DS_TAG}/")
-    if meta.get("zero_stage", 0) > 0 and len(shards) != world:
-        raise CheckpointError(
-            f"{path} has {len(shards)} optimizer shard(s) for world size {world}; a rank's shard is missing"
-        )
     return meta
 
 
@@ -75,6 +119,19 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
         except (CheckpointError, json.JSONDecodeError, KeyError) as err:
             log.warning("skipping checkpoint %s: %s", cand, err)
     return None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` `step_*` directories (complete or not); returns what was deleted.
+
+    Called by rank 0 right after a checkpoint is committed, so the newest one is always complete.
+    """
+    root = Path(output_dir) / CHECKPOINTS_DIR
+    steps = sorted(root.glob(f"{STEP_PREFIX}*"))
+    doomed = steps[: max(0, len(steps) - keep)] if keep > 0 else []
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
@@ -24,12 +23,13 @@ import torch.distributed as dist
 from data_ingest.datasource import SomaTokenDatasource
 from data_ingest.source import TRAIN, SomaCellSource
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.callbacks import CheckpointCallback, MlflowCallback
+from scgpt_dist.callbacks import CheckpointCallback, MlflowCallback, write_worker_info
 from scgpt_dist.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointError,
     consolidate,
     find_latest_checkpoint,
+    prune_checkpoints,
     validate_checkpoint,
 )
 from scgpt_dist.collate import collate
@@ -89,26 +89,50 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads)
+    write_worker_info(cfg.output_dir, rank)
 
     module = TrainModule(cfg, vocab, world, rank)
     state = TrainState()
-    with _resume_dir(loop_config.get("resume_from")) as resume:
+    replay = []
+    with _resume_dir(cfg.output_dir) as resume:
         if resume is not None:
-            state.load_state_dict(module.load(resume)["train_state"])
+            state.load_state_dict(module.load(str(resume))["train_state"])
+            replay = _meta(resume).get("pending_metrics", [])
             log.info("rank %d resumed from %s at step %d", rank, resume, state.step)
 
-    mlflow_cb = (
-        MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"]) if rank == 0 else None
+    mlflow_cb = monitor = None
+    if rank == 0:
+        mlflow_cb = MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"])
+        mlflow_cb.replay(replay)
+        if cfg.mlflow.system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                loop_config["run_id"],
+                sampling_interval=10,
+                resume_logging=True,
+                tracking_uri=loop_config["tracking_uri"],
+            )
+            monitor.start()
+    try:
+        _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config)
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> None:
+    """The step loop: data -> micro-steps -> counters, logging and checkpoints."""
+    ckpt_cb = CheckpointCallback(
+        cfg, vocab, rank, world, loop_config["data_info"], str(Path(cfg.output_dir).resolve())
     )
-    ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"])
     shard = ray.train.get_dataset_shard("train")
     stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     win = _Window()
 
     while state.step < stop_at:
-        skip = (
-            state.batches_in_epoch
-        )  # resume inside an epoch: skip what this rank already consumed
+        # Resuming inside an epoch: skip the micro-batches this rank already consumed.
+        skip = state.batches_in_epoch
         batches = shard.iter_batches(
             batch_size=cfg.train.micro_batch_size,
             batch_format="pyarrow",
@@ -138,10 +162,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state.step += 1
                 save = ckpt_cb.due(state.step) or state.step == stop_at
                 if save or state.step % cfg.train.log_every == 0:
-                    _flush_window(state, win, module, mlflow_cb, world)
+                    _flush_window(cfg, state, win, module, mlflow_cb, world)
                     win = _Window()
                 if save:
-                    ckpt_cb.save(module, state.state_dict(), {"step": state.step, "loss": out.loss})
+                    pending = mlflow_cb.pending() if mlflow_cb is not None else []
+                    path = ckpt_cb.save(
+                        module, state.state_dict(), {"step": state.step, "loss": out.loss}, pending
+                    )
+                    if rank == 0:
+                        mlflow_cb.commit({"checkpoint.latest": path, "step": state.step})
+                        prune_checkpoints(cfg.output_dir, cfg.train.keep_checkpoints)
                 if state.step >= stop_at:
                     break
             t_wait = time.perf_counter()
@@ -153,24 +183,34 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 @contextlib.contextmanager
-def _resume_dir(driver_choice: str | None):
-    """The checkpoint to resume from: the newest one Ray Train reported in this run (after a worker failure,
-    or restored from the run's storage), if it is complete; else the one the driver validated on disk."""
+def _resume_dir(output_dir: str):
+    """The checkpoint to resume from: the newer of Ray Train's latest reported checkpoint (after a worker
+    failure, or restored from the run's storage) and the newest complete one on disk. A checkpoint can be
+    complete on disk before Ray's controller has registered it (a worker died in between); resuming from it
+    avoids redoing, and double-logging, steps that were already committed."""
+    on_disk = find_latest_checkpoint(output_dir)
     ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            try:
-                validate_checkpoint(d)
-                yield d
-                return
-            except CheckpointError as err:
-                log.warning(
-                    "Ray's latest checkpoint is unusable (%s); using %s", err, driver_choice
-                )
-    yield driver_choice
+    if ckpt is None:
+        yield on_disk
+        return
+    with ckpt.as_directory() as d:
+        try:
+            ray_step = validate_checkpoint(d)["step"]
+        except CheckpointError as err:
+            log.warning("Ray's latest checkpoint is unusable (%s); using %s", err, on_disk)
+            ray_step = -1
+        if on_disk is not None and _meta(on_disk)["step"] > ray_step:
+            d = on_disk
+        elif ray_step < 0:
+            d = on_disk
+        yield d
 
 
-def _flush_window(state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
+def _meta(path) -> dict:
+    return json.loads((Path(path) / "meta.json").read_text())
+
+
+def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
     """Sum the window's counters over ranks (a collective: every rank calls it at the same steps), add them
     to the global counters, and on rank 0 log the window to MLflow."""
     names = sorted(win.parts)
@@ -196,6 +236,10 @@ def _flush_window(state: TrainState, win: _Window, module, mlflow_cb, world: int
     }
     for k, v in zip(names, summed[6:], strict=True):
         metrics[f"loss_{k}"] = v / max(n, 1)
+    if cfg.train.peak_tflops_per_worker:
+        seq = tokens / max(cells, 1)
+        achieved = module.engine.module.flops_per_token(seq) * metrics["tokens_per_s"]
+        metrics["mfu"] = achieved / (cfg.train.peak_tflops_per_worker * 1e12 * world)
     mlflow_cb.log(state.step, metrics)
 
 
@@ -253,6 +297,10 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    # Workers and read tasks may run in another working directory (or on another node): absolute paths.
+    cfg.output_dir = str(out)
+    if "://" not in cfg.data.source.soma_uri:
+        cfg.data.source.soma_uri = str(Path(cfg.data.source.soma_uri).resolve())
     if cfg.data.build_demo and not Path(cfg.data.source.soma_uri).exists():
         from data_ingest.demo_data import build_demo_experiment
 
@@ -265,7 +313,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     if cfg.model.use_batch_labels and cfg.model.n_batches == 0:
         cfg.model.n_batches = len(resolved.batch_categories)
     data_info = {
-        "soma_uri": str(Path(cfg.data.source.soma_uri).resolve()),
+        "soma_uri": cfg.data.source.soma_uri,
         "layer": cfg.data.source.layer,
         "value_filter": cfg.data.source.value_filter,
         "n_train_cells": int(len(resolved.joinids)),
@@ -300,17 +348,19 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             "tracking_uri": uri,
             "run_id": run_id,
             "data_info": data_info,
-            "resume_from": str(resume_from) if resume_from else None,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker},
+            placement_strategy=cfg.train.placement_strategy,
         ),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
             storage_path=str(out),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # Retention is ours (rank 0 prunes after each commit, see prune_checkpoints): Ray does not know
+            # checkpoints that completed on disk just before a failure.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
         datasets={"train": ds},
@@ -344,6 +394,10 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         client.log_artifacts(run_id, str(model_dir), "model")
         client.set_tag(run_id, "model_dir", str(model_dir))
         summary["model_dir"] = str(model_dir)
+        if cfg.mlflow.registered_model:
+            summary["model_version"] = register_model(
+                client, cfg.mlflow.registered_model, run_id, data_info, meta
+            )
         client.set_terminated(run_id, status="FINISHED")
     return summary
 
@@ -354,6 +408,25 @@ def _param(k, v):
     return Param(k, str(v)[:6000])
 
 
-def steps_per_epoch(n_cells: int, cfg: ExperimentConfig) -> float:
-    per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.num_workers
-    return float(np.floor(n_cells / per_step))
+def register_model(client, name: str, run_id: str, data_info: dict, meta: dict) -> str:
+    """Register the run's consolidated model (artifact `model/`) as a new version of `name`, tagged with
+    the data it was trained on."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered
+    run = client.get_run(run_id)
+    version = client.create_model_version(
+        name,
+        source=f"{run.info.artifact_uri}/model",
+        run_id=run_id,
+        tags={
+            "data_version": str(data_info.get("census_version") or data_info["soma_uri"]),
+            "soma_uri": data_info["soma_uri"],
+            "step": str(meta["step"]),
+            "vocab_fingerprint": meta["vocab_fingerprint"],
+        },
+    )
+    return version.version

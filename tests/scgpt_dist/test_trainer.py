@@ -70,6 +70,7 @@ def test_mlflow_run_contents(pretrained):
     assert run.data.params["train.zero_stage"] == "2"
     assert run.data.params["model.d_model"] == "32"
     assert run.data.tags["resumed_from"].endswith("step_00000006")
+    assert run.data.tags["checkpoint.latest"].endswith("step_00000012")
     for key in ("loss", "loss_gep", "loss_gepc", "lr", "grad_norm", "tokens_per_s", "cells_per_s"):
         assert key in run.data.metrics, key
     assert run.data.metrics["tokens_per_s"] > 0
@@ -81,6 +82,10 @@ def test_mlflow_run_contents(pretrained):
 
 def test_sharded_checkpoint_layout_and_partial_detection(pretrained, tmp_path):
     ckpt = pretrained["output_dir"] / "checkpoints" / "step_00000012"
+    assert sorted(p.name for p in ckpt.glob("manifest_rank_*.json")) == [
+        "manifest_rank_0.json",
+        "manifest_rank_1.json",
+    ]
     shards = sorted(p.name for p in (ckpt / "ds").iterdir())
     assert shards == [
         "mp_rank_00_model_states.pt",
@@ -92,9 +97,19 @@ def test_sharded_checkpoint_layout_and_partial_detection(pretrained, tmp_path):
     work = tmp_path / "out"
     shutil.copytree(pretrained["output_dir"] / "checkpoints", work / "checkpoints")
     (work / "checkpoints/step_00000012/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    with pytest.raises(CheckpointError, match="shard is missing"):
+    with pytest.raises(CheckpointError, match="written by rank 1.*shard is missing"):
         validate_checkpoint(work / "checkpoints/step_00000012")
     assert find_latest_checkpoint(work).name == "step_00000006"
+    # Flipped bytes (same size) fail the checksum; a truncated file fails the size check.
+    shard = work / "checkpoints/step_00000006/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    data = bytearray(shard.read_bytes())
+    data[-10:] = bytes(10)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        validate_checkpoint(work / "checkpoints/step_00000006")
+    shard.write_bytes(bytes(data[:100]))
+    with pytest.raises(CheckpointError, match="truncated"):
+        validate_checkpoint(work / "checkpoints/step_00000006")
     (work / "checkpoints/step_00000006/meta.json").unlink()
     assert find_latest_checkpoint(work) is None
 
