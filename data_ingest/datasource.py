@@ -30,11 +30,11 @@ def read_token_table(
 ) -> pa.Table:
     """Read and tokenize the cells `joinids` (sorted) of `src`."""
     joinids = np.asarray(joinids, dtype=np.int64)
-    with open_experiment(src.soma_uri) as exp:
+    with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
         obs = exp.obs.read(coords=(joinids,), column_names=obs_cols).concat().to_pandas()
         X = exp.ms[src.measurement].X[src.layer]
-        coo = X.read(coords=(joinids, slice(None))).tables().concat()
+        coo = X.read(coords=(joinids,)).tables().concat()
     obs = obs.set_index(keys.SOMA_JOINID).reindex(joinids)
     rows = np.searchsorted(joinids, coo["soma_dim_0"].to_numpy())
     cols = coo["soma_dim_1"].to_numpy()

@@ -35,6 +35,19 @@ class SourceConfig:
     """Fraction of cells held out of training, chosen by a hash of soma_joinid."""
     split_seed: int = 0
     """Seed of the train / holdout hash."""
+    census_version: str | None = None
+    """CELLxGENE Census release to open with `cellxgene_census.open_soma`, pinned (e.g. `2025-01-30`;
+    `stable` / `latest` are refused so a run never changes data silently). None reads `soma_uri`, which may
+    be an experiment or a collection with the census layout (`census_data/<organism>`)."""
+    organism: str = keys.DEFAULT_ORGANISM
+    """Experiment under `census_data/` when the source has the census layout."""
+    primary_only: bool = True
+    """With the census layout, keep only `is_primary_data == True` cells (the census repeats cells across
+    datasets)."""
+    tissues: list[str] | None = None
+    """Keep only these `tissue_general` values (None keeps all)."""
+    assays: list[str] | None = None
+    """Keep only these `assay` values (None keeps all)."""
 
 
 TRAIN = "train"
@@ -56,6 +69,8 @@ class ResolvedSource:
     batch_categories: list[str]
     label_key: str | None
     label_categories: list[str] = field(default_factory=list)
+    tiledb_config: dict[str, str] | None = None
+    """TileDB settings to open `soma_uri` with (e.g. S3 region for the public census)."""
 
 
 def holdout_mask(joinids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -67,11 +82,103 @@ def holdout_mask(joinids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return (x % np.uint64(1_000_000)) < np.uint64(round(fraction * 1_000_000))
 
 
-def open_experiment(uri: str):
+CENSUS_ALIASES = ("stable", "latest")
+
+
+def _census_versions() -> list[str] | None:
+    """Available census releases, or None when the release directory is unreachable."""
+    import cellxgene_census
+
+    try:
+        directory = cellxgene_census.get_census_version_directory()
+    except Exception:  # offline: requests raises ConnectionError and friends
+        return None
+    return sorted(v for v in directory if v not in CENSUS_ALIASES)
+
+
+def census_locator(version: str, organism: str) -> tuple[str, dict[str, str]]:
+    """(experiment URI, TileDB config) of a pinned public census release; clear errors otherwise."""
+    import cellxgene_census
+
+    if version in CENSUS_ALIASES:
+        raise ValueError(
+            f"census_version={version!r} is an alias that moves with new releases; pin a release "
+            "(e.g. data.source.census_version=2025-01-30) so the run's data never changes silently"
+        )
+    available = _census_versions()
+    if available is None:
+        raise ValueError(
+            f"the CELLxGENE Census release directory is unreachable, so census_version={version!r} "
+            "cannot be opened; on an offline machine pass a local copy with the census layout as "
+            "data.source.soma_uri (or --soma-uri) and leave census_version unset"
+        )
+    if version not in available:
+        raise ValueError(
+            f"census_version={version!r} does not exist; available releases: {', '.join(available)}"
+        )
+    soma = cellxgene_census.get_census_version_description(version)["soma"]
+    config = {"vfs.s3.no_sign_request": "true"}
+    if soma.get("s3_region"):
+        config["vfs.s3.region"] = soma["s3_region"]
+    return f"{soma['uri'].rstrip('/')}/{keys.CENSUS_DATA}/{organism}", config
+
+
+def locate_experiment(cfg: SourceConfig) -> tuple[str, dict[str, str] | None, bool]:
+    """(experiment URI, TileDB config, has census layout) for a source config."""
+    import tiledbsoma
+
+    if cfg.census_version is not None:
+        uri, config = census_locator(cfg.census_version, cfg.organism)
+        return uri, config, True
+    uri = str(cfg.soma_uri)
+    try:
+        with tiledbsoma.open(uri) as obj:
+            kind = type(obj)
+    except Exception:
+        return uri, None, False  # open_experiment reports what is wrong
+    if issubclass(kind, tiledbsoma.Experiment):
+        return uri, None, False
+    with tiledbsoma.Collection.open(uri) as coll:
+        if keys.CENSUS_DATA not in coll:
+            raise ValueError(
+                f"{uri} is a SOMA collection without {keys.CENSUS_DATA!r}; pass an experiment or a "
+                "collection with the CELLxGENE Census layout"
+            )
+        organisms = list(coll[keys.CENSUS_DATA].keys())
+    if cfg.organism not in organisms:
+        raise ValueError(
+            f"census at {uri} has no organism {cfg.organism!r}; set data.source.organism to one of "
+            f"{organisms}"
+        )
+    return f"{uri.rstrip('/')}/{keys.CENSUS_DATA}/{cfg.organism}", None, True
+
+
+def _quote_list(values: list[str]) -> str:
+    return "[" + ", ".join(repr(str(v)) for v in values) + "]"
+
+
+def effective_filter(cfg: SourceConfig, is_census: bool) -> str | None:
+    """The obs value_filter actually applied: the user's filter AND census defaults AND selections."""
+    parts = []
+    if cfg.value_filter:
+        parts.append(f"({cfg.value_filter})")
+    if is_census and cfg.primary_only:
+        parts.append(keys.PRIMARY_FILTER)
+    if cfg.tissues:
+        parts.append(f"{keys.OBS_TISSUE_GENERAL} in {_quote_list(cfg.tissues)}")
+    if cfg.assays:
+        parts.append(f"{keys.OBS_ASSAY} in {_quote_list(cfg.assays)}")
+    return " and ".join(parts) or None
+
+
+def open_experiment(uri: str, tiledb_config: dict[str, str] | None = None):
     """Open a SOMA experiment, with an error that names the problem when it is not one."""
     import tiledbsoma
 
     try:
+        if tiledb_config:
+            ctx = tiledbsoma.SOMATileDBContext(tiledb_config=tiledb_config)
+            return tiledbsoma.Experiment.open(str(uri), context=ctx)
         return tiledbsoma.Experiment.open(str(uri))
     except Exception as err:
         raise ValueError(
@@ -85,10 +192,23 @@ class SomaCellSource:
 
     def __init__(self, cfg: SourceConfig):
         self.cfg = cfg
+        self._located: tuple[str, dict[str, str] | None, bool] | None = None
+
+    @property
+    def located(self) -> tuple[str, dict[str, str] | None, bool]:
+        """(experiment URI, TileDB config, census layout), looked up once."""
+        if self._located is None:
+            self._located = locate_experiment(self.cfg)
+        return self._located
+
+    @property
+    def value_filter(self) -> str | None:
+        """The obs filter applied (see `effective_filter`)."""
+        return effective_filter(self.cfg, self.located[2])
 
     def gene_names(self) -> list[str]:
         """Gene names of the measurement, in var soma_joinid order."""
-        with open_experiment(self.cfg.soma_uri) as exp:
+        with open_experiment(*self.located[:2]) as exp:
             var = self._var(exp)
         return var[keys.VAR_GENE_NAME].astype(str).tolist()
 
@@ -109,7 +229,9 @@ class SomaCellSource:
 
     def resolve(self, vocab: GeneVocab, split: str = TRAIN) -> ResolvedSource:
         cfg = self.cfg
-        with open_experiment(cfg.soma_uri) as exp:
+        uri, tiledb_config, _ = self.located
+        value_filter = self.value_filter
+        with open_experiment(uri, tiledb_config) as exp:
             var = self._var(exp)
             obs_cols = [keys.SOMA_JOINID, cfg.batch_key] + (
                 [cfg.label_key] if cfg.label_key else []
@@ -121,13 +243,11 @@ class SomaCellSource:
                     f"available: {exp.obs.schema.names}"
                 )
             obs = (
-                exp.obs.read(column_names=obs_cols, value_filter=cfg.value_filter)
-                .concat()
-                .to_pandas()
+                exp.obs.read(column_names=obs_cols, value_filter=value_filter).concat().to_pandas()
             )
         if len(obs) == 0:
             raise ValueError(
-                f"the obs filter {cfg.value_filter!r} selects no cells in {cfg.soma_uri}; loosen it"
+                f"the obs filter {value_filter!r} selects no cells in {uri}; loosen it"
             )
         feature_tokens = np.full(int(var[keys.SOMA_JOINID].max()) + 1, -1, dtype=np.int64)
         feature_tokens[var[keys.SOMA_JOINID].to_numpy()] = vocab.lookup(
@@ -151,7 +271,7 @@ class SomaCellSource:
             sorted(obs[cfg.label_key].astype(str).unique().tolist()) if cfg.label_key else []
         )
         return ResolvedSource(
-            soma_uri=str(cfg.soma_uri),
+            soma_uri=uri,
             measurement=cfg.measurement,
             layer=cfg.layer,
             joinids=joinids,
@@ -160,4 +280,5 @@ class SomaCellSource:
             batch_categories=batch_cats,
             label_key=cfg.label_key,
             label_categories=label_cats,
+            tiledb_config=tiledb_config,
         )

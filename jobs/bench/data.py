@@ -1,0 +1,288 @@
+"""`python -m jobs.bench data`: loader throughput and memory, side by side on one synthetic census.
+
+Three readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak RSS
+(the process tree's summed RSS, sampled every 50 ms) is separate:
+
+- `raw`: SOMA X rows read in contiguous blocks (`X.read(coords=(rows,)).tables()`), no decoding: the limit.
+- `soma-ml`: TileDB-SOMA-ML `ExperimentDataset` (dense X batches, its default shuffle) through
+  `experiment_dataloader`.
+- `ours`: `data_ingest.stream.rank_batches` (Ray Data read tasks, scatter-gather shuffle, tokenization).
+
+Shuffle quality is the mean number of distinct datasets in a batch, against an ideal uniform shuffle of the
+same cells. Not a timed test: run it by hand and paste the table into the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_ingest import keys
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+class PeakRss:
+    """Peak summed RSS of this process and its descendants, sampled in a thread."""
+
+    def __init__(self, every_s: float = 0.05):
+        import psutil
+
+        self.proc, self.every, self.peak, self._stop = psutil.Process(), every_s, 0, False
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop:
+            self.peak = max(self.peak, _tree_rss(self.proc))
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _tree_rss(self.proc))
+
+
+def _distinct(per_batch: list[np.ndarray]) -> float:
+    return float(np.mean([len(np.unique(b)) for b in per_batch])) if per_batch else 0.0
+
+
+def run_raw(exp_uri: str, n_cells: int, batch_size: int) -> dict:
+    import tiledbsoma
+
+    cells = 0
+    with tiledbsoma.Experiment.open(exp_uri) as exp:
+        X = exp.ms[keys.MEASUREMENT_RNA].X[keys.RAW_LAYER]
+        t0 = time.perf_counter()
+        block = 8192
+        for lo in range(0, n_cells, block):
+            hi = min(lo + block, n_cells)
+            for tab in X.read(coords=(slice(lo, hi - 1),)).tables():
+                cells += len(np.unique(tab["soma_dim_0"].to_numpy()))
+        dt = time.perf_counter() - t0
+        ds = exp.obs.read(
+            coords=(slice(0, n_cells - 1),), column_names=[keys.OBS_DATASET]
+        ).concat()[keys.OBS_DATASET]
+    labels = np.asarray(ds.to_pylist())
+    batches = [labels[i : i + batch_size] for i in range(0, n_cells - batch_size + 1, batch_size)]
+    return {"cells": cells, "seconds": dt, "distinct": _distinct(batches)}
+
+
+def run_soma_ml(exp_uri: str, n_cells: int, batch_size: int, max_batches: int) -> dict:
+    import tiledbsoma
+    from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+    cells, per_batch = 0, []
+    with tiledbsoma.Experiment.open(exp_uri) as exp:
+        query = exp.axis_query(
+            keys.MEASUREMENT_RNA,
+            obs_query=tiledbsoma.AxisQuery(coords=(slice(0, n_cells - 1),)),
+        )
+        t0 = time.perf_counter()
+        ds = ExperimentDataset(
+            query,
+            layer_name=keys.RAW_LAYER,
+            obs_column_names=[keys.OBS_DATASET],
+            batch_size=batch_size,
+            shuffle=True,
+            seed=0,
+        )
+        for i, (X, obs) in enumerate(experiment_dataloader(ds)):
+            if i == 0:
+                t_first, first = time.perf_counter() - t0, X.shape[0]
+            cells += X.shape[0]
+            per_batch.append(obs[keys.OBS_DATASET].to_numpy())
+            if max_batches and i + 1 >= max_batches:
+                break
+        dt = time.perf_counter() - t0
+    return {
+        "cells": cells,
+        "seconds": dt,
+        "distinct": _distinct(per_batch),
+        "first_batch_s": t_first,
+        "steady_cells_per_s": (cells - first) / max(dt - t_first, 1e-9),
+    }
+
+
+def run_ours(
+    exp_uri: str, n_cells: int, batch_size: int, max_seq_len: int, cpus: int, max_batches: int
+) -> dict:
+    import ray
+
+    from data_ingest.source import ALL, SomaCellSource, SourceConfig
+    from data_ingest.stream import StreamConfig, StreamStats, rank_batches
+    from data_ingest.tokenize import TokenizerConfig
+    from data_ingest.vocab import GeneVocab
+
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    src = SomaCellSource(
+        SourceConfig(soma_uri=exp_uri, value_filter=f"soma_joinid < {n_cells}", holdout_fraction=0)
+    )
+    vocab = GeneVocab.from_genes(src.gene_names())
+    resolved = src.resolve(vocab, ALL)
+    tok = TokenizerConfig(max_seq_len=max_seq_len)
+    stats = StreamStats()
+    cfg = StreamConfig(prefetch=cpus, read_task_cpus=1.0)
+    cells, per_batch = 0, []
+    t0 = time.perf_counter()
+    it = rank_batches(
+        resolved,
+        tok,
+        vocab.cls_id,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        batch_size=batch_size,
+        cfg=cfg,
+        stats=stats,
+    )
+    for i, table in enumerate(it):
+        if i == 0:
+            t_first, first = time.perf_counter() - t0, table.num_rows
+        cells += table.num_rows
+        per_batch.append(table[keys.BATCH].to_numpy())
+        if max_batches and i + 1 >= max_batches:
+            break
+    dt = time.perf_counter() - t0
+    ray.shutdown()
+    return {
+        "cells": cells,
+        "seconds": dt,
+        "distinct": _distinct(per_batch),
+        "skipped": stats.skipped_cells,
+        "first_batch_s": t_first,
+        "steady_cells_per_s": (cells - first) / max(dt - t_first, 1e-9),
+    }
+
+
+def ideal_distinct(exp_uri: str, n_cells: int, batch_size: int, seed: int = 0) -> float:
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(exp_uri) as exp:
+        labels = np.asarray(
+            exp.obs.read(coords=(slice(0, n_cells - 1),), column_names=[keys.OBS_DATASET])
+            .concat()[keys.OBS_DATASET]
+            .to_pylist()
+        )
+    perm = np.random.default_rng(seed).permutation(len(labels))
+    n = len(labels) // batch_size * batch_size
+    return _distinct(list(labels[perm[:n]].reshape(-1, batch_size)))
+
+
+def _worker(a: argparse.Namespace) -> int:
+    with PeakRss() as rss:
+        if a.worker == "raw":
+            out = run_raw(a.exp, a.cells_read, a.batch_size)
+        elif a.worker == "soma-ml":
+            out = run_soma_ml(a.exp, a.cells_read, a.batch_size, a.max_batches)
+        else:
+            out = run_ours(a.exp, a.cells_read, a.batch_size, a.max_seq_len, a.cpus, a.max_batches)
+    out["peak_rss_mb"] = rss.peak / 2**20
+    print("RESULT " + json.dumps(out), flush=True)
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.bench data", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--census", default="outputs/bench/census", help="synthetic census collection")
+    p.add_argument(
+        "--cells", type=int, default=100_000, help="cells to generate if --census is new"
+    )
+    p.add_argument("--genes", type=int, default=20_000)
+    p.add_argument("--organism", default=keys.DEFAULT_ORGANISM)
+    p.add_argument("--cells-read", type=int, default=0, help="cells each reader reads (0 = all)")
+    p.add_argument(
+        "--max-batches", type=int, default=0, help="stop shuffled readers after this many"
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=1200)
+    p.add_argument("--cpus", type=int, default=2, help="Ray CPUs for our pipeline")
+    p.add_argument("--readers", default="raw,soma-ml,ours")
+    p.add_argument("--json-out", default=None)
+    p.add_argument("--worker", choices=["raw", "soma-ml", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--exp", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        return _worker(a)
+
+    from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
+
+    census = Path(a.census)
+    if not census.exists():
+        print(f"writing a synthetic census of {a.cells} cells x {a.genes} genes to {census}")
+        write_synthetic_census(census, CensusSynthConfig(n_cells=a.cells, n_genes=a.genes))
+    exp = experiment_uri(census.resolve(), a.organism)
+    import tiledbsoma
+
+    with tiledbsoma.Experiment.open(exp) as e:
+        n_total = int(e.obs.count)
+        n_genes = int(e.ms[keys.MEASUREMENT_RNA].var.count)
+    n = a.cells_read or n_total
+    rows = {}
+    for reader in a.readers.split(","):
+        cmd = [sys.executable, "-m", "jobs.bench", "data", "--worker", reader, "--exp", exp]
+        cmd += ["--cells-read", str(n), "--batch-size", str(a.batch_size)]
+        cmd += ["--max-seq-len", str(a.max_seq_len), "--cpus", str(a.cpus)]
+        cmd += ["--max-batches", str(a.max_batches)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
+        if res.returncode or not line:
+            print(res.stdout[-3000:], res.stderr[-3000:], file=sys.stderr)
+            raise RuntimeError(f"bench reader {reader!r} failed (exit {res.returncode})")
+        r = json.loads(line[0][len("RESULT ") :])
+        r["cells_per_s"] = r["cells"] / r["seconds"]
+        rows[reader] = r
+    ideal = ideal_distinct(exp, n, a.batch_size)
+    print(
+        f"\nexperiment {exp}: {n_total} cells x {n_genes} genes; each reader reads {n} cells"
+        f"{f' (shuffled readers stop after {a.max_batches} batches)' if a.max_batches else ''}; "
+        f"batch {a.batch_size}, max_seq_len {a.max_seq_len}\n"
+    )
+    print(
+        "| reader | cells | seconds | cells/s | first batch (s) | cells/s after first batch "
+        "| peak RSS (MB) | distinct datasets / batch |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in rows.items():
+        steady = r.get("steady_cells_per_s", r["cells_per_s"])
+        print(
+            f"| {name} | {r['cells']} | {r['seconds']:.1f} | {r['cells_per_s']:.0f} | "
+            f"{r.get('first_batch_s', 0):.1f} | {steady:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['distinct']:.2f} |"
+        )
+    print(f"| ideal uniform shuffle | | | | | | | {ideal:.2f} |")
+    if "ours" in rows:
+        ours = rows["ours"]["cells_per_s"]
+        if "soma-ml" in rows:
+            print(
+                f"\nours / TileDB-SOMA-ML: {ours / rows['soma-ml']['cells_per_s']:.2f}x (target >= 2)"
+            )
+        if "raw" in rows:
+            print(f"ours / raw X read: {ours / rows['raw']['cells_per_s']:.0%} (target >= 60%)")
+    if a.json_out:
+        Path(a.json_out).write_text(json.dumps({"n_cells": n, "rows": rows, "ideal": ideal}))
+    return 0
