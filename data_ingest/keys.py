@@ -47,6 +47,10 @@ OBS_SUSPENSION = "suspension_type"
 OBS_NNZ = "nnz"
 OBS_RAW_SUM = "raw_sum"
 VAR_NNZ = "nnz"
+OBS_ID = "obs_id"
+"""Unique cell name column (what `tiledbsoma.io` registration matches obs on)."""
+VAR_ID = "var_id"
+"""Unique gene name column (what `tiledbsoma.io` registration matches var on)."""
 
 # CELLxGENE Census collection layout: `<census>/census_data/<organism>` is the experiment,
 # `<census>/census_info/{summary,datasets}` describe the release.

@@ -343,6 +343,7 @@ def write_synthetic_census(
         + [
             (c, pa.large_string())
             for c in (
+                keys.OBS_ID,
                 keys.OBS_DATASET,
                 keys.OBS_CELL_TYPE,
                 keys.OBS_CELL_TYPE_ID,
@@ -398,6 +399,7 @@ def write_synthetic_census(
                     donor = rng.integers(0, 8, n)
                     cols = {
                         keys.SOMA_JOINID: np.arange(row0, row0 + n, dtype=np.int64),
+                        keys.OBS_ID: [f"{dinfo['dataset_id']}:{row0 + i}" for i in range(n)],
                         keys.OBS_DATASET: [dinfo["dataset_id"]] * n,
                         keys.OBS_CELL_TYPE: [truth.type_names[t] for t in ctype],
                         keys.OBS_CELL_TYPE_ID: [f"CL:9{t:06d}" for t in ctype],
@@ -420,6 +422,7 @@ def write_synthetic_census(
             var = pa.Table.from_pydict(
                 {
                     keys.SOMA_JOINID: np.arange(g, dtype=np.int64),
+                    keys.VAR_ID: truth.gene_names,
                     keys.VAR_GENE_ID: truth.gene_ids,
                     keys.VAR_GENE_NAME: truth.gene_names,
                     "feature_length": np.full(g, 1000, np.int64),
