@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_ingest import keys
-from scgpt_dist.attention import generative_mask, resolve_backend
+from scgpt_dist.attention import generative_mask, resolve_backend, sdpa
 from scgpt_dist.collate import draw_mask_ratio, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
 from scgpt_dist.losses import masked_mse, total_loss
@@ -354,3 +354,19 @@ def test_model_config_rejects_unknown_styles():
         ModelConfig(input_emb_style="binned")
     with pytest.raises(ValueError, match="cell_emb_style"):
         ModelConfig(cell_emb_style="max-pool")
+
+
+def test_cpu_attention_dropout_is_inverted_dropout_on_the_weights():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, generator=g) for _ in range(3))
+    mask = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    mask |= torch.eye(5, dtype=torch.bool)
+    torch.manual_seed(7)
+    out = sdpa(q, k, v, mask, 0.25)
+    torch.manual_seed(7)
+    scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(~mask, float("-inf"))
+    weights = scores.softmax(-1)
+    keep = torch.rand_like(weights) >= 0.25
+    torch.testing.assert_close(out, (weights * keep / 0.75) @ v)
+    no_drop = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(sdpa(q, k, v, mask, 0.0), no_drop)
