@@ -34,6 +34,8 @@ class DataConfig:
     """Synthetic cells added to the demo experiment next to pbmc68k_reduced."""
     cells_per_read_task: int = 1024
     """Cells tokenized by one Ray Data read task."""
+    read_task_cpus: float = 1.0
+    """Logical CPUs each read task reserves (lower it when training workers hold most CPUs of a node)."""
     shuffle_buffer: int = 512
     """Rows in each worker's local shuffle buffer."""
 

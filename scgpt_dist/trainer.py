@@ -325,7 +325,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     ds = ray.data.read_datasource(
         SomaTokenDatasource(
             resolved, cfg.data.tokenizer, vocab.cls_id, cfg.data.cells_per_read_task
-        )
+        ),
+        ray_remote_args={"num_cpus": cfg.data.read_task_cpus},
     )
 
     uri = tracking_uri(cfg.mlflow.tracking_uri, out)
