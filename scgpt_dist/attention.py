@@ -5,8 +5,8 @@ layers never compute padding. `attend` runs self-attention on the packed q, k, v
 
 - `sdpa`: scatter into a padded (B, H, L, Dh) batch and call `torch.nn.functional.scaled_dot_product_attention`
   with a boolean mask (True = may attend) built from the key padding and the generative mask. Runs everywhere.
-- `varlen`: one attention call per cell on that cell's tokens only (CPU-friendly sequence packing: padding costs
-  nothing, not even in attention).
+- `varlen`: one attention call per cell on that cell's tokens only (padding costs nothing, not even in
+  attention; on CPU the per-call overhead measured slower than `sdpa` at 8 cells x 512 genes).
 - `flash`: flash-attn 2 `flash_attn_varlen_func` on the packed tokens, when it is installed and a CUDA device is
   present and q is fp16/bf16; otherwise it logs once and falls back to `sdpa`. The generative mask is not a
   flash-attn mask, so masked (generative) calls also use `sdpa`.
