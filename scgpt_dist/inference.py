@@ -73,7 +73,7 @@ def embed_table(loaded: LoadedModel, table: pa.Table, batch_size: int = 64) -> n
     for start in range(0, table.num_rows, batch_size):
         b = collate(table.slice(start, batch_size), loaded.vocab.pad_id)
         h, _ = model.encode(b.genes, b.values, b.padding)  # (B, L, D)
-        out.append(model.cell_embedding(h).float().numpy())
+        out.append(model.cell_embedding(h, b.values, b.padding).float().numpy())
     emb = np.concatenate(out) if out else np.zeros((0, model.cfg.d_model), np.float32)
     norm = np.linalg.norm(emb, axis=1, keepdims=True)
     return emb / np.maximum(norm, 1e-12)
