@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from data_ingest.source import SourceConfig
+from data_ingest.stream import StreamConfig
 from data_ingest.tokenize import TokenizerConfig
 
 
@@ -32,12 +33,8 @@ class DataConfig:
     """Build the embedded demo SOMA experiment at `source.soma_uri` when it does not exist."""
     demo_synth_cells: int = 2000
     """Synthetic cells added to the demo experiment next to pbmc68k_reduced."""
-    cells_per_read_task: int = 1024
-    """Cells tokenized by one Ray Data read task."""
-    read_task_cpus: float = 1.0
-    """Logical CPUs each read task reserves (lower it when training workers hold most CPUs of a node)."""
-    shuffle_buffer: int = 512
-    """Rows in each worker's local shuffle buffer."""
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    """Per-rank streaming: global chunk shuffle, I/O buffer, prefetch, read-task CPUs (exact resume)."""
 
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")

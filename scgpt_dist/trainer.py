@@ -15,13 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
 
-from data_ingest.datasource import SomaTokenDatasource
+from data_ingest.keys import BATCH, CELL_ID, GENES, LABEL, MODALITY, PAD_VALUE, VALUES
 from data_ingest.source import TRAIN, SomaCellSource
+from data_ingest.stream import StreamStats, rank_batches
+from data_ingest.tokenize import RECORD_SCHEMA
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.callbacks import CheckpointCallback, MlflowCallback, write_worker_info
 from scgpt_dist.checkpoint import (
@@ -38,7 +41,7 @@ from scgpt_dist.tracking import start_or_resume_run, tracking_uri
 
 log = logging.getLogger(__name__)
 
-STATE_KEYS = ("step", "tokens_seen", "cells_seen", "epoch", "batches_in_epoch")
+STATE_KEYS = ("step", "tokens_seen", "cells_seen", "cells_skipped", "epoch", "batches_in_epoch")
 
 
 @dataclass
@@ -48,6 +51,8 @@ class TrainState:
     step: int = 0
     tokens_seen: int = 0
     cells_seen: int = 0
+    cells_skipped: int = 0
+    """Cells the tokenizer dropped (too few expressed genes), over all ranks."""
     epoch: int = 0
     batches_in_epoch: int = 0
     """Micro-batches this rank consumed in the current epoch (the data position)."""
@@ -57,7 +62,7 @@ class TrainState:
 
     def load_state_dict(self, d: dict) -> None:
         for k in STATE_KEYS:
-            setattr(self, k, int(d[k]))
+            setattr(self, k, int(d.get(k, 0)))
 
 
 @dataclass
@@ -70,6 +75,7 @@ class _Window:
     tokens: int = 0
     cells: int = 0
     wait: float = 0.0
+    skipped: int = 0
     t0: float = field(default_factory=time.perf_counter)
 
 
@@ -89,6 +95,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     write_worker_info(cfg.output_dir, rank)
 
     module = TrainModule(cfg, vocab, world, rank)
@@ -126,27 +133,32 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
     ckpt_cb = CheckpointCallback(
         cfg, vocab, rank, world, loop_config["data_info"], str(Path(cfg.output_dir).resolve())
     )
-    shard = ray.train.get_dataset_shard("train")
     stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
+    resolved = loop_config["resolved"]
+    stats = StreamStats()
     win = _Window()
 
     while state.step < stop_at:
-        # Resuming inside an epoch: skip the micro-batches this rank already consumed.
-        skip = state.batches_in_epoch
-        batches = shard.iter_batches(
+        # Each rank's stream is a pure function of (seed, epoch, rank, world): resuming passes the data
+        # position (batches already consumed in this epoch) and continues exactly where it stopped.
+        batches = rank_batches(
+            resolved,
+            cfg.data.tokenizer,
+            vocab.cls_id,
+            seed=cfg.train.seed,
+            epoch=state.epoch,
+            rank=rank,
+            world_size=world,
             batch_size=cfg.train.micro_batch_size,
-            batch_format="pyarrow",
-            drop_last=True,
-            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-            local_shuffle_seed=cfg.train.seed + state.epoch,
+            start_batch=state.batches_in_epoch,
+            cfg=cfg.data.stream,
+            stats=stats,
         )
         t_wait = time.perf_counter()
         for table in batches:
-            if skip:
-                skip -= 1
-                t_wait = time.perf_counter()
-                continue
             win.wait += time.perf_counter() - t_wait
+            if table.num_rows == 0:  # every cell skipped: a no-op step keeps the ranks in lockstep
+                table = _cls_only_table(vocab.cls_id)
             # The mask seed is the data position, so a resumed run masks exactly as an uninterrupted one.
             out = module.micro_step(
                 collate(table, vocab.pad_id), (state.epoch, state.batches_in_epoch)
@@ -156,6 +168,7 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
             win.n += 1
             win.tokens += out.n_tokens
             win.cells += out.n_cells
+            win.skipped = stats.skipped_cells
             for k, v in out.parts.items():
                 win.parts[k] = win.parts.get(k, 0.0) + v
             if out.boundary:
@@ -163,6 +176,7 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
                 save = ckpt_cb.due(state.step) or state.step == stop_at
                 if save or state.step % cfg.train.log_every == 0:
                     _flush_window(cfg, state, win, module, mlflow_cb, world)
+                    stats.skipped_cells = 0
                     win = _Window()
                 if save:
                     pending = mlflow_cb.pending() if mlflow_cb is not None else []
@@ -180,6 +194,14 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
             state.batches_in_epoch = 0
             continue
         break
+
+
+def _cls_only_table(cls_id: int) -> pa.Table:
+    """One record holding only `<cls>`: nothing to mask, so its loss and gradients are zero."""
+    return pa.Table.from_pylist(
+        [{GENES: [cls_id], VALUES: [PAD_VALUE], BATCH: 0, MODALITY: 0, CELL_ID: -1, LABEL: -1}],
+        schema=RECORD_SCHEMA,
+    )
 
 
 @contextlib.contextmanager
@@ -216,11 +238,13 @@ def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world
     names = sorted(win.parts)
     elapsed = time.perf_counter() - win.t0
     summed = _all_reduce_sum(
-        [win.loss, win.n, win.tokens, win.cells, win.wait, elapsed] + [win.parts[k] for k in names]
+        [win.loss, win.n, win.tokens, win.cells, win.wait, elapsed, win.skipped]
+        + [win.parts[k] for k in names]
     )
-    loss, n, tokens, cells, wait, elapsed_sum = summed[:6]
+    loss, n, tokens, cells, wait, elapsed_sum, skipped = summed[:7]
     state.tokens_seen += int(tokens)
     state.cells_seen += int(cells)
+    state.cells_skipped += int(skipped)
     if mlflow_cb is None:
         return
     elapsed_mean = elapsed_sum / world
@@ -232,9 +256,10 @@ def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world
         "cells_per_s": cells / max(elapsed_mean, 1e-9),
         "data_wait_fraction": wait / max(elapsed_sum, 1e-9),
         "tokens_seen": state.tokens_seen,
+        "cells_skipped": state.cells_skipped,
         "epoch": state.epoch,
     }
-    for k, v in zip(names, summed[6:], strict=True):
+    for k, v in zip(names, summed[7:], strict=True):
         metrics[f"loss_{k}"] = v / max(n, 1)
     if cfg.train.peak_tflops_per_worker:
         seq = tokens / max(cells, 1)
@@ -322,13 +347,6 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     }
 
     init_ray(cfg)
-    ds = ray.data.read_datasource(
-        SomaTokenDatasource(
-            resolved, cfg.data.tokenizer, vocab.cls_id, cfg.data.cells_per_read_task
-        ),
-        ray_remote_args={"num_cpus": cfg.data.read_task_cpus},
-    )
-
     uri = tracking_uri(cfg.mlflow.tracking_uri, out)
     run_id = start_or_resume_run(uri, cfg.mlflow.experiment, cfg.name, out)
     from mlflow.tracking import MlflowClient
@@ -349,6 +367,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             "tracking_uri": uri,
             "run_id": run_id,
             "data_info": data_info,
+            "resolved": resolved,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -364,7 +383,6 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             # checkpoints that completed on disk just before a failure.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
-        datasets={"train": ds},
     )
     t0 = time.perf_counter()
     try:

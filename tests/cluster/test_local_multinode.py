@@ -70,7 +70,7 @@ def test_two_node_cluster_runs_workers_on_both_nodes(demo_soma, tmp_path):
             # 1 CPU per node: each worker takes half, read tasks a quarter; SPREAD puts one per node.
             "train.cpus_per_worker=0.5",
             "train.placement_strategy=SPREAD",
-            "data.read_task_cpus=0.25",
+            "data.stream.read_task_cpus=0.25",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         ]
         deadline = time.time() + 120
