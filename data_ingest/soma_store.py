@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_ingest import keys
+from data_ingest.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +114,9 @@ def write_experiment(
     combined.X = sp.csr_matrix(combined.X, dtype=np.float32)
     combined.var[keys.VAR_GENE_NAME] = combined.var_names.astype(str)
     combined.var[keys.VAR_GENE_ID] = combined.var_names.astype(str)
-    uri.parent.mkdir(parents=True, exist_ok=True)
-    tmp = uri.parent / f".{uri.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(uri, create=False) as tmp:
         tiledbsoma.io.from_anndata(
             str(tmp), combined, measurement_name=keys.MEASUREMENT_RNA, X_layer_name=layer
         )
-        if uri.exists():
-            old = uri.parent / f".{uri.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(uri, old)
-            os.rename(tmp, uri)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, uri)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("wrote SOMA experiment %s: %d cells x %d genes", uri, combined.n_obs, combined.n_vars)
     return uri

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from data_ingest import keys
+from data_ingest.atomic import write_text_atomic  # noqa: F401  (re-exported)
 
 
 class GeneVocab:
@@ -113,17 +113,3 @@ class GeneVocab:
 
         blob = json.dumps(self._token_to_id, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file through a temporary sibling and rename, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

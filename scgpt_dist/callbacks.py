@@ -126,6 +126,7 @@ class CheckpointCallback:
                     "world_size": self.world_size,
                     "worker_nodes": nodes,
                     "zero_stage": self.cfg.train.zero_stage,
+                    "loss": metrics.get("loss"),
                     "data": self.data_info,
                     "vocab_fingerprint": self.vocab.fingerprint(),
                     "pending_metrics": pending_metrics or [],

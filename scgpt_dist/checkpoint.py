@@ -14,9 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 import yaml
 
 from data_ingest import keys
+from data_ingest.atomic import atomic_directory
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist.config import ExperimentConfig, from_dict
 
@@ -121,17 +120,29 @@ def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     return None
 
 
-def prune_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` `step_*` directories (complete or not); returns what was deleted.
+def prune_checkpoints(output_dir: str | Path, keep: int, keep_best: bool = True) -> list[Path]:
+    """Delete all `step_*` directories but the newest `keep` and, with `keep_best`, the one with the lowest
+    training loss recorded in its meta.json (complete or not otherwise); returns what was deleted.
 
     Called by rank 0 right after a checkpoint is committed, so the newest one is always complete.
     """
     root = Path(output_dir) / CHECKPOINTS_DIR
     steps = sorted(root.glob(f"{STEP_PREFIX}*"))
     doomed = steps[: max(0, len(steps) - keep)] if keep > 0 else []
+    if keep_best and doomed:
+        best = min(steps, key=lambda p: _recorded_loss(p))
+        doomed = [p for p in doomed if p != best]
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+def _recorded_loss(path: Path) -> float:
+    try:
+        loss = json.loads((path / keys.META_FILE).read_text()).get("loss")
+        return float("inf") if loss is None else float(loss)
+    except (OSError, ValueError):
+        return float("inf")
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
@@ -149,20 +160,11 @@ def consolidate(
     validate_checkpoint(checkpoint)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DS_TAG)
     state = {k: v.to(dtype).contiguous() for k, v in state.items()}
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_directory(out_dir) as tmp:
         save_file(state, str(tmp / keys.MODEL_FILE), metadata={"format": "pt"})
         for name in (keys.CONFIG_FILE, keys.VOCAB_FILE, keys.META_FILE):
             shutil.copy2(checkpoint / name, tmp / name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 @dataclass

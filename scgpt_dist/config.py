@@ -7,6 +7,7 @@ that name the closest valid key.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import types
 import typing
@@ -172,6 +173,8 @@ class TrainConfig:
     """Worker-group restarts Ray Train may do after a worker dies; each resumes from the last checkpoint."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept in `checkpoints/` (older ones are deleted once a newer one is committed)."""
+    keep_best_checkpoint: bool = True
+    """Also keep the checkpoint with the lowest training loss (over all ranks, since the last log point)."""
     placement_strategy: str = "PACK"
     """Ray placement of the workers: PACK (fill a node first) or SPREAD (one per node where possible)."""
     peak_tflops_per_worker: float | None = None
@@ -315,6 +318,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
         return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
     if typ is Any:
         return value
+    if typ is str and isinstance(value, datetime.date):  # YAML reads `2025-01-30` as a date
+        return value.isoformat()
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ in (int, float) and isinstance(value, str):  # YAML reads `3e-4` as a string

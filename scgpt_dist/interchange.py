@@ -19,13 +19,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import pickle
 import re
 import shutil
 import sys
 import types
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 import yaml
 
 from data_ingest import keys
+from data_ingest.atomic import atomic_directory
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.config import ExperimentConfig, ModelConfig, ObjectiveConfig, to_dict
 
@@ -207,19 +206,9 @@ def experiment_config_from_reference(args: dict[str, Any], model: ModelConfig) -
 
 def _write_dir_atomic(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Write a directory through a temporary sibling and rename it into place."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         write(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def import_reference(ref_dir: str | Path, out_dir: str | Path, drop_unknown: bool = False) -> Path:

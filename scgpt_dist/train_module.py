@@ -15,8 +15,12 @@ from scgpt_dist.losses import total_loss
 from scgpt_dist.model import build_model
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
-    """DeepSpeed config for this run. The global batch is micro x accumulation x world size."""
+def deepspeed_config(cfg: TrainConfig, world_size: int, n_params: int | None = None) -> dict:
+    """DeepSpeed config for this run. The global batch is micro x accumulation x world size.
+
+    With `n_params`, ZeRO's communication buckets are sized to the model: DeepSpeed's defaults (5e8
+    elements, 2 GiB in fp32 per bucket) dwarf a small model's own memory under ZeRO-3.
+    """
     accum = cfg.resolved_grad_accum()
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -38,6 +42,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if n_params is not None:
+        bucket = -(-int(min(5e8, max(1e6, n_params))) // 1024) * 1024  # NCCL-alignment multiple
+        ds["zero_optimization"].update(
+            {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+        )
+        if cfg.zero_stage == 3:
+            ds["zero_optimization"]["stage3_prefetch_bucket_size"] = bucket
     if cfg.offload_optimizer:
         if cfg.zero_stage < 1:
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
@@ -84,7 +95,9 @@ class TrainModule:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg.train, world_size),
+            config=deepspeed_config(
+                cfg.train, world_size, sum(p.numel() for p in model.parameters())
+            ),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train)),
         )
         self.device = self.engine.device

@@ -96,6 +96,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.train.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per stream buffer otherwise
     write_worker_info(cfg.output_dir, rank)
 
     module = TrainModule(cfg, vocab, world, rank)
@@ -175,17 +176,24 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
                 state.step += 1
                 save = ckpt_cb.due(state.step) or state.step == stop_at
                 if save or state.step % cfg.train.log_every == 0:
-                    _flush_window(cfg, state, win, module, mlflow_cb, world)
+                    window_loss = _flush_window(cfg, state, win, module, mlflow_cb, world)
                     stats.skipped_cells = 0
                     win = _Window()
                 if save:
                     pending = mlflow_cb.pending() if mlflow_cb is not None else []
                     path = ckpt_cb.save(
-                        module, state.state_dict(), {"step": state.step, "loss": out.loss}, pending
+                        module,
+                        state.state_dict(),
+                        {"step": state.step, "loss": window_loss},
+                        pending,
                     )
                     if rank == 0:
                         mlflow_cb.commit({"checkpoint.latest": path, "step": state.step})
-                        prune_checkpoints(cfg.output_dir, cfg.train.keep_checkpoints)
+                        prune_checkpoints(
+                            cfg.output_dir,
+                            cfg.train.keep_checkpoints,
+                            cfg.train.keep_best_checkpoint,
+                        )
                 if state.step >= stop_at:
                     break
             t_wait = time.perf_counter()
@@ -232,9 +240,9 @@ def _meta(path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int) -> None:
+def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int) -> float:
     """Sum the window's counters over ranks (a collective: every rank calls it at the same steps), add them
-    to the global counters, and on rank 0 log the window to MLflow."""
+    to the global counters, and on rank 0 log the window to MLflow. Returns the window's mean loss."""
     names = sorted(win.parts)
     elapsed = time.perf_counter() - win.t0
     summed = _all_reduce_sum(
@@ -246,7 +254,7 @@ def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world
     state.cells_seen += int(cells)
     state.cells_skipped += int(skipped)
     if mlflow_cb is None:
-        return
+        return loss / max(n, 1)
     elapsed_mean = elapsed_sum / world
     metrics = {
         "loss": loss / max(n, 1),
@@ -266,6 +274,7 @@ def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world
         achieved = module.engine.module.flops_per_token(seq) * metrics["tokens_per_s"]
         metrics["mfu"] = achieved / (cfg.train.peak_tflops_per_worker * 1e12 * world)
     mlflow_cb.log(state.step, metrics)
+    return metrics["loss"]
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -448,4 +457,4 @@ def register_model(client, name: str, run_id: str, data_info: dict, meta: dict) 
             "vocab_fingerprint": meta["vocab_fingerprint"],
         },
     )
-    return version.version
+    return str(version.version)

@@ -66,6 +66,7 @@ def pretrained(ray_local, demo_soma, tmp_path_factory) -> dict:
         f"data.source.soma_uri={demo_soma}",
         "data.build_demo=false",
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.registered_model=scgpt-tiny",
     ]
     first = run_pretraining(load_config(TINY_CONFIG, overrides + ["train.stop_after_steps=6"]))
     ckpts_after_first = sorted(p.name for p in (root / "run" / CHECKPOINTS_DIR).glob("step_*"))

@@ -5,11 +5,10 @@ exactly that cluster."""
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 
-from tests.conftest import REPO, TINY_CONFIG
-from tests.jobs.test_job_submit import _free_port
+from tests.conftest import REPO
+from tests.jobs.test_job_submit import _free_port, submit_pretrain
 
 LOCAL = REPO / "cluster" / "local"
 
@@ -49,36 +48,23 @@ def test_two_node_cluster_runs_workers_on_both_nodes(demo_soma, tmp_path):
         address = up.stdout.strip().splitlines()[-1]
         assert address == f"http://127.0.0.1:{dash}"
         out = tmp_path / "job"
-        cmd = [
-            "ray",
-            "job",
-            "submit",
-            "--address",
+        res = submit_pretrain(
             address,
-            "--",
-            "python",
-            "-m",
-            "jobs.pretrain",
-            "--config",
-            str(TINY_CONFIG),
-            f"output_dir={out}",
-            f"data.source.soma_uri={demo_soma}",
-            "data.build_demo=false",
-            "train.max_steps=4",
-            "train.checkpoint_every=4",
-            "train.zero_stage=3",
-            # 1 CPU per node: each worker takes half, read tasks a quarter; SPREAD puts one per node.
-            "train.cpus_per_worker=0.5",
-            "train.placement_strategy=SPREAD",
-            "data.stream.read_task_cpus=0.25",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        ]
-        deadline = time.time() + 120
-        while True:  # the job server can answer before the head's agent takes jobs
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-            if "No available agent" not in res.stdout + res.stderr or time.time() > deadline:
-                break
-            time.sleep(3)
+            env,
+            [
+                f"output_dir={out}",
+                f"data.source.soma_uri={demo_soma}",
+                "data.build_demo=false",
+                "train.max_steps=4",
+                "train.checkpoint_every=4",
+                "train.zero_stage=3",
+                # 1 CPU per node: each worker takes half, read tasks a quarter; SPREAD: one per node.
+                "train.cpus_per_worker=0.5",
+                "train.placement_strategy=SPREAD",
+                "data.stream.read_task_cpus=0.25",
+                f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            ],
+        )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
         meta = json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["zero_stage"] == 3

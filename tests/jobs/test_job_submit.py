@@ -89,36 +89,38 @@ def ray_head():
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_round_trip(ray_head, demo_soma, tmp_path):
-    address, env, temp = ray_head
-    out = tmp_path / "job"
-    cmd = [
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--",
-        "python",
-        "-m",
-        "jobs.pretrain",
-        "--config",
-        str(TINY_CONFIG),
-        f"output_dir={out}",
-        f"data.source.soma_uri={demo_soma}",
-        "data.build_demo=false",
-        "train.max_steps=4",
-        "train.checkpoint_every=4",
-        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-    ]
+def submit_pretrain(address: str, env: dict, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m jobs.pretrain --config tiny.yaml <overrides>`, blocking until the job ends.
+
+    The job server can answer before the head's agent takes jobs: retry that one error for up to 2 minutes.
+    """
+    cmd = ["ray", "job", "submit", "--address", address, "--", "python", "-m", "jobs.pretrain",
+           "--config", str(TINY_CONFIG), *overrides]  # fmt: skip
     deadline = time.time() + 120
-    while True:  # the job server answers before the node's agent can take jobs; retry until it can
+    while True:
         res = subprocess.run(
             cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path.home()
         )
-        if "No available agent" not in res.stderr + res.stdout or time.time() > deadline:
-            break
+        if "No available agent" not in res.stdout + res.stderr or time.time() > deadline:
+            return res
         time.sleep(3)
+
+
+def test_ray_job_submit_round_trip(ray_head, demo_soma, tmp_path):
+    address, env, temp = ray_head
+    out = tmp_path / "job"
+    res = submit_pretrain(
+        address,
+        env,
+        [
+            f"output_dir={out}",
+            f"data.source.soma_uri={demo_soma}",
+            "data.build_demo=false",
+            "train.max_steps=4",
+            "train.checkpoint_every=4",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1500:] + _agent_logs(temp)
     assert "succeeded" in res.stdout
     assert (out / "model" / "model.safetensors").is_file()

@@ -33,6 +33,10 @@ def test_overrides_and_types():
     assert cfg.train.lr == pytest.approx(3e-4) and isinstance(cfg.train.lr, float)
     assert cfg.model.n_layers == 2 and cfg.data.source.value_filter == "a == 1"
     assert cfg.train.stop_after_steps is None
+    # A census version looks like a date to YAML; a string field keeps it as the string the user wrote.
+    assert load_config(
+        None, ["data.source.census_version=2025-01-30"]
+    ).data.source.census_version == ("2025-01-30")
 
 
 def test_unknown_keys_and_bad_values():

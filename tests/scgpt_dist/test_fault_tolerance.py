@@ -34,6 +34,7 @@ def test_worker_killed_mid_run_resumes(demo_soma, tmp_path):
             "train.checkpoint_every=4",
             "train.max_failures=1",
             "train.keep_checkpoints=2",
+            "train.keep_best_checkpoint=false",
         ],
         env=env,
         stdout=subprocess.PIPE,

@@ -78,6 +78,11 @@ def test_mlflow_run_contents(pretrained):
     assert {"config.yaml", "model"} <= artifacts
     model_files = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     assert "model/model.safetensors" in model_files
+    # The consolidated model is registered, tagged with the data it was trained on.
+    (version,) = client.search_model_versions("name='scgpt-tiny'")
+    assert version.run_id == run.info.run_id and str(version.version) == "1"
+    assert version.tags["step"] == "12" and version.tags["soma_uri"].endswith("demo")
+    assert pretrained["second"]["model_version"] == "1"
 
 
 def test_sharded_checkpoint_layout_and_partial_detection(pretrained, tmp_path):
@@ -160,3 +165,28 @@ def test_resume_is_exact(pretrained, tmp_path):
     assert straight_loss.keys() == resumed_loss.keys()
     for step, value in straight_loss.items():
         assert value == pytest.approx(resumed_loss[step], rel=1e-5)
+
+
+def test_retention_keeps_newest_and_best(pretrained, tmp_path):
+    from scgpt_dist.checkpoint import prune_checkpoints
+
+    root = tmp_path / "out" / "checkpoints"
+    for step, loss in ((2, 5.0), (4, 1.0), (6, 3.0), (8, 4.0), (10, 2.0)):
+        d = root / f"step_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "meta.json").write_text(json.dumps({"step": step, "loss": loss}))
+    gone = prune_checkpoints(tmp_path / "out", keep=2)
+    assert sorted(p.name for p in gone) == ["step_00000002", "step_00000006"]
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000004",
+        "step_00000008",
+        "step_00000010",
+    ]
+    prune_checkpoints(tmp_path / "out", keep=2, keep_best=False)
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000008", "step_00000010"]
+    # Real checkpoints record the window loss used for "best".
+    meta = json.loads(
+        (pretrained["output_dir"] / "checkpoints/step_00000012/meta.json").read_text()
+    )
+    loss = {m.step: m.value for m in _history(pretrained, "loss")}
+    assert meta["loss"] == pytest.approx(loss[12])
