@@ -1,8 +1,10 @@
 """Distributed pretraining on Ray Train + DeepSpeed.
 
-`run_pretraining(cfg)` runs on the driver: it resolves the data and vocabulary, opens (or continues) the MLflow
-run, builds the Ray Data stream, and launches `train_loop_per_worker` on `train.num_workers` Ray Train workers.
-The loop owns the counters; `TrainModule` owns the model and the step; callbacks log and checkpoint.
+`run_pretraining(cfg)` runs on the driver: it resolves the cells and the vocabulary, opens (or continues) the
+MLflow run, and launches `train_loop_per_worker` on `train.num_workers` Ray Train workers. Each worker streams
+its own share of the cells with Ray Data (`data_ingest.stream.rank_batches`: deterministic per (seed, epoch,
+rank), so resuming is exact). The loop owns the counters; `TrainModule` owns the model and the step;
+callbacks log and checkpoint.
 """
 
 from __future__ import annotations
