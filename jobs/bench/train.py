@@ -116,7 +116,8 @@ def _loop(config: dict) -> None:
 
     rows: list = [None] * world
     dist.all_gather_object(rows, {"mem": mem, "opt": opt, "tokens": tokens, "elapsed": elapsed})
-    if rank == 0:  # results go to a file: a report without a checkpoint carries no metrics in Train V2
+    # Results go to a file: in Train V2 a report without a checkpoint carries no metrics to the driver.
+    if rank == 0:
         result = {
             "mem_per_rank": [r["mem"] for r in rows],
             "opt_per_rank": [r["opt"] for r in rows],
