@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,14 +326,12 @@ def write_synthetic_census(
     from tqdm import tqdm
 
     from data_ingest import keys
-    from data_ingest.vocab import write_text_atomic
+    from data_ingest.atomic import atomic_directory, write_text_atomic
 
     uri = Path(uri).resolve()
     if uri.exists() and not overwrite:
         raise FileExistsError(f"{uri} exists; pass --overwrite or another --out")
     truth = CensusTruth(cfg)
-    uri.parent.mkdir(parents=True, exist_ok=True)
-    tmp = uri.parent / f".{uri.name}.tmp-{uuid.uuid4().hex[:8]}"
     g = cfg.n_genes
     obs_schema = pa.schema(
         [(keys.SOMA_JOINID, pa.int64())]
@@ -364,7 +359,7 @@ def write_synthetic_census(
     )
     var_nnz = np.zeros(g, np.int64)
     rng = np.random.default_rng([cfg.seed, 2])
-    try:
+    with atomic_directory(uri, create=False) as tmp:
         with tiledbsoma.Collection.create(str(tmp)) as census:
             info = census.add_new_collection(keys.CENSUS_INFO)
             data = census.add_new_collection(keys.CENSUS_DATA)
@@ -453,16 +448,6 @@ def write_synthetic_census(
             ).write(ds_tab)
         truth_path = Path(str(uri) + GROUND_TRUTH_SUFFIX)
         write_text_atomic(truth_path, json.dumps(truth.to_json()))
-        if uri.exists():
-            old = uri.parent / f".{uri.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(uri, old)
-            os.rename(tmp, uri)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, uri)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return uri
 
 
