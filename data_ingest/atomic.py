@@ -1,15 +1,25 @@
-"""Atomic writes: a file or directory is written under a temporary sibling and renamed into place, so a
+"""File helpers: a content hash, and atomic writes: a file or directory is written under a temporary sibling and renamed into place, so a
 reader never sees half of it and a failed write leaves nothing behind."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 8 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

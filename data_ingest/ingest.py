@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 
 from data_ingest import keys
+from data_ingest.atomic import file_sha256
 from data_ingest.soma_store import read_h5ad_checked, validate_anndata
 from data_ingest.vocab import GeneVocab, write_text_atomic
 
@@ -58,14 +58,6 @@ def log_path(experiment_uri: str | Path) -> Path:
 def read_log(experiment_uri: str | Path) -> list[dict]:
     path = log_path(experiment_uri)
     return json.loads(path.read_text()) if path.exists() else []
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_counts(adata: ad.AnnData, name: str) -> None:
@@ -160,7 +152,7 @@ def ingest_h5ads(
     vocab = GeneVocab.load(vocab_path) if vocab_path and Path(vocab_path).exists() else None
     for path, dataset_id in zip(files, ids, strict=True):
         path = Path(path)
-        digest = _sha256(path)
+        digest = file_sha256(path)
         if digest in seen:
             report.skipped.append(str(path))
             continue

@@ -11,7 +11,6 @@ temporary directory and renamed into place.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -22,7 +21,7 @@ import torch
 import yaml
 
 from data_ingest import keys
-from data_ingest.atomic import atomic_directory
+from data_ingest.atomic import atomic_directory, file_sha256
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist.config import ExperimentConfig, from_dict
 
@@ -42,14 +41,6 @@ class CheckpointError(ValueError):
 
 
 MANIFEST_PREFIX = "manifest_rank_"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 23), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(directory: str | Path, rank: int) -> Path:
