@@ -1,0 +1,186 @@
+"""Finetuning a pretrained model on a small labelled data set (one process, a Ray task in `jobs.finetune`).
+
+- `adapt_model`: a copy of a pretrained model with a changed head set (CLS classes, batch count, DAR, DSBN,
+  modality / perturbation tokens), carrying every pretrained weight whose name and shape still match.
+- `finetune`: epochs over a token table with any weighted mix of objectives (CLS, GEP, GEPC, ECS, DAR, CCE).
+- `embed_cells`, `predict_labels`: inference on a token table in row order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from data_ingest import keys
+from scgpt_dist.checkpoint import LoadedModel
+from scgpt_dist.collate import Batch, collate, mask_values
+from scgpt_dist.config import ModelConfig, ObjectiveConfig
+from scgpt_dist.losses import total_loss
+from scgpt_dist.model import ScGPT, build_model
+
+log = logging.getLogger(__name__)
+
+
+def adapt_model(
+    loaded: LoadedModel, from_scratch: bool = False, seed: int = 0, **changes
+) -> tuple[ScGPT, list[str]]:
+    """A new model with `loaded`'s config updated by `changes` (ModelConfig fields, e.g. n_cls=10,
+    n_batches=3, do_dab=True, domain_spec_batchnorm="dsbn", use_modality=True).
+
+    Pretrained weights are copied wherever the parameter name and shape match; returns (model, names of the
+    freshly initialised tensors). `from_scratch=True` copies nothing (the paper's from-scratch control).
+    """
+    cfg: ModelConfig = dataclasses.replace(copy.deepcopy(loaded.model.cfg), **changes)
+    torch.manual_seed(seed)
+    model = build_model(cfg, len(loaded.vocab), loaded.vocab.pad_id)
+    if from_scratch:
+        return model, sorted(model.state_dict())
+    pretrained = loaded.model.state_dict()
+    state = model.state_dict()
+    fresh = []
+    for name, tensor in state.items():
+        src = pretrained.get(name)
+        if src is not None and src.shape == tensor.shape:
+            state[name] = src.clone()
+        else:
+            fresh.append(name)
+    model.load_state_dict(state)
+    if fresh:
+        log.info("adapt_model: %d tensors initialised fresh (e.g. %s)", len(fresh), fresh[:4])
+    return model, fresh
+
+
+@dataclass
+class FinetuneConfig:
+    """One finetuning run."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-4
+    """AdamW learning rate (reference annotation finetuning uses 1e-4)."""
+    weight_decay: float = 0.0
+    schedule_gamma: float = 0.9
+    """Learning rate multiplied by this after each epoch (reference StepLR, step 1)."""
+    grad_clip: float = 1.0
+    objectives: ObjectiveConfig = field(
+        default_factory=lambda: ObjectiveConfig(gep=0.0, gepc=0.0, cls=1.0)
+    )
+    """Weights of the finetuning objectives (default: CLS only, as for annotation)."""
+    freeze_encoder: bool = False
+    """Train only the heads (gene/value embeddings and transformer frozen)."""
+    seed: int = 0
+
+
+def _model_inputs(model: ScGPT, b: Batch) -> dict:
+    cfg = model.cfg
+    kw = {}
+    if cfg.use_batch_labels or cfg.domain_spec_batchnorm == "dsbn" or cfg.do_dab:
+        kw["batch"] = b.batch.clamp(0, max(cfg.n_batches - 1, 0))
+    if cfg.use_modality:
+        kw["modality"] = b.modality
+    if cfg.use_perturbation:
+        kw["perturbation"] = b.perturbation
+    return kw
+
+
+def finetune(
+    model: ScGPT,
+    table: pa.Table,
+    cfg: FinetuneConfig,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Train `model` in place on `table` (token records with `label` / `batch` as the objectives need).
+    Returns per-epoch mean losses; `on_epoch(epoch, losses)` is called after each epoch."""
+    obj = cfg.objectives
+    if obj.cls and model.cfg.n_cls <= 0:
+        raise ValueError("objectives.cls needs a model with n_cls > 0 (adapt_model(..., n_cls=K))")
+    if obj.dar and not model.cfg.do_dab:
+        raise ValueError("objectives.dar needs a model with do_dab=True")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.freeze_encoder:
+        for name, p in model.named_parameters():
+            if name.startswith(("encoder.", "value_encoder.", "transformer_encoder.")):
+                p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.schedule_gamma)
+    masking = bool(obj.gep or obj.gepc or obj.gep_zero or obj.gepc_zero)
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        order = torch.randperm(table.num_rows, generator=gen).numpy()
+        sums: dict[str, float] = {}
+        n = 0
+        for start in range(0, table.num_rows, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            if len(idx) < 2:  # batch norm and ECS need two cells
+                continue
+            b = collate(table.take(pa.array(idx)), model.pad_id)
+            if masking:
+                inp, mask = mask_values(b.values, obj.mask_ratio, gen)
+            else:
+                inp, mask = b.values, b.values == keys.PAD_VALUE - 1  # all False
+            out = model(b.genes, inp, b.padding, **_model_inputs(model, b), cce=bool(obj.cce))
+            loss, parts = total_loss(out, b.values, mask, obj, batch=b.batch, labels=b.label)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        sched.step()
+        means = {k: v / max(n, 1) for k, v in sums.items()}
+        history.append(means)
+        log.info(
+            "finetune epoch %d/%d %s",
+            epoch + 1,
+            cfg.epochs,
+            " ".join(f"{k}={v:.4f}" for k, v in means.items()),
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, means)
+    model.eval()
+    return history
+
+
+@torch.no_grad()
+def run_model(model: ScGPT, table: pa.Table, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Eval-mode outputs per cell in row order: `cell_emb` (N, D, L2-normalised) and, when the model has a
+    CLS head, `cls_logits` (N, K)."""
+    model.eval()
+    embs, logits = [], []
+    for start in range(0, table.num_rows, batch_size):
+        b = collate(table.slice(start, batch_size), model.pad_id)
+        out = model(b.genes, b.values, b.padding, **_model_inputs(model, b))
+        embs.append(out["cell_emb"].float().numpy())
+        if "cls_logits" in out:
+            logits.append(out["cls_logits"].float().numpy())
+    emb = np.concatenate(embs) if embs else np.zeros((0, model.cfg.d_model), np.float32)
+    emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    result = {"cell_emb": emb}
+    if logits:
+        result["cls_logits"] = np.concatenate(logits)
+    return result
+
+
+def with_labels(
+    table: pa.Table, labels: np.ndarray | None = None, batches: np.ndarray | None = None
+) -> pa.Table:
+    """`table` with its `label` / `batch` columns replaced by integer codes (row order)."""
+    for name, values in ((keys.LABEL, labels), (keys.BATCH, batches)):
+        if values is None:
+            continue
+        col = pa.array(np.asarray(values, dtype=np.int32))
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, col)
+        else:
+            table = table.append_column(name, col)
+    return table
