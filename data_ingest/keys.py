@@ -66,3 +66,12 @@ CONFIG_FILE = "config.yaml"
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
 MODEL_FILE = "model.safetensors"
+
+# Perturbation screens (GEARS naming: "A+ctrl" for a single, "A+B" for a double, "ctrl" for control cells).
+OBS_PERTURBATION = "perturbation"
+OBS_CONDITION = "condition"
+CONTROL_CONDITION = "ctrl"
+PERT_SEPARATOR = "+"
+UNS_PERTURBATION_TRUTH = "perturbation_truth"
+UNS_EXPECTED_LFC = "expected_lfc"
+UNS_EXPECTED_LFC_INDEX = "expected_lfc_perturbations"
