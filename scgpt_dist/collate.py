@@ -22,7 +22,7 @@ class Batch:
     label: torch.Tensor
     cell_id: torch.Tensor
     modality: torch.Tensor | None = None
-    """Per-cell modality (data_ingest.keys.MODALITY_*), when the records carry it."""
+    """Modality (data_ingest.keys.MODALITY_*) per cell (B,) or per token (B, L), when the records carry it."""
     perturbation: torch.Tensor | None = None
     """Per-gene perturbation flags (padding = 2), when the records carry them."""
 
@@ -51,7 +51,12 @@ def collate(table: pa.Table, pad_id: int) -> Batch:
     label = table[keys.LABEL].to_numpy() if keys.LABEL in table.column_names else None
     modality = perturbation = None
     if keys.MODALITY in table.column_names:
-        modality = torch.from_numpy(table[keys.MODALITY].to_numpy().astype(np.int64))
+        col = table[keys.MODALITY]
+        # Per-token modality (B, L) from a list column; padding reads as RNA and is never used.
+        if pa.types.is_list(col.type):
+            modality = torch.from_numpy(_pad_lists(col, keys.MODALITY_RNA, np.int64))
+        else:
+            modality = torch.from_numpy(col.to_numpy().astype(np.int64))
     if keys.PERTURBATION in table.column_names:
         perturbation = torch.from_numpy(_pad_lists(table[keys.PERTURBATION], 2, np.int64))
     return Batch(

@@ -346,7 +346,9 @@ class ScGPT(nn.Module):
         if cfg.use_modality:
             if modality is None:
                 raise ValueError("this model uses modality tokens; pass `modality`")
-            x = x + self.modality_encoder(modality.long())[packing.seq_id]  # (T, D)
+            mod = modality.long()  # (B,) per cell or (B, L) per token
+            mod = packing.pack(mod) if mod.dim() == 2 else mod[packing.seq_id]  # (T,)
+            x = x + self.modality_encoder(mod)  # (T, D)
         if cfg.domain_spec_batchnorm == "dsbn":
             if batch is None:
                 raise ValueError("this model uses domain-specific batch norm; pass `batch`")
@@ -422,10 +424,11 @@ class ScGPT(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Run the model on a padded batch.
 
-        genes, values, key_padding_mask (True at padding): (B, L). batch, modality: (B,) per-cell labels;
-        perturbation: (B, L) flags. gen_mask: (B, L) True at unknown genes, which then attend to the known
-        genes and themselves only (generative attention). cell_prompt: (B, D) replaces the `<cls>` input
-        (cell-prompt generation). cce: also return `cell_emb2`, a second dropout view for CCE.
+        genes, values, key_padding_mask (True at padding): (B, L). batch: (B,) per-cell labels; modality:
+        (B,) per cell or (B, L) per token; perturbation: (B, L) flags. gen_mask: (B, L) True at unknown
+        genes, which then attend to the known genes and themselves only (generative attention). cell_prompt:
+        (B, D) replaces the `<cls>` input (cell-prompt generation). cce: also return `cell_emb2`, a second
+        dropout view for CCE.
 
         Returns `cell_emb` (B, D), `gep` (B, L) and, when built, `gepc` (B, L), `gep_zero_prob` /
         `gepc_zero_prob` (B, L), `cls_logits` (B, n_cls), `dar_logits` (B, n_batches). Padding positions hold 0.
