@@ -32,7 +32,7 @@ import torch
 from data_ingest import keys
 from data_ingest.tokenize import TokenizerConfig
 from scgpt_dist.checkpoint import LoadedModel
-from scgpt_dist.collate import collate
+from scgpt_dist.collate import Batch, collate
 
 log = logging.getLogger(__name__)
 
@@ -167,86 +167,93 @@ def _rank_rows(scores: torch.Tensor) -> torch.Tensor:
     return ranks / max(n - 1, 1)
 
 
+def _attention_module(model, layer: int):
+    layers = model.transformer_encoder.layers
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(
+            f"attention layer {layer} but the model has {len(layers)} layers; "
+            f"use 0..{len(layers) - 1} or -1 for the last"
+        )
+    return layers[layer].self_attn
+
+
+@torch.no_grad()
+def layer_qkv(model, layer: int, batch: Batch) -> tuple[torch.Tensor, ...]:
+    """q, k, v (each (T, H, Dh), packed tokens) of one layer's self-attention for a padded batch, recomputed
+    from that layer's input (read by a forward pre-hook) and its fused `Wqkv` projection, and the Packing
+    (cell c owns packed rows `packing.cu_seqlens[c]:packing.cu_seqlens[c + 1]`, `<cls>` first)."""
+    attn = _attention_module(model, layer)
+    captured: dict = {}
+
+    def grab_input(_module, args):
+        captured["x"], captured["packing"] = args[0], args[1]
+
+    handle = attn.register_forward_pre_hook(grab_input)
+    try:
+        model.encode(batch.genes, batch.values, batch.padding)
+    finally:
+        handle.remove()
+    x, packing = captured["x"], captured["packing"]  # (T, D)
+    t, d = x.shape
+    qkv = attn.Wqkv(x).view(t, 3, attn.n_heads, d // attn.n_heads)  # (T, 3, H, Dh)
+    q, k, v = qkv.unbind(1)  # 3 x (T, H, Dh)
+    return q, k, v, packing
+
+
 @torch.no_grad()
 def attention_scores(
     loaded: LoadedModel, adata: ad.AnnData, genes: list[str], cfg: GrnConfig
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric mean attention among `genes` over the cells of `adata`, and how many (cell, pass) contexts
-    held each gene pair (both (G, G)). Pairs never seen together get the mean of the seen ones."""
+    """Symmetric mean attention among `genes` over the cells of `adata` (G, G), and in how many (cell, pass)
+    contexts each gene pair met (G, G). Pairs that never met get the mean score of those that did."""
     from scgpt_dist.inference import tokenize_anndata
 
     model = loaded.model.eval()
-    layers = model.transformer_encoder.layers
-    if not -len(layers) <= cfg.attention_layer < len(layers):
-        raise ValueError(
-            f"attention_layer={cfg.attention_layer} but the model has {len(layers)} layers; "
-            f"use 0..{len(layers) - 1} or -1 for the last"
-        )
-    attn = layers[cfg.attention_layer].self_attn
-    n_heads = attn.n_heads
-    sub = adata[:, adata.var_names.get_indexer(genes)]
-    g = len(genes)
+    _attention_module(model, cfg.attention_layer)  # validates the layer index early
     ids = loaded.vocab.lookup(genes)
     if (ids < 0).any():
         raise ValueError(
             f"{int((ids < 0).sum())} genes are unknown to the model's vocabulary; select genes with "
             "`select_genes(..., vocab=loaded.vocab)`"
         )
+    g = len(genes)
     gene_index = np.full(len(loaded.vocab), -1, np.int64)  # vocab id -> position in `genes`
     gene_index[ids] = np.arange(g)
+    sub = adata[:, adata.var_names.get_indexer(genes)]
     total = np.zeros((g, g))  # sum of directed (query row, key column) scores
-    count = np.zeros((g, g))
-
-    captured: dict = {}
-
-    def grab_input(_module, args):
-        captured["x"], captured["packing"] = args[0], args[1]
-
+    count = np.zeros((g, g))  # contexts holding both genes (symmetric)
     base_tok = loaded.config.data.tokenizer
     context = cfg.context_len or base_tok.max_seq_len
-    handle = attn.register_forward_pre_hook(grab_input)
-    try:
-        for p in range(cfg.attention_passes):
-            tok = TokenizerConfig(
-                **{**base_tok.__dict__, "max_seq_len": context, "seed": cfg.seed + p}
-            )
-            table = tokenize_anndata(sub, loaded.vocab, tok)
-            for start in range(0, table.num_rows, cfg.batch_size):
-                b = collate(table.slice(start, cfg.batch_size), loaded.vocab.pad_id)
-                model.encode(b.genes, b.values, b.padding)
-                x, packing = captured["x"], captured["packing"]  # (T, D)
-                t, d = x.shape
-                qkv = attn.Wqkv(x).view(t, 3, n_heads, d // n_heads)  # (T, 3, H, Dh)
-                q, k = qkv[:, 0], qkv[:, 1]  # (T, H, Dh)
-                genes_packed = packing.pack(b.genes).numpy()  # (T,)
-                cu = packing.cu_seqlens.tolist()
-                for c in range(len(cu) - 1):
-                    lo, hi = cu[c], cu[c + 1]
-                    qc = q[lo:hi].transpose(0, 1)  # (H, L, Dh)
-                    kc = k[lo:hi].transpose(0, 1)  # (H, L, Dh)
-                    logits = qc @ kc.transpose(1, 2) / (d // n_heads) ** 0.5  # (H, L, L)
-                    if cfg.attention_norm == "softmax":
-                        # Probabilities over the whole context (as the model attends), times L.
-                        a = logits.softmax(-1)[:, 1:, 1:] * (hi - lo)  # (H, L-1, L-1)
-                    else:
-                        a = _rank_rows(logits[:, 1:, 1:])  # (H, L-1, L-1), <cls> left out
-                    idx = gene_index[genes_packed[lo + 1 : hi]]  # (L-1,)
-                    ok = idx >= 0
-                    idx = idx[ok]
-                    a = a.mean(0).numpy()[np.ix_(ok, ok)]  # (n, n)
-                    total[np.ix_(idx, idx)] += a
-                    count[np.ix_(idx, idx)] += 1.0
-    finally:
-        handle.remove()
-    sym_total, sym_count = total + total.T, count + count.T
-    seen = sym_count > 0
+    for p in range(cfg.attention_passes):
+        tok = TokenizerConfig(**{**base_tok.__dict__, "max_seq_len": context, "seed": cfg.seed + p})
+        table = tokenize_anndata(sub, loaded.vocab, tok)
+        for start in range(0, table.num_rows, cfg.batch_size):
+            b = collate(table.slice(start, cfg.batch_size), loaded.vocab.pad_id)
+            q, k, _, packing = layer_qkv(model, cfg.attention_layer, b)  # (T, H, Dh)
+            scale = q.shape[-1] ** -0.5
+            genes_packed = packing.pack(b.genes).numpy()  # (T,)
+            cu = packing.cu_seqlens.tolist()
+            for lo, hi in zip(cu[:-1], cu[1:], strict=True):
+                qc = q[lo:hi].transpose(0, 1)  # (H, L, Dh)
+                kc = k[lo:hi].transpose(0, 1)  # (H, L, Dh)
+                logits = qc @ kc.transpose(1, 2) * scale  # (H, L, L)
+                if cfg.attention_norm == "softmax":
+                    # Probabilities over the whole context (as the model attends), times L.
+                    a = logits.softmax(-1)[:, 1:, 1:] * (hi - lo)  # (H, L-1, L-1)
+                else:
+                    a = _rank_rows(logits[:, 1:, 1:])  # (H, L-1, L-1), <cls> left out
+                idx = gene_index[genes_packed[lo + 1 : hi]]  # (L-1,)
+                ok = idx >= 0
+                idx = idx[ok]
+                total[np.ix_(idx, idx)] += a.mean(0).numpy()[np.ix_(ok, ok)]  # (n, n)
+                count[np.ix_(idx, idx)] += 1.0
+    seen = count > 0
     scores = np.zeros((g, g))
-    scores[seen] = sym_total[seen] / sym_count[seen]
+    scores[seen] = (total + total.T)[seen] / (2.0 * count[seen])
     off = seen & ~np.eye(g, dtype=bool)
-    fill = float(scores[off].mean()) if off.any() else 0.0
-    scores[~seen] = fill
-    np.fill_diagonal(scores, 1.0 if cfg.attention_norm == "rank" else scores.max())
-    return scores, count + count.T
+    scores[~seen] = float(scores[off].mean()) if off.any() else 0.0
+    np.fill_diagonal(scores, scores.max())
+    return scores, count
 
 
 # ----------------------------------------------------------------------------------------------- programs
@@ -420,15 +427,24 @@ def evaluate_edges(scores: np.ndarray, truth: np.ndarray) -> EdgeMetrics:
         )
     if not np.isfinite(s).all():
         raise ValueError("edge scores contain NaN or infinite values")
-    top = np.argsort(-s, kind="stable")[:n_pos]
     return EdgeMetrics(
         auprc=float(average_precision_score(y, s)),
         random_auprc=n_pos / len(y),
-        early_precision=float(y[top].mean()),
+        early_precision=_precision_at(s, y, n_pos),
         auroc=float(roc_auc_score(y, s)),
         n_edges=n_pos,
         n_pairs=len(y),
     )
+
+
+def _precision_at(s: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Precision among the k highest scores; pairs tied with the k-th score count with their group's share of
+    true edges (the expectation over tie orders), so the gene order cannot help or hurt."""
+    kth = np.partition(-s, k - 1)[k - 1]  # minus the k-th highest score
+    above = -s < kth
+    tied = -s == kth
+    n_above = int(above.sum())
+    return float((y[above].sum() + (k - n_above) * y[tied].mean()) / k)
 
 
 def pr_curve(scores: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
