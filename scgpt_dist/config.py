@@ -23,6 +23,23 @@ from data_ingest.tokenize import TokenizerConfig
 
 
 @dataclass
+class ReplayConfig:
+    """Continued pretraining on new data plus a replay sample of the old (set by `jobs.repretrain`)."""
+
+    new_datasets: list[str] | None = None
+    """Values of `source.batch_key` (dataset ids) that are new: all their training cells are used. None
+    trains on every selected cell (no replay selection)."""
+    fraction: float = 0.25
+    """Share of the other (old) training cells mixed in, chosen by a hash of soma_joinid (stable)."""
+    seed: int = 1
+    """Seed of the replay hash (independent of the holdout split)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ValueError(f"data.replay.fraction={self.fraction}; choose a share in [0, 1]")
+
+
+@dataclass
 class DataConfig:
     """Cells, tokenization and the stream that feeds training."""
 
@@ -36,6 +53,8 @@ class DataConfig:
     """Synthetic cells added to the demo experiment next to pbmc68k_reduced."""
     stream: StreamConfig = field(default_factory=StreamConfig)
     """Per-rank streaming: global chunk shuffle, I/O buffer, prefetch, read-task CPUs (exact resume)."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """New data + a replay sample of old data (re-pretraining)."""
 
 
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
@@ -179,6 +198,9 @@ class TrainConfig:
     """Ray placement of the workers: PACK (fill a node first) or SPREAD (one per node where possible)."""
     peak_tflops_per_worker: float | None = None
     """Accelerator peak (e.g. 989 for an H100 in bf16) for the MFU estimate; None logs no MFU."""
+    init_from: str | None = None
+    """Consolidated model directory (`model.safetensors`, same config and vocabulary) whose weights start a
+    fresh run (warm start, e.g. `jobs.repretrain`); ignored when the run resumes from its own checkpoint."""
 
     def resolved_grad_accum(self) -> int:
         """Micro-batches accumulated per optimizer step for this worker count."""
@@ -213,6 +235,54 @@ class RayConfig:
 
 
 @dataclass
+class GateConfig:
+    """When a re-pretrained candidate may replace the promoted model (`jobs.repretrain`). Both models are
+    evaluated on the same fixed held-out cells (tokenized with the promoted model's vocabulary)."""
+
+    max_old_loss_ratio: float = 1.05
+    """Candidate held-out GEP MSE on old data <= promoted model's x this (bounded forgetting)."""
+    max_new_loss_ratio: float = 1.0
+    """Candidate held-out GEP MSE on new data <= promoted model's x this."""
+    max_knn_drop: float = 0.05
+    """Candidate zero-shot kNN cell-type accuracy >= promoted model's - this."""
+    eval_cells: int = 2000
+    """Held-out cells evaluated per part (old, new): the first ones by soma_joinid, so the set is fixed."""
+    mask_ratio: float = 0.4
+    """GEP mask ratio of the evaluation."""
+    knn_k: int = 10
+    """Neighbours of the kNN classifier."""
+    seed: int = 0
+    """Seed of the evaluation masks and folds."""
+
+
+DATA_VERSION_SOURCES = ("ingest_log", "census")
+
+
+@dataclass
+class RepretrainConfig:
+    """Scheduled re-pretraining (`python -m jobs.repretrain`): what counts as new data, where the promoted
+    model is, how the warm start and the gate work."""
+
+    data_versions: str = "ingest_log"
+    """`ingest_log`: versions of a local experiment are its ingest log (data_ingest.ingest); `census`: the
+    CELLxGENE Census release directory (the newest release is pinned into data.source.census_version)."""
+    census_lts_only: bool = True
+    """With `census`: follow long-term-stable releases only (weekly builds otherwise)."""
+    alias: str = "champion"
+    """Registry alias of the promoted version of `mlflow.registered_model`."""
+    new_gene_noise: float = 0.1
+    """New gene embedding rows = mean of the existing gene rows + Gaussian noise of this many times their
+    standard deviation."""
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self) -> None:
+        if self.data_versions not in DATA_VERSION_SOURCES:
+            raise ValueError(
+                f"repretrain.data_versions={self.data_versions!r}; choose one of {DATA_VERSION_SOURCES}"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "scgpt"
     output_dir: str = "outputs/run"
@@ -223,6 +293,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    repretrain: RepretrainConfig = field(default_factory=RepretrainConfig)
 
     def __post_init__(self) -> None:
         if self.model.n_bins != self.data.tokenizer.n_bins:

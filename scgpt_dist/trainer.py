@@ -109,6 +109,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
             state.load_state_dict(module.load(str(resume))["train_state"])
             replay = _meta(resume).get("pending_metrics", [])
             log.info("rank %d resumed from %s at step %d", rank, resume, state.step)
+        elif cfg.train.init_from:
+            from scgpt_dist.warmstart import load_into_engine
+
+            load_into_engine(module.engine, cfg.train.init_from)  # a collective under ZeRO-3
+            log.info("rank %d warm-started from %s", rank, cfg.train.init_from)
 
     mlflow_cb = monitor = None
     if rank == 0:
@@ -346,6 +351,11 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     source = SomaCellSource(cfg.data.source)
     vocab = resolve_vocab(cfg, source, resume_from)
     resolved = source.resolve(vocab, TRAIN)
+    replay_counts = None
+    if cfg.data.replay.new_datasets is not None:  # re-pretraining: new cells + a replay sample
+        from scgpt_dist.warmstart import replay_selection
+
+        resolved, replay_counts = replay_selection(resolved, cfg.data.replay)
     if cfg.model.use_batch_labels and cfg.model.n_batches == 0:
         cfg.model.n_batches = len(resolved.batch_categories)
     data_info = {
@@ -356,6 +366,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         "batch_categories": resolved.batch_categories,
         "label_categories": resolved.label_categories,
     }
+    if replay_counts is not None:
+        data_info["replay"] = replay_counts
 
     init_ray(cfg)
     uri = tracking_uri(cfg.mlflow.tracking_uri, out)
