@@ -8,7 +8,7 @@ def test_hand_computed_example():
     # Non-zero values 1..5 with n_bins=5: edges are quantiles at 0, 1/3, 2/3, 1 -> [1, 2.33, 3.67, 5].
     # 1 and 5 sit on edges (bins 1 and 4 whatever the tie-break); 2 -> 1, 3 -> 2, 4 -> 3; zeros stay 0.
     row = np.array([0, 3, 1, 0, 5, 2, 4], dtype=float)
-    out = bin_cell(row, n_bins=5, rng=np.random.default_rng(0))
+    out = bin_cell(row, n_bins=5, draws=np.random.default_rng(0))
     assert out.tolist() == [0, 2, 1, 0, 4, 1, 3]
 
 
@@ -47,3 +47,14 @@ def test_all_zero_and_negative():
     assert bin_cell(np.zeros(4), 51, np.random.default_rng(0)).tolist() == [0, 0, 0, 0]
     with pytest.raises(ValueError, match="non-negative"):
         bin_cell(np.array([1.0, -1.0]), 51, np.random.default_rng(0))
+
+
+def test_given_draws_break_ties():
+    # Values [1, 2, 2, 2, 3], n_bins=5: edges [1, 2, 2, 3]. A 2 has 3 edges <= it and 1 edge < it, so it
+    # goes to ceil(3 - 2u): bin 3 for u < 0.5, bin 2 from u = 0.5 on. The ends are fixed: 1 -> 1, 3 -> 4.
+    row = np.array([1.0, 2.0, 2.0, 2.0, 3.0])
+    out = bin_cell(row, 5, np.array([0.0, 0.1, 0.5, 0.9, 0.0]))
+    assert out.tolist() == [1, 3, 2, 2, 4]
+    assert bin_cell(row, 5, np.full(5, 0.49)).tolist() == [1, 3, 3, 3, 4]
+    with pytest.raises(ValueError, match="one per value"):
+        bin_cell(row, 5, np.zeros(2))

@@ -3,7 +3,7 @@ import scipy.sparse as sp
 
 from data_ingest import keys
 from data_ingest.binning import bin_nonzero
-from data_ingest.tokenize import TokenizerConfig, TokenizeStats, tokenize_csr
+from data_ingest.tokenize import TokenizerConfig, TokenizeStats, tie_uniforms, tokenize_csr
 from data_ingest.vocab import GeneVocab
 
 
@@ -33,7 +33,9 @@ def test_round_trip_genes_and_values():
         row = X[i].toarray().ravel()
         # Exactly the expressed genes, in column order, with the bins binning gives for this cell's seed.
         assert names == [genes[j] for j in np.flatnonzero(row)]
-        expected = bin_nonzero(row[row > 0], 11, np.random.default_rng([7, 100 + i]))
+        tok = vocab.lookup([genes[j] for j in np.flatnonzero(row)])
+        u = tie_uniforms(7, np.full(len(tok), 100 + i), tok)
+        expected = bin_nonzero(row[row > 0], 11, u)
         assert rec[keys.VALUES][1:] == expected.tolist()
         assert rec[keys.CELL_ID] == 100 + i
 

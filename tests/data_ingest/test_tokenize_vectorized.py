@@ -63,6 +63,17 @@ def test_matches_reference(kind, cfg):
     assert s1 == s2
 
 
+def test_matches_reference_on_large_cells():
+    # ~1500 genes per cell, 600 kept: many keys share a sub-sampling histogram bucket.
+    X, tokens = _data(11, n=12, g=3000)
+    cfg = TokenizerConfig(max_seq_len=600, seed=6)
+    ids = np.arange(X.shape[0]) + 5
+    fast = tokenize_csr(X.indptr, X.indices, X.data, ids, tokens, cfg, 1)
+    ref = tokenize_csr_reference(X.indptr, X.indices, X.data, ids, tokens, cfg, 1)
+    assert fast.equals(ref)
+    assert max(len(g) for g in fast["genes"].to_pylist()) == 600
+
+
 def test_non_float32_values_use_the_reference():
     X, tokens = _data(9, kind="counts")
     X.data = X.data + 1e-9  # not representable in float32
