@@ -4,7 +4,14 @@ import pytest
 
 from scgpt_dist.config import ConfigError, ExperimentConfig, dump_config, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml"))
+# Job presets with their own schema (sweeps, scale ablations) are loaded by tests/jobs/test_sweep.py and
+# tests/jobs/test_scale_ablation.py; every other YAML here is an experiment config.
+JOB_PRESET_PREFIXES = ("sweep_", "scale_ablation_")
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")
+    if not p.name.startswith(JOB_PRESET_PREFIXES)
+)
 
 
 def test_configs_exist():
