@@ -298,12 +298,13 @@ class PerturbationScreen:
     def sample(self, pert: Perturbation | None, n: int, rng: np.random.Generator) -> sp.csr_matrix:
         """Counts of `n` cells (CSR, float32) under `pert` (None = control), in blocks of `block_cells`."""
         census, info = self.truth.cfg, self.truth.datasets[self.dataset]
+        # Per-cell draws first, then the counts block by block: the same cells whatever block_cells is.
+        lib = rng.lognormal(np.log(census.mean_library_size), 0.5, n) * info["library_scale"]
+        act = rng.gamma(2.0, 0.5, (n, census.modules_per_type))  # module activity, mean 1
         blocks = []
         for start in range(0, n, self.cfg.block_cells):
-            m = min(self.cfg.block_cells, n - start)
-            lib = rng.lognormal(np.log(census.mean_library_size), 0.5, m) * info["library_scale"]
-            act = rng.gamma(2.0, 0.5, (m, census.modules_per_type))  # module activity, mean 1
-            _, rate = self.rates(pert, lib, act)
+            sl = slice(start, start + self.cfg.block_cells)
+            _, rate = self.rates(pert, lib[sl], act[sl])
             blocks.append(sp.csr_matrix(rng.poisson(rate).astype(np.float32)))
             del rate
         return sp.vstack(blocks, format="csr")
