@@ -1,11 +1,13 @@
 """jobs.repretrain end to end on a local SOMA experiment, with real Ray Train + DeepSpeed, TileDB-SOMA and
-MLflow (sqlite): first version -> promote; a dataset with new genes is ingested -> re-pretrain (interrupted
-once, then resumed) -> promoted with a larger vocabulary; run again -> up to date; another dataset with a gate
-that cannot pass -> not promoted; the same candidate re-decided with the normal gate -> promoted without
-retraining; rollback -> hold."""
+MLflow (sqlite): first version -> promoted; a dataset with new genes is ingested -> re-pretraining is
+interrupted, resumed under a gate that cannot pass -> not promoted; run again with the normal gate -> the same
+candidate (not retrained) is promoted with a larger vocabulary; run again -> up to date; rollback -> hold.
+Three training runs in all (first version, interrupted, resumed)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -24,7 +26,6 @@ from tests.conftest import TINY_CONFIG
 MODEL = "scgpt-repretrain-test"
 GENES = [f"G{i:04d}" for i in range(200)]
 NEW_A = [f"NEWA{i:02d}" for i in range(20)]
-NEW_B = [f"NEWB{i:02d}" for i in range(10)]
 
 
 def _counts(n_cells: int, genes: list[str], seed: int, n_batches: int = 1):
@@ -70,8 +71,16 @@ def scenario(ray_local, tmp_path_factory):
     out["v1"] = run()
     ingest("new_a", GENES[:150] + NEW_A, seed=1)
     out["interrupted"] = run("train.stop_after_steps=2")
+    # Resumed from the CLI, as a scheduler runs it, under a gate that cannot pass.
+    client = out["client"] = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    printed = io.StringIO()
+    impossible = "repretrain.gate.max_new_loss_ratio=0.0"
+    with contextlib.redirect_stdout(printed):
+        out["rejected_code"] = job.main(["--config", str(TINY_CONFIG), *overrides, impossible])
+    out["rejected_stdout"] = printed.getvalue()
+    out["champion_after_reject"] = str(_champion(client).version)
+    out["versions_after_reject"] = len(client.search_model_versions(f"name = '{MODEL}'"))
     out["v2"] = run()
-    out["client"] = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     return out
 
 
@@ -97,12 +106,18 @@ def test_new_dataset_is_warm_started_replayed_gated_and_promoted(scenario):
     from scgpt_dist.warmstart import GENE_EMBEDDING
 
     interrupted, v2 = scenario["interrupted"], scenario["v2"]
-    assert interrupted.code == job.EXIT_FAILED and "run again" in interrupted.message
-    assert interrupted.state.step == job.PLANNED
     assert v2.code == job.EXIT_OK, v2.message
-    assert v2.run_dir == interrupted.run_dir  # the second run resumed the first
+    assert v2.run_dir == interrupted.run_dir  # every run continued the same attempt
     steps = [s for s, _ in v2.state.history]
-    assert steps == [job.PLANNED, job.TRAINED, job.EVALUATED, job.REGISTERED, job.PROMOTED]
+    # Trained once (resumed after the interruption), rejected, then re-decided and promoted.
+    assert steps == [
+        job.PLANNED,
+        job.TRAINED,
+        job.EVALUATED,
+        job.REJECTED,
+        job.REGISTERED,
+        job.PROMOTED,
+    ]
     assert v2.state.base_version == "1" and v2.state.new_datasets == ["new_a"]
     client = scenario["client"]
     champion = _champion(client)
@@ -155,24 +170,23 @@ def test_second_run_is_a_noop(scenario, capsys):
     assert sorted(p.name for p in (scenario["root"] / "out" / job.RUNS_DIR).iterdir()) == runs
 
 
-def test_gate_failure_keeps_the_promoted_model_then_redecides_without_retraining(scenario, capsys):
-    client = scenario["client"]
-    path = scenario["root"] / "new_b.h5ad"
-    _counts(120, GENES[50:] + NEW_B, seed=2).write_h5ad(path)
-    ingest_h5ads(scenario["soma"], [path], layer="raw")
-    impossible = ["repretrain.gate.max_new_loss_ratio=0.0"]
-    code = job.main(["--config", str(TINY_CONFIG), *scenario["overrides"], *impossible])
-    assert code == job.EXIT_GATE_FAILED
-    out = capsys.readouterr().out
-    assert "not promoted" in out and "FAIL: new-data GEP MSE" in out
-    assert str(_champion(client).version) == "2"
-    assert len(client.search_model_versions(f"name = '{MODEL}'")) == 2  # nothing half-registered
-    # The next run (normal gate) reuses the trained and evaluated candidate: no second training.
-    again = job.repretrain(load_config(TINY_CONFIG, scenario["overrides"]))
-    assert again.code == job.EXIT_OK, again.message
-    steps = [s for s, _ in again.state.history]
-    assert steps.count(job.TRAINED) == 1 and steps[-1] == job.PROMOTED and job.REJECTED in steps
-    assert str(_champion(client).version) == "3"
+def test_interrupted_run_resumes_and_a_failed_gate_keeps_the_promoted_model(scenario):
+    from scgpt_dist.checkpoint import find_latest_checkpoint
+
+    interrupted = scenario["interrupted"]
+    assert interrupted.code == job.EXIT_FAILED and "run again" in interrupted.message
+    assert interrupted.state.step == job.PLANNED
+    assert find_latest_checkpoint(interrupted.run_dir / job.TRAIN_DIR).name == "step_00000002"
+    assert scenario["rejected_code"] == job.EXIT_GATE_FAILED
+    printed = scenario["rejected_stdout"]
+    assert "not promoted" in printed and "stays at version 1" in printed
+    assert "FAIL: new-data GEP MSE" in printed
+    assert scenario["champion_after_reject"] == "1"
+    assert scenario["versions_after_reject"] == 1  # nothing registered, nothing half-registered
+    run = scenario["client"].get_run(scenario["v2"].state.run_id)
+    assert run.data.tags["resumed_from"].endswith(
+        "step_00000002"
+    )  # training resumed, not restarted
 
 
 def test_registration_and_promotion_are_idempotent(scenario):
