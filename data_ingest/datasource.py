@@ -20,6 +20,9 @@ from data_ingest import keys
 from data_ingest.source import ResolvedSource, open_experiment
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig, TokenizeStats, tokenize_csr
 
+IO_CELLS = 2048
+"""Cells per X read query inside a read task: bounds the raw (COO) data held at once, whatever the task size."""
+
 
 def read_token_table(
     src: ResolvedSource,
@@ -27,40 +30,56 @@ def read_token_table(
     tok: TokenizerConfig,
     cls_id: int,
     stats: TokenizeStats | None = None,
+    io_cells: int = IO_CELLS,
 ) -> pa.Table:
-    """Read and tokenize the cells `joinids` (sorted) of `src`."""
+    """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time."""
     joinids = np.asarray(joinids, dtype=np.int64)
+    parts = []
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
         obs = exp.obs.read(coords=(joinids,), column_names=obs_cols).concat().to_pandas()
-        X = exp.ms[src.measurement].X[src.layer]
-        coo = X.read(coords=(joinids,)).tables().concat()
-    obs = obs.set_index(keys.SOMA_JOINID).reindex(joinids)
-    rows = np.searchsorted(joinids, coo["soma_dim_0"].to_numpy())
-    cols = coo["soma_dim_1"].to_numpy()
-    vals = coo["soma_data"].to_numpy()
-    order = np.argsort(rows, kind="stable")
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    indptr = np.zeros(len(joinids) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(joinids)), out=indptr[1:])
-    batch = pd.Categorical(obs[src.batch_key].astype(str), categories=src.batch_categories).codes
-    labels = None
-    if src.label_key:
-        labels = pd.Categorical(
-            obs[src.label_key].astype(str), categories=src.label_categories
+        obs = obs.set_index(keys.SOMA_JOINID).reindex(joinids)
+        batch = pd.Categorical(
+            obs[src.batch_key].astype(str), categories=src.batch_categories
         ).codes
-    return tokenize_csr(
-        indptr,
-        cols,
-        vals,
-        joinids,
-        src.feature_tokens,
-        tok,
-        cls_id,
-        batch=batch,
-        labels=labels,
-        stats=stats,
-    )
+        labels = None
+        if src.label_key:
+            labels = pd.Categorical(
+                obs[src.label_key].astype(str), categories=src.label_categories
+            ).codes
+        X = exp.ms[src.measurement].X[src.layer]
+        for lo in range(0, len(joinids), io_cells):
+            ids = joinids[lo : lo + io_cells]
+            coo = X.read(coords=(ids,)).tables().concat()
+            indptr, cols, vals = _coo_to_csr(ids, coo)
+            parts.append(
+                tokenize_csr(
+                    indptr,
+                    cols,
+                    vals,
+                    ids,
+                    src.feature_tokens,
+                    tok,
+                    cls_id,
+                    batch=batch[lo : lo + io_cells],
+                    labels=None if labels is None else labels[lo : lo + io_cells],
+                    stats=stats,
+                )
+            )
+    if not parts:
+        return RECORD_SCHEMA.empty_table()
+    return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+
+
+def _coo_to_csr(ids: np.ndarray, coo: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR (indptr, columns, values) over the rows `ids` (sorted) of a SOMA X read in any order."""
+    rows = np.searchsorted(ids, coo["soma_dim_0"].to_numpy())
+    # A stable sort of 16-bit keys is a radix sort: linear in the number of entries.
+    small = rows.astype(np.uint16) if len(ids) <= 1 << 16 else rows
+    order = np.argsort(small, kind="stable")
+    indptr = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=len(ids)), out=indptr[1:])
+    return indptr, coo["soma_dim_1"].to_numpy()[order], coo["soma_data"].to_numpy()[order]
 
 
 class SomaTokenDatasource(Datasource):

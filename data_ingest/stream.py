@@ -18,19 +18,22 @@ resuming at batch `k` reads only from the buffer holding position `k*B` onwards 
 an uninterrupted iteration yields after its first `k`.
 
 Read tasks tokenize (binning, gene selection); the training worker only concatenates and slices Arrow tables.
-At most `prefetch` read tasks run ahead of the consumer.
+At most `prefetch` read tasks run ahead of the consumer. With `token_cache.dir` set, read tasks take token
+records from a Parquet cache (`data_ingest.cache`), building its shards on first use: same batches, and
+later epochs skip X reads and tokenization.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_ingest.cache import CacheEntry, TokenCacheConfig
 from data_ingest.datasource import read_token_table
 from data_ingest.source import ResolvedSource
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
@@ -54,6 +57,8 @@ class StreamConfig:
     """Read tasks running ahead of the consumer (bounds memory: about prefetch x buffer_size records)."""
     read_task_cpus: float = 0.5
     """Logical CPUs reserved by each read task."""
+    token_cache: TokenCacheConfig = field(default_factory=TokenCacheConfig)
+    """Parquet cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1 or self.buffer_size < 1 or self.prefetch < 1:
@@ -131,12 +136,20 @@ def rank_order(
 
 
 def _read_positions(
-    src: ResolvedSource, ids: np.ndarray, positions: np.ndarray, tok: TokenizerConfig, cls_id: int
+    src: ResolvedSource,
+    ids: np.ndarray,
+    positions: np.ndarray,
+    tok: TokenizerConfig,
+    cls_id: int,
+    cache: CacheEntry | None = None,
 ) -> pa.Table:
     """Token records for the cells `ids` (at `positions` of the rank order), in position order, with
     `POS_COLUMN`."""
     sorted_ids = np.sort(ids)
-    table = read_token_table(src, sorted_ids, tok, cls_id)
+    if cache is not None:
+        table = cache.read(src, sorted_ids, tok, cls_id)
+    else:
+        table = read_token_table(src, sorted_ids, tok, cls_id)
     got = table.column("cell_id").to_numpy()
     # Map each yielded record back to its position; a cell id appears once in an epoch.
     where = np.searchsorted(sorted_ids, got)
@@ -183,6 +196,9 @@ def rank_dataset(
         )
     first = start_batch * batch_size
     src = dataclasses.replace(resolved, joinids=np.zeros(0, dtype=np.int64))
+    cache = None
+    if cfg.token_cache.dir is not None:
+        cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
     schema = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64()))
     tasks: list[tuple[int, int]] = []
     for lo in range(0, len(order), cfg.buffer_size):
@@ -200,7 +216,7 @@ def rank_dataset(
                 ids = order[lo:hi].copy()
 
                 def read() -> Iterator[pa.Table]:
-                    yield _read_positions(src, ids, positions, tok, cls_id)
+                    yield _read_positions(src, ids, positions, tok, cls_id, cache)
 
                 meta = BlockMetadata(
                     num_rows=None,

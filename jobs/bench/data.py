@@ -191,6 +191,117 @@ def ideal_distinct(exp_uri: str, n_cells: int, batch_size: int, seed: int = 0) -
     return _distinct(list(labels[perm[:n]].reshape(-1, batch_size)))
 
 
+def _suffix(col, suffix: str):
+    """String column `col` with `suffix` appended, in the column's own string type."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pc.binary_join_element_wise(col, pa.scalar(suffix, col.type), pa.scalar("", col.type))
+
+
+def tile_census(src: str | Path, out: str | Path, copies: int, block_cells: int = 8192) -> Path:
+    """Write `copies` back-to-back copies of the census collection `src` as a new census at `out`.
+
+    For loader benchmarks at sizes the synthetic generator cannot reach in the time at hand: the copy has the
+    same sparsity, value distribution and X write pattern (one fragment per `block_cells` rows), rows
+    grouped by dataset, and `copies` times as many datasets (copy k's dataset ids get the suffix `~k`).
+    Cells repeat, so it is not for model training or evaluation.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import tiledbsoma
+
+    from data_ingest.atomic import atomic_directory
+
+    src, out = str(src), Path(out)
+    with tiledbsoma.Collection.open(src) as census:
+        organism = next(iter(census[keys.CENSUS_DATA].keys()))
+        exp = census[keys.CENSUS_DATA][organism]
+        n = int(exp.obs.count)
+        X_src = exp.ms[keys.MEASUREMENT_RNA].X[keys.RAW_LAYER]
+        n_genes = int(X_src.shape[1])
+        var = exp.ms[keys.MEASUREMENT_RNA].var.read().concat()
+        summary = census[keys.CENSUS_INFO][keys.CENSUS_SUMMARY].read().concat()
+        datasets = census[keys.CENSUS_INFO][keys.CENSUS_DATASETS].read().concat()
+        obs_schema = exp.obs.schema
+        with atomic_directory(out, create=False) as tmp:
+            with tiledbsoma.Collection.create(str(tmp)) as dst:
+                info = dst.add_new_collection(keys.CENSUS_INFO)
+                data = dst.add_new_collection(keys.CENSUS_DATA)
+                dexp = data.add_new_collection(organism, tiledbsoma.Experiment)
+                obs = dexp.add_new_dataframe("obs", schema=obs_schema, domain=[(0, n * copies - 1)])
+                rna = dexp.add_new_collection("ms").add_new_collection(
+                    keys.MEASUREMENT_RNA, tiledbsoma.Measurement
+                )
+                X = rna.add_new_collection("X").add_new_sparse_ndarray(
+                    keys.RAW_LAYER, type=pa.float32(), shape=(n * copies, n_genes)
+                )
+                rna.add_new_dataframe("var", schema=var.schema, domain=[(0, len(var) - 1)]).write(
+                    var
+                )
+                for k in range(copies):
+                    for lo in range(0, n, block_cells):
+                        hi = min(lo + block_cells, n) - 1
+                        shift = k * n
+                        xt = X_src.read(coords=(slice(lo, hi),)).tables().concat()
+                        X.write(
+                            xt.set_column(
+                                0, "soma_dim_0", pc.add(xt["soma_dim_0"], pa.scalar(shift))
+                            )
+                        )
+                        ot = exp.obs.read(coords=(slice(lo, hi),)).concat()
+                        ot = ot.set_column(
+                            ot.schema.get_field_index(keys.SOMA_JOINID),
+                            keys.SOMA_JOINID,
+                            pc.add(ot[keys.SOMA_JOINID], pa.scalar(shift)),
+                        )
+                        for col in (keys.OBS_DATASET, keys.OBS_ID):
+                            if col in ot.schema.names:
+                                i = ot.schema.get_field_index(col)
+                                ot = ot.set_column(
+                                    i,
+                                    ot.schema.field(i),
+                                    _suffix(ot[col], f"~{k}"),
+                                )
+                        obs.write(ot)
+                    print(f"tiled copy {k + 1}/{copies} of {src}", flush=True)
+                summary = summary.set_column(
+                    summary.schema.get_field_index("value"),
+                    "value",
+                    pa.array(
+                        [
+                            str(n * copies) if lab == "total_cell_count" else v
+                            for lab, v in zip(
+                                summary["label"].to_pylist(),
+                                summary["value"].to_pylist(),
+                                strict=True,
+                            )
+                        ]
+                    ),
+                )
+                info.add_new_dataframe(
+                    keys.CENSUS_SUMMARY, schema=summary.schema, domain=[(0, len(summary) - 1)]
+                ).write(summary)
+                dsets = pa.concat_tables(
+                    [
+                        datasets.set_column(
+                            datasets.schema.get_field_index(keys.SOMA_JOINID),
+                            keys.SOMA_JOINID,
+                            pc.add(datasets[keys.SOMA_JOINID], pa.scalar(k * len(datasets))),
+                        ).set_column(
+                            datasets.schema.get_field_index(keys.OBS_DATASET),
+                            datasets.schema.field(keys.OBS_DATASET),
+                            _suffix(datasets[keys.OBS_DATASET], f"~{k}"),
+                        )
+                        for k in range(copies)
+                    ]
+                )
+                info.add_new_dataframe(
+                    keys.CENSUS_DATASETS, schema=dsets.schema, domain=[(0, len(dsets) - 1)]
+                ).write(dsets)
+    return out
+
+
 def _worker(a: argparse.Namespace) -> int:
     with PeakRss() as rss:
         if a.worker == "raw":
@@ -214,6 +325,12 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument("--genes", type=int, default=20_000)
     p.add_argument("--organism", default=keys.DEFAULT_ORGANISM)
+    p.add_argument(
+        "--tile-from",
+        default=None,
+        help="build a new --census as back-to-back copies of this census (see tile_census)",
+    )
+    p.add_argument("--copies", type=int, default=10, help="copies for --tile-from")
     p.add_argument("--cells-read", type=int, default=0, help="cells each reader reads (0 = all)")
     p.add_argument(
         "--max-batches", type=int, default=0, help="stop shuffled readers after this many"
@@ -232,7 +349,10 @@ def main(argv: list[str]) -> int:
     from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
 
     census = Path(a.census)
-    if not census.exists():
+    if not census.exists() and a.tile_from:
+        print(f"writing {a.copies} copies of {a.tile_from} to {census}")
+        tile_census(a.tile_from, census, a.copies)
+    elif not census.exists():
         print(f"writing a synthetic census of {a.cells} cells x {a.genes} genes to {census}")
         write_synthetic_census(census, CensusSynthConfig(n_cells=a.cells, n_genes=a.genes))
     exp = experiment_uri(census.resolve(), a.organism)
