@@ -127,6 +127,14 @@ def log_normalize(X, genes_idx: np.ndarray | None = None, target_sum: float = 1e
 # ----------------------------------------------------------------------------------------------- scores
 
 
+def expression_level_scores(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
+    """Null control (G, G): m_a + m_b, m = a gene's mean log-normalized expression. It knows no gene pairs, only
+    how well expressed each gene is; a score that does no better than this has learned no network."""
+    idx = adata.var_names.get_indexer(genes)
+    m = log_normalize(adata.X, idx).mean(0)  # (G,)
+    return m[:, None] + m[None, :]
+
+
 def correlation_scores(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
     """Pearson correlation (G, G) of log-normalized expression across the cells of `adata`; 0 for genes
     without variance."""
@@ -163,7 +171,9 @@ def cosine_similarity(emb: np.ndarray) -> np.ndarray:
 def _rank_rows(scores: torch.Tensor) -> torch.Tensor:
     """Ranks along the last dimension scaled to [0, 1] (ties broken by position)."""
     n = scores.shape[-1]
-    ranks = scores.argsort(-1).argsort(-1).to(torch.float32)
+    order = scores.argsort(-1)  # (..., n)
+    steps = torch.arange(n, dtype=torch.float32).expand(order.shape)  # (..., n)
+    ranks = torch.empty(order.shape, dtype=torch.float32).scatter_(-1, order, steps)
     return ranks / max(n - 1, 1)
 
 

@@ -33,11 +33,13 @@ EMBEDDING = "scgpt_embedding"
 ATTENTION = "scgpt_attention"
 CORR_CELLTYPE = "pearson_celltype"
 CORR_ALL = "pearson_allcells"
+NULL = "expression_null"
 METHOD_LABELS = {
     EMBEDDING: "scGPT gene embedding (cosine)",
     ATTENTION: "scGPT attention",
     CORR_CELLTYPE: "Pearson, cell-type cells (baseline)",
     CORR_ALL: "Pearson, all cells (baseline)",
+    NULL: "mean expression a + b (null control)",
 }
 SCOPE_ALL = "all"
 SCOPE_ACTIVE = "active"
@@ -136,6 +138,7 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
         coverage = float((seen[off] > 0).mean())
     scores[CORR_CELLTYPE] = grn.correlation_scores(cells, genes)
     scores[CORR_ALL] = grn.correlation_scores(adata, genes)
+    scores[NULL] = grn.expression_level_scores(cells, genes)
 
     scopes = {SCOPE_ALL: None, SCOPE_ACTIVE: cell_type}
     truths = {s: truth.edge_matrix(genes, ct) for s, ct in scopes.items()}
@@ -305,7 +308,7 @@ def _heatmap_figure(rep, scores, labels, cell_type) -> None:
     active = set(labels.get(SCOPE_ACTIVE, np.array([-1])).tolist()) - {-1}
     genes_in = np.flatnonzero(mods >= 0)
     order = genes_in[np.lexsort((mods[genes_in], [m not in active for m in mods[genes_in]]))]
-    methods = list(scores)
+    methods = [m for m in scores if m != NULL]
     fig = rep.figure("grn_heatmaps", width=4.2 * len(methods), height=4.2)
     for i, method in enumerate(methods, 1):
         ax = fig.add_subplot(1, len(methods), i)

@@ -53,7 +53,8 @@ def test_grn_task_scores_against_the_planted_network(setup, ray_local, tmp_path)
 
     tables = results["tables"]
     summary = tables["Edge recovery and gene programs vs the planted network"]
-    assert len(summary) == 8  # 4 methods x 2 truth sets
+    assert len(summary) == 10  # 4 methods + the null control, x 2 truth sets
+    assert m["expression_null_active_auprc_ratio"] < m["pearson_celltype_active_auprc_ratio"] / 10
     assert {r["method"] for r in summary} >= {"scGPT attention", "Pearson, all cells (baseline)"}
     top = next(rows for title, rows in tables.items() if title.startswith("Top edges"))
     assert len(top) == 3 * 5 and {r["planted"] for r in top} <= {"yes", "no"}

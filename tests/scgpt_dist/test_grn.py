@@ -188,6 +188,12 @@ def test_leiden_programs_recover_blocks_deterministically():
     assert len(np.unique(a)) == 6
 
 
+def test_rank_rows_matches_double_argsort():
+    x = torch.randn(3, 7, 7, generator=torch.Generator().manual_seed(0))
+    expected = x.argsort(-1).argsort(-1).float() / 6
+    torch.testing.assert_close(grn._rank_rows(x), expected)
+
+
 def test_top_edges_lists_highest_pairs_with_truth():
     s = np.zeros((4, 4))
     s[0, 2] = s[2, 0] = 0.9
@@ -258,6 +264,10 @@ def test_correlation_baseline_recovers_active_modules(cells, truth):
     # Modules inactive in this cell type do not co-vary in its cells: far weaker on all planted edges.
     overall = grn.evaluate_edges(corr, truth.edge_matrix(genes))
     assert overall.auprc < active.auprc
+
+    # The expression-level null control knows no pairs.
+    null = grn.evaluate_edges(grn.expression_level_scores(sub, genes), truth.edge_matrix(genes, ct))
+    assert null.auprc < active.auprc / 10
 
     # Against numpy's own Pearson on the log-normalized values.
     Y = grn.log_normalize(sub.X)[:, sub.var_names.get_indexer(genes[:20])]
