@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 
+from data_ingest import keys
 from jobs.finetune.common import TaskContext, load_cells
 from scgpt_dist import grn
 
@@ -26,8 +27,8 @@ DESCRIPTION = (
     "vs expression correlation, evaluated against a synthetic census's planted network"
 )
 
-CELL_TYPE_COLUMN = "cell_type"
-"""obs column holding the cell state (data_ingest.keys.OBS_CELL_TYPE; pbmc68k's labels are copied into it)."""
+CELL_TYPE_COLUMN = keys.OBS_CELL_TYPE
+"""obs column holding the cell state (`load_cells` copies pbmc68k's labels into it too)."""
 
 EMBEDDING = "scgpt_embedding"
 ATTENTION = "scgpt_attention"
@@ -146,7 +147,7 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
     scopes = {s: ct for s, ct in scopes.items() if truths[s].any()}
     if not scopes:
         raise ValueError(
-            f"none of the {len(genes)} genes pairs up in a planted edge of {truth_path}; check that the "
+            f"no two of the {len(genes)} genes form a planted edge of {truth_path}; check that the "
             "ground truth belongs to --data, or lower --min-detection"
         )
 
