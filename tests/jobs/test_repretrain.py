@@ -20,6 +20,7 @@ from data_ingest.soma_store import to_census_layout, write_experiment
 from data_ingest.synth import SynthConfig, make_synthetic
 from jobs import repretrain as job
 from scgpt_dist import registry
+from scgpt_dist.checkpoint import find_latest_checkpoint
 from scgpt_dist.config import load_config
 from tests.conftest import TINY_CONFIG
 
@@ -71,6 +72,8 @@ def scenario(ray_local, tmp_path_factory):
     out["v1"] = run()
     ingest("new_a", GENES[:150] + NEW_A, seed=1)
     out["interrupted"] = run("train.stop_after_steps=2")
+    latest = find_latest_checkpoint(out["interrupted"].run_dir / job.TRAIN_DIR)
+    out["checkpoint_after_interrupt"] = None if latest is None else latest.name
     # Resumed from the CLI, as a scheduler runs it, under a gate that cannot pass.
     client = out["client"] = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     printed = io.StringIO()
@@ -171,12 +174,10 @@ def test_second_run_is_a_noop(scenario, capsys):
 
 
 def test_interrupted_run_resumes_and_a_failed_gate_keeps_the_promoted_model(scenario):
-    from scgpt_dist.checkpoint import find_latest_checkpoint
-
     interrupted = scenario["interrupted"]
     assert interrupted.code == job.EXIT_FAILED and "run again" in interrupted.message
     assert interrupted.state.step == job.PLANNED
-    assert find_latest_checkpoint(interrupted.run_dir / job.TRAIN_DIR).name == "step_00000002"
+    assert scenario["checkpoint_after_interrupt"] == "step_00000002"
     assert scenario["rejected_code"] == job.EXIT_GATE_FAILED
     printed = scenario["rejected_stdout"]
     assert "not promoted" in printed and "stays at version 1" in printed
