@@ -389,20 +389,18 @@ def repretrain(cfg) -> Outcome:
     else:
         log.info("resuming %s at step %s", run_dir, state.step)
 
+    # Training and evaluation need the promoted model and the data's batch categories; later steps do not.
     promoted = None
-    if champion is not None:
-        promoted_dir = registry.download_model(champion, run_dir / PROMOTED_DIR, uri)
-        promoted = load_consolidated(promoted_dir)
-    source_cfg = copy.deepcopy(cfg.data.source)
-    if target.census_version:
-        source_cfg.census_version = target.census_version
-    vocab_for_cats = None if promoted is None else promoted.vocab
-    n_batches = 0
     batch_categories: list[str] = []
-    if promoted is not None:
-        batch_categories = SomaCellSource(source_cfg).resolve(vocab_for_cats, ALL).batch_categories
-        n_batches = len(batch_categories)
-    cand = candidate_config(cfg, run_dir, promoted, target, state.new_datasets or [], n_batches)
+    if champion is not None and state.step in (PLANNED, TRAINED):
+        promoted = load_consolidated(registry.download_model(champion, run_dir / PROMOTED_DIR, uri))
+        source_cfg = copy.deepcopy(cfg.data.source)
+        if target.census_version:
+            source_cfg.census_version = target.census_version
+        batch_categories = SomaCellSource(source_cfg).resolve(promoted.vocab, ALL).batch_categories
+    cand = candidate_config(
+        cfg, run_dir, promoted, target, state.new_datasets or [], len(batch_categories)
+    )
 
     if state.step == PLANNED:
         if promoted is not None:
@@ -430,7 +428,7 @@ def repretrain(cfg) -> Outcome:
         state.advance(EVALUATED, state_path)
 
     if state.step in (EVALUATED, REJECTED):
-        passed, reasons = decide(state.metrics, cfg.repretrain.gate, promoted is not None)
+        passed, reasons = decide(state.metrics, cfg.repretrain.gate, base is not None)
         state.gate = {
             "passed": passed,
             "reasons": reasons,
