@@ -471,8 +471,12 @@ def _finetune(spec: dict, model_dir: str, ctx) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------ results
 
 
-def collect_results(tracking_uri: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """One row per finished cell, read from the MLflow child runs of the ablation's parent run."""
+def collect_results(
+    tracking_uri: str, parent_run_id: str, cell_keys: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """One row per finished cell, read from the MLflow child runs of the ablation's parent run; with
+    `cell_keys`, only the runs of those cells (a changed base config makes new cells under the same parent:
+    the old ones stay in MLflow but are not this grid's)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -487,6 +491,8 @@ def collect_results(tracking_uri: str, parent_run_id: str) -> list[dict[str, Any
         tags, metrics = run.data.tags, run.data.metrics
         if "ablation.model" not in tags or FIT_METRIC not in metrics:
             continue  # unfinished cell (or not an ablation run)
+        if cell_keys is not None and tags.get("sweep.cell") not in cell_keys:
+            continue
         rows.append(
             {
                 "model": tags["ablation.model"],
@@ -700,7 +706,7 @@ def run_ablation(cfg: ScaleAblationConfig, report_only: bool = False) -> dict:
         workers = cfg.base.get("train", {}).get("num_workers", 2)
         init_ray(cfg.ray_address, cfg.ray_num_cpus or (os.cpu_count() or 1) + workers + 1)
     sweep = run_sweep(scfg, dry_run=report_only)
-    rows = collect_results(sweep.tracking_uri, sweep.parent_run_id)
+    rows = collect_results(sweep.tracking_uri, sweep.parent_run_id, [r["cell"] for r in sweep.rows])
     out = Path(cfg.output_dir).resolve() / "ablation_report"
     report, fit = write_ablation_report(cfg, rows, out)
     client = MlflowClient(sweep.tracking_uri)

@@ -476,8 +476,11 @@ def run_sweep(
     client.log_metric(parent, "cells_ran", len(ran))
     client.log_metric(parent, "cells_reused", len(cells) - len(todo))
     client.log_metric(parent, "cells_failed", len(failed))
-    finished = all(r["status"] in ("ran", "reused") for r in rows)
-    client.set_terminated(parent, "FINISHED" if finished else ("FAILED" if failed else "RUNNING"))
+    if failed:
+        client.set_terminated(parent, "FAILED")
+    elif all(r["status"] in ("ran", "reused") for r in rows):
+        client.set_terminated(parent, "FINISHED")
+    # else (a dry run with unfinished cells): the parent stays RUNNING until a run finishes the sweep
     return SweepResult(
         parent_run_id=parent,
         tracking_uri=uri,
