@@ -271,13 +271,13 @@ def totalvi_baseline(
         adata, batch_key="batch", protein_expression_obsm_key="protein_expression"
     )
     model = scvi.model.TOTALVI(adata, n_latent=cfg.scvi_latent)
+    # totalVI's LR-on-plateau monitor needs a logger: keep scvi-tools' default (in-memory) one.
     model.train(
         max_epochs=cfg.scvi_epochs,
         accelerator="cpu",
         devices=1,
         batch_size=cfg.scvi_batch_size,
         enable_progress_bar=False,
-        logger=False,
         enable_checkpointing=False,
     )
     return np.asarray(model.get_latent_representation(), dtype=np.float32)

@@ -1,0 +1,296 @@
+"""Multi-omics (RNA + protein, CITE-seq-like) integration with modality tokens.
+
+The pretrained vocabulary is extended with the protein features (`PROT_<gene>`: new token ids appended, the
+pretrained ids unchanged; their embedding rows start fresh, every pretrained row is copied). Each cell becomes one
+token sequence `<cls>`, its RNA genes (binned among the cell's RNA values), then its proteins (binned among the
+cell's protein values: proteins have their own count scale), and a per-token modality id (RNA / protein,
+`data_ingest.keys.MODALITY_*`) that the model embeds and adds to every token (`model.use_modality`). The model is
+finetuned with the integration objectives (GEP + GEPC + ECS + DAR + DSBN, `jobs.finetune.integration`) and the
+joint cell embedding is scored with the scib metrics next to:
+
+- scGPT zero-shot on the RNA tokens (the pretrained model knows no proteins) and, unless `--no-rna-arm`, scGPT
+  finetuned the same way on RNA alone (does adding the proteins help?);
+- PCA of RNA alone and of RNA + protein (log-normalised HVGs and CLR-normalised proteins, each scaled, then
+  concatenated), Harmony on the joint PCA, and totalVI (scvi-tools, joint RNA + protein; `--scvi-epochs 0`
+  skips it).
+
+Data: an `.h5ad` with RNA genes and proteins as columns, told apart by var `feature_type` (`Gene Expression` /
+`Antibody Capture`) or the `PROT_` name prefix; `python -m data_ingest.multiome_synth` writes one from the
+synthetic census's planted truth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.finetune import integration as integ
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = (
+    "multi-omics: RNA + protein with modality tokens and an extended vocabulary; scib metrics vs PCA, "
+    "Harmony, totalVI"
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    integ.add_arguments(parser)
+    parser.set_defaults(epochs=15)
+    parser.add_argument(
+        "--no-rna-arm", action="store_true", help="skip the RNA-only finetuned scGPT arm"
+    )
+
+
+def clr(P: np.ndarray) -> np.ndarray:
+    """Centred log-ratio per cell of protein counts (N, P), the usual ADT normalisation."""
+    L = np.log1p(np.asarray(P, dtype=np.float64))
+    return (L - L.mean(1, keepdims=True)).astype(np.float32)
+
+
+def joint_pca(
+    rna_counts, protein_counts: np.ndarray, n_hvg: int, n_pcs: int, seed: int
+) -> np.ndarray:
+    """PCA of [scaled log-normalised RNA HVGs, scaled CLR proteins], each block weighted to equal total
+    variance so the small protein panel is not drowned by the genes: (N, n_pcs)."""
+    from scgpt_dist import integration as ig
+
+    logX = ig.log_normalize(rna_counts)
+    R = logX[:, ig.hvg_index(logX, n_hvg)]
+    R = (R - R.mean(0)) / np.maximum(R.std(0), 1e-8) / np.sqrt(R.shape[1])
+    Pn = clr(protein_counts)
+    Pn = (Pn - Pn.mean(0)) / np.maximum(Pn.std(0), 1e-8) / np.sqrt(Pn.shape[1])
+    from sklearn.decomposition import PCA
+
+    Z = np.hstack([R, Pn])
+    n = min(n_pcs, Z.shape[0] - 1, Z.shape[1])
+    return PCA(n_components=n, random_state=seed).fit_transform(Z).astype(np.float32)
+
+
+def concat_tokens(rna: pa.Table, prot: pa.Table) -> pa.Table:
+    """Row-wise join of two token tables of the same cells: `<cls>` + RNA tokens + protein tokens (the
+    protein table's own `<cls>` is dropped), with a per-token `modality` list column."""
+    from data_ingest import keys
+
+    if rna.num_rows != prot.num_rows:
+        raise ValueError(f"{rna.num_rows} RNA rows but {prot.num_rows} protein rows")
+
+    def parts(col):
+        arr = col.combine_chunks()
+        off = arr.offsets.to_numpy()
+        return arr.flatten().to_numpy(zero_copy_only=False), off - off[0]
+
+    out = {}
+    rg, ro = parts(rna[keys.GENES])
+    pg, po = parts(prot[keys.GENES])
+    rn, pn = np.diff(ro), np.diff(po) - 1  # protein counts without <cls>
+    offsets = np.concatenate([[0], np.cumsum(rn + pn)]).astype(np.int32)
+    src_rna = np.repeat(np.arange(rna.num_rows), rn)
+    src_prot = np.repeat(np.arange(prot.num_rows), pn)
+    # Destination of each RNA / protein token in the joined flat list.
+    dst_rna = offsets[src_rna] + (np.arange(len(src_rna)) - np.repeat(ro[:-1], rn))
+    keep_p = np.ones(len(pg), bool)
+    keep_p[po[:-1]] = False  # drop each protein row's <cls>
+    kept_before = po[:-1] - np.arange(prot.num_rows)  # kept protein tokens before each row
+    dst_prot = (
+        offsets[src_prot] + rn[src_prot] + (np.arange(len(src_prot)) - np.repeat(kept_before, pn))
+    )
+    total = int(offsets[-1])
+    for name, typ in ((keys.GENES, pa.int32()), (keys.VALUES, pa.int16())):
+        r, _ = parts(rna[name])
+        p, _ = parts(prot[name])
+        flat = np.empty(total, r.dtype)
+        flat[dst_rna] = r
+        flat[dst_prot] = p[keep_p]
+        out[name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, typ))
+    mod = np.full(total, keys.MODALITY_RNA, np.int8)
+    mod[dst_prot] = keys.MODALITY_PROTEIN
+    out[keys.MODALITY] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(mod, pa.int8()))
+    table = rna
+    for name, col in out.items():
+        if name in table.column_names:
+            table = table.set_column(table.column_names.index(name), name, col)
+        else:
+            table = table.append_column(name, col)
+    return table
+
+
+def extend_vocab_model(loaded, features: list[str]):
+    """`loaded` with its vocabulary extended by `features` (appended; existing ids unchanged). The model is
+    untouched: `copy_pretrained_rows` fills the old rows of an adapted model's bigger embedding table."""
+    from data_ingest.vocab import GeneVocab
+    from scgpt_dist.checkpoint import LoadedModel
+
+    vocab = GeneVocab(loaded.vocab.to_dict())
+    added = vocab.extend(features)
+    log.info(
+        "vocabulary %d -> %d tokens (%d new features)", len(loaded.vocab), len(vocab), len(added)
+    )
+    return LoadedModel(
+        model=loaded.model, config=loaded.config, vocab=vocab, meta=loaded.meta
+    ), added
+
+
+def copy_pretrained_rows(model, pretrained) -> int:
+    """Copy the pretrained gene-embedding rows into `model`'s (longer) table; returns the rows copied."""
+    import torch
+
+    old = pretrained.encoder.embedding.weight
+    new = model.encoder.embedding.weight
+    if new.shape[0] < old.shape[0] or new.shape[1] != old.shape[1]:
+        raise ValueError(
+            f"embedding {tuple(new.shape)} cannot hold the pretrained {tuple(old.shape)}"
+        )
+    with torch.no_grad():
+        new[: old.shape[0]] = old
+    return old.shape[0]
+
+
+def run(args: argparse.Namespace, ctx) -> dict:
+    from data_ingest import keys
+    from data_ingest.multiome_synth import modality_of_features
+    from data_ingest.tokenize import TokenizerConfig
+    from jobs.finetune.common import load_cells
+    from scgpt_dist import integration as ig
+    from scgpt_dist.checkpoint import load_consolidated
+    from scgpt_dist.finetune import run_model, with_labels
+    from scgpt_dist.inference import embed_table, tokenize_anndata
+
+    adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
+    if args.label_key not in adata.obs:
+        raise ValueError(
+            f"--label-key {args.label_key!r} is not an obs column; have {list(adata.obs)}"
+        )
+    modality = modality_of_features(adata.var)
+    is_prot = modality == keys.MODALITY_PROTEIN
+    if not is_prot.any() or is_prot.all():
+        raise ValueError(
+            f"--data {args.data} needs both RNA genes and proteins as columns (var `feature_type` "
+            "`Gene Expression` / `Antibody Capture`, or `PROT_`-prefixed protein names); "
+            f"found {int(is_prot.sum())} proteins of {adata.n_vars} features"
+        )
+    rna, prot = adata[:, ~is_prot].copy(), adata[:, is_prot].copy()
+    prot_names = list(prot.var_names.astype(str))
+    batch_key = integ.batch_key_of(adata.obs, args.batch_key)
+    labels = adata.obs[args.label_key].astype(str).to_numpy()
+    batch_names, batch_codes = np.unique(
+        adata.obs[batch_key].astype(str).to_numpy(), return_inverse=True
+    )
+    base_cfg = ig.BaselineConfig(
+        n_hvg=args.n_hvg, n_pcs=args.n_pcs, scvi_epochs=args.scvi_epochs, seed=args.seed
+    )
+    P = prot.X.toarray() if hasattr(prot.X, "toarray") else np.asarray(prot.X)
+    embeddings: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(method: str, fn):
+        t0 = time.perf_counter()
+        embeddings[method] = fn()
+        seconds[method] = time.perf_counter() - t0
+        log.info("%s embedding %s in %.1fs", method, embeddings[method].shape, seconds[method])
+
+    history: dict[str, list[dict]] = {}
+    tok_note = ""
+    if args.checkpoint:
+        loaded = load_consolidated(args.checkpoint)
+        tok = integ.tokenizer_of(loaded, args)
+        if tok.max_seq_len <= len(prot_names) + 2:
+            raise ValueError(
+                f"the checkpoint's max_seq_len {tok.max_seq_len} leaves no room for RNA next to "
+                f"{len(prot_names)} proteins; use a panel of fewer proteins"
+            )
+        rna_cells = rna
+        if args.hvg_tokens:
+            rna_cells = rna[:, ig.hvg_index(ig.log_normalize(rna.X), args.hvg_tokens)].copy()
+        ext, added = extend_vocab_model(loaded, prot_names)
+        rna_only = with_labels(tokenize_anndata(rna_cells, loaded.vocab, tok), batches=batch_codes)
+        # Joint: RNA genes get the context left after the whole protein panel (proteins are dense).
+        tok_rna = TokenizerConfig(
+            **{**tok.__dict__, "max_seq_len": tok.max_seq_len - len(prot_names)}
+        )
+        tok_prot = TokenizerConfig(**{**tok.__dict__, "max_seq_len": len(prot_names) + 1})
+        joint = concat_tokens(
+            tokenize_anndata(rna_cells, ext.vocab, tok_rna),
+            tokenize_anndata(prot, ext.vocab, tok_prot),
+        )
+        joint = with_labels(joint, batches=batch_codes)
+        tok_note = (
+            f" Vocabulary extended by {len(added)} protein tokens ({len(loaded.vocab)} -> {len(ext.vocab)} "
+            f"ids); joint sequences: <cls> + up to {tok_rna.max_seq_len - 1} RNA genes + "
+            f"{len(prot_names)} proteins, per-token modality ids."
+        )
+        timed("scgpt_zeroshot_rna", lambda: embed_table(loaded, rna_only))
+
+        t0 = time.perf_counter()
+        model = integ.adapt_for_integration(ext, len(batch_names), args, use_modality=True)
+        copy_pretrained_rows(model, loaded.model)
+        history["scgpt_finetuned_joint"] = integ.train_for_integration(
+            model, joint, args, ctx, "scgpt_finetuned_joint"
+        )
+        embeddings["scgpt_finetuned_joint"] = run_model(model, joint)["cell_emb"]
+        seconds["scgpt_finetuned_joint"] = time.perf_counter() - t0
+        if not args.no_rna_arm:
+            t0 = time.perf_counter()
+            model = integ.adapt_for_integration(loaded, len(batch_names), args)
+            history["scgpt_finetuned_rna"] = integ.train_for_integration(
+                model, rna_only, args, ctx, "scgpt_finetuned_rna"
+            )
+            embeddings["scgpt_finetuned_rna"] = run_model(model, rna_only)["cell_emb"]
+            seconds["scgpt_finetuned_rna"] = time.perf_counter() - t0
+
+    timed("pca_rna", lambda: ig.pca_baseline(rna.X, base_cfg))
+    timed("pca_joint", lambda: joint_pca(rna.X, P, args.n_hvg, args.n_pcs, args.seed))
+    timed(
+        "harmony_joint", lambda: ig.harmony_baseline(embeddings["pca_joint"], batch_codes, base_cfg)
+    )
+    if args.scvi_epochs > 0:
+        timed(
+            "totalvi",
+            lambda: ig.totalvi_baseline(rna.X, P, batch_codes, base_cfg, protein_names=prot_names),
+        )
+
+    rows, metrics = integ.score_methods(embeddings, labels, batch_names[batch_codes], seconds, args)
+    rep = ctx.report
+    rep.text(
+        f"{adata.n_obs} cells, {rna.n_vars} RNA genes + {len(prot_names)} proteins, "
+        f"{len(np.unique(labels))} cell types (`{args.label_key}`), {len(batch_names)} batches "
+        f"(`{batch_key}`)."
+        + (
+            f" scGPT finetuned {args.epochs} epochs (lr {args.lr}, batch {args.batch_size}) with GEP + GEPC + "
+            f"ECS (threshold {args.ecs_threshold}, weight {args.ecs_weight}) + DAR (weight {args.dar_weight})"
+            f"{'' if args.no_dsbn else ' + DSBN'}, mask ratio {args.mask_ratio}.{tok_note}"
+            if args.checkpoint
+            else " No checkpoint given: baselines only."
+        )
+        + " Baselines: PCA of RNA alone and of RNA + CLR protein (blocks scaled to equal variance), Harmony "
+        "on the joint PCA"
+        + (f", totalVI ({args.scvi_epochs} epochs)." if args.scvi_epochs else "; totalVI skipped.")
+        + " Overall = 0.6 AvgBIO + 0.4 AvgBATCH."
+    )
+    rep.table("scib metrics on the joint embedding (sorted by overall)", rows)
+    if args.checkpoint:
+        rep.text(integ.verdict(rows, "scgpt_finetuned_joint"))
+        if "scgpt_finetuned_rna/overall" in metrics:
+            rep.text(
+                "Adding the proteins (modality tokens) changed the finetuned scGPT's overall score from "
+                f"{metrics['scgpt_finetuned_rna/overall']:.3f} (RNA only) to "
+                f"{metrics['scgpt_finetuned_joint/overall']:.3f}; AvgBIO "
+                f"{metrics['scgpt_finetuned_rna/avg_bio']:.3f} -> {metrics['scgpt_finetuned_joint/avg_bio']:.3f}."
+            )
+    for method, h in history.items():
+        metrics.update({f"{method}/final_{k}": v for k, v in h[-1].items()})
+    if history:
+        fig = rep.figure("finetune_loss", 6, 3.5)
+        ax = fig.add_subplot(111)
+        for method, h in history.items():
+            ax.plot(range(1, len(h) + 1), [e["loss"] for e in h], marker="o", label=method)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("total training loss")
+        ax.legend(fontsize=7)
+    if not args.no_umap:
+        integ.add_umaps(rep, "umap", embeddings, labels, batch_names[batch_codes], args.seed)
+    return metrics
