@@ -455,12 +455,15 @@ def evaluate_model(model_dir: str, cfg, eval: dict, tissue: str | None) -> dict[
 
 
 def _finetune(spec: dict, model_dir: str, ctx) -> dict[str, float]:
+    from dataclasses import replace
+
     from jobs.sweep import JobSpec, run_finetune_cell
 
     job = JobSpec(
         kind="finetune", task=spec["task"], args=["--checkpoint", model_dir, *spec["args"]]
     )
-    result = run_finetune_cell(job, ctx)
+    # The grid parameters describe the pretraining, not flags of the task: run it with none.
+    result = run_finetune_cell(job, replace(ctx, params={}))
     return {
         f"ft_{k}": float(v)
         for k, v in result.items()

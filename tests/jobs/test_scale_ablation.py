@@ -98,6 +98,17 @@ def test_one_real_cell_pretrains_evaluates_and_logs_a_child_run(ray_local, demo_
             "steps": {"epochs": None, "fixed": 4, "min_steps": 1},
             "eval": {"holdout_fraction": 0.2, "max_cells": 120, "knn_k": 5, "baseline_cells": 200},
             "fit": {"bootstrap": 0},
+            "finetune": {
+                "task": "zeroshot",
+                "args": [
+                    "--data",
+                    "pbmc68k_reduced",
+                    "--max-cells",
+                    "100",
+                    "--no-scvi",
+                    "--no-umap",
+                ],
+            },
             "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
         },
     )
@@ -122,6 +133,11 @@ def test_one_real_cell_pretrains_evaluates_and_logs_a_child_run(ray_local, demo_
         row["n_eval_cells"] == 120 and 0 < row[FIT_METRIC] and 0 < row["heldout_gep_mse_baseline"]
     )
     assert 0 <= row["knn_acc"] <= 1
+    # The optional downstream task ran on the cell's model; its metrics joined the cell's run.
+    assert 0 <= row["ft_scgpt_zeroshot/knn_accuracy"] <= 1
+    assert (
+        row["ft_scgpt_zeroshot/knn_accuracy"] == run.data.metrics["ft_scgpt_zeroshot/knn_accuracy"]
+    )
     # One size, one D: the report says why there is no fit instead of inventing one.
     assert result["fit"] is None and "No scaling-law fit" in open(result["report"]).read()
 
