@@ -10,7 +10,8 @@ on every context gene (expressed or not). The model is the pretrained checkpoint
 Value choice: the **input** values are the control cell's bins (per-cell quantile bins over the context genes,
 as in pretraining, so the pretrained value encoder sees what it was trained on; the reference feeds log1p
 values into a model pretrained on bins). The **target** is continuous log1p(library-normalized to 1e4) values,
-as in the reference (binned targets are per-cell ranks, whose means do not measure a fold change). Each
+as in the reference (binned targets are per-cell ranks, whose means do not measure a fold change); the
+GEP head's last layer is first rescaled from bins to log1p by a least-squares fit on control cells. Each
 perturbed training cell is paired with a random control cell each epoch (and control cells with other control
 cells, flags all 0), so the model learns E[perturbed | control]; a perturbation's predicted mean response is
 the mean output over `n_pred_controls` control cells.
@@ -309,6 +310,9 @@ class PerturbationTrainConfig:
     grad_clip: float = 1.0
     control_pairs: float = 0.5
     """Control -> control pairs (flags all 0) added per epoch, as a fraction of the perturbed training cells."""
+    calibrate_head: bool = True
+    """Before training, rescale the GEP head's last layer by the least-squares fit of the control cells'
+    log1p values on its (bin-scale) predictions for them, so finetuning starts on the target's scale."""
     n_pred_controls: int = 300
     """Control cells whose predictions are averaged into a perturbation's predicted mean."""
     seed: int = 0
@@ -379,10 +383,32 @@ class PerturbationPredictor:
         flags[self.data.gene_index(targets_of(name))] = 1
         return flags
 
+    @torch.no_grad()
+    def calibrate_head(self, n_cells: int = 128, seed: int = 0) -> tuple[float, float]:
+        """Fold `target ~ a * prediction + b` (least squares over control cells reconstructing themselves,
+        flags 0) into the GEP head's last linear layer; returns (a, b).
+
+        The pretrained head predicts bins (0..n_bins-1) while the target is log1p expression; without this,
+        the first epochs at a finetuning learning rate go into moving the output scale."""
+        self.model.eval()
+        n_ctrl = len(self.data.ctrl)
+        rows = np.random.default_rng(seed).choice(n_ctrl, min(n_cells, n_ctrl), replace=False)
+        flags = np.zeros((len(rows), len(self.data.genes)), np.int64)
+        pred = self.model(**self._inputs(rows, flags))["gep"][:, 1:].double().numpy().ravel()
+        target = self.data.ctrl[rows].astype(np.float64).ravel()
+        a, b = np.polyfit(pred, target, 1) if np.std(pred) > 1e-9 else (0.0, float(target.mean()))
+        last = self.model.decoder.fc[-1]
+        last.weight.mul_(float(a))
+        last.bias.mul_(float(a)).add_(float(b))
+        log.info("perturbation head calibrated: log1p ~ %.4f * prediction + %.4f", a, b)
+        return float(a), float(b)
+
     def fit(self, train: list[str], cfg: PerturbationTrainConfig) -> list[float]:
         """Finetune on (control cell, perturbed cell) pairs of the `train` perturbations; per-epoch losses."""
         gen = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
+        if cfg.calibrate_head:
+            self.calibrate_head(seed=cfg.seed)
         data = self.data
         targets = np.concatenate([data.cells[n] for n in train])  # (N, G)
         flags = np.concatenate(

@@ -178,3 +178,26 @@ def test_flag_model_learns_knockdown_of_unseen_genes(tmp_path, prepared):
         i = data.gene_index(pt.targets_of(n))[0]
         delta = preds[n] - data.ctrl_mean
         assert delta[i] < -0.3 and delta[i] < np.median(delta) - 0.3, (n, delta[i])
+
+
+def test_head_calibration_moves_outputs_to_the_target_scale(tmp_path, prepared):
+    from scgpt_dist.checkpoint import load_consolidated
+
+    torch.set_num_threads(1)
+    _, data = prepared
+    loaded = load_consolidated(tiny_model_dir(tmp_path / "model", data.genes, seed=1))
+    predictor = pt.PerturbationPredictor(loaded, data, seed=0)
+
+    rows = np.random.default_rng(0).choice(len(data.ctrl), 128, replace=False)  # calibrate_head's
+
+    def ctrl_mse() -> float:
+        flags = np.zeros((128, len(data.genes)), np.int64)
+        with torch.no_grad():
+            pred = predictor.model(**predictor._inputs(rows, flags))["gep"][:, 1:].numpy()
+        return float(np.mean((pred - data.ctrl[rows]) ** 2))
+
+    before = ctrl_mse()
+    predictor.calibrate_head(n_cells=128, seed=0)
+    after = ctrl_mse()
+    assert after < before  # the least-squares fit on these very cells can only lower their error
+    assert after <= np.var(data.ctrl[rows]) + 1e-6  # no worse than predicting their mean
