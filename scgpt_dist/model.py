@@ -16,11 +16,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_ingest import keys
-from scgpt_dist.attention import Packing, attend
+from scgpt_dist.attention import Packing, attend, dropout_keep_mask
 from scgpt_dist.config import ModelConfig
 
 PERT_PAD_ID = 2
 """Perturbation-flag code for padding (0 = not perturbed, 1 = perturbed), as in the reference."""
+
+
+class Dropout(nn.Dropout):
+    """`nn.Dropout` whose CPU training mask comes from `attention.dropout_keep_mask` (16 random bits per
+    element; several times cheaper than `bernoulli_`, p rounded to a multiple of 2**-16)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        keep, scale = dropout_keep_mask(x.shape, self.p, x.device)
+        return x * keep.mul_(scale).to(x.dtype)
+
 
 # ----------------------------------------------------------------------------------------------- embeddings
 
@@ -46,7 +58,7 @@ class ContinuousValueEncoder(nn.Module):
         self.activation = nn.ReLU()
         self.linear2 = nn.Linear(d_model, d_model)
         self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.max_value = max_value
 
     def forward(self, values: torch.Tensor) -> torch.Tensor:
@@ -153,9 +165,9 @@ class EncoderLayer(nn.Module):
         self.linear2 = nn.Linear(cfg.d_hid, d)
         self.norm1 = nn.LayerNorm(d)
         self.norm2 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.dropout1 = nn.Dropout(cfg.dropout)
-        self.dropout2 = nn.Dropout(cfg.dropout)
+        self.dropout = Dropout(cfg.dropout)
+        self.dropout1 = Dropout(cfg.dropout)
+        self.dropout2 = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, packing: Packing, gen: torch.Tensor | None) -> torch.Tensor:
         x = self.norm1(x + self.dropout1(self.self_attn(x, packing, gen)))  # (T, D)

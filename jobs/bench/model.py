@@ -24,6 +24,7 @@ import torch
 
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab
+from scgpt_dist.attention import BACKENDS
 from scgpt_dist.config import ModelConfig
 
 PRESETS = {
@@ -160,17 +161,19 @@ def bench(args: argparse.Namespace) -> list[Result]:
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else None
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(N_VOCAB_GENES - 3)])
-    # CPU: padded attention batches better than one call per cell (measured); token-wise layers stay packed.
-    backend = args.attention or ("flash" if device == "cuda" else "sdpa")
-    cfg = ModelConfig(
-        d_model=args.d_model,
-        n_heads=args.heads,
-        n_layers=args.layers,
-        d_hid=args.d_hid,
-        dropout=args.dropout,
-        use_batch_labels=False,
-        attention=backend,
-    )
+    backends = args.attention or (["flash"] if device == "cuda" else ["sdpa", "varlen"])
+    cfgs = {
+        backend: ModelConfig(
+            d_model=args.d_model,
+            n_heads=args.heads,
+            n_layers=args.layers,
+            d_hid=args.d_hid,
+            dropout=args.dropout,
+            use_batch_labels=False,
+            attention=backend,
+        )
+        for backend in backends
+    }
     ref_args = {
         "embsize": args.d_model,
         "nheads": args.heads,
@@ -180,8 +183,11 @@ def bench(args: argparse.Namespace) -> list[Result]:
         "MVC": True,
     }
     torch.manual_seed(0)
-    ours = build_model(cfg, len(vocab), vocab.pad_id).to(device).train()
     ref = build_reference_model(ref_args, vocab).to(device).train()
+    ours = {}
+    for backend, cfg in cfgs.items():
+        torch.manual_seed(0)
+        ours[f"ours ({backend})"] = build_model(cfg, len(vocab), vocab.pad_id).to(device).train()
     peak_tflops = args.peak_tflops
     if device == "cuda" and peak_tflops is None:
         name = torch.cuda.get_device_name()
@@ -194,12 +200,11 @@ def bench(args: argparse.Namespace) -> list[Result]:
         padding = data[3]
         n_real = int((~padding).sum())
 
-        ours_name = f"ours ({backend})"
+        steps = {"reference": functools.partial(_step, ref, True, data, device, dtype)}
+        for name, model in ours.items():
+            steps[name] = functools.partial(_step, model, False, data, device, dtype)
         measured = _measure(
-            {
-                "reference": functools.partial(_step, ref, True, data, device, dtype),
-                ours_name: functools.partial(_step, ours, False, data, device, dtype),
-            },
+            steps,
             args.steps,
             args.warmup,
             device,
@@ -210,7 +215,8 @@ def bench(args: argparse.Namespace) -> list[Result]:
             if device == "cuda" and peak_tflops:
                 # Useful FLOPs of the real tokens, for both models (the reference also computes padding).
                 mean_len = int((~padding).sum(1).float().mean())
-                mfu = ours.flops_per_token(mean_len) * tps / (peak_tflops * 1e12)
+                flops = next(iter(ours.values())).flops_per_token(mean_len)
+                mfu = flops * tps / (peak_tflops * 1e12)
             results.append(Result(name, shape, tps, sec * 1e3, peak, mfu))
     return results
 
@@ -218,12 +224,12 @@ def bench(args: argparse.Namespace) -> list[Result]:
 def format_table(results: list[Result]) -> str:
     ref = {r.shape: r.tokens_per_s for r in results if r.model == "reference"}
     show_mfu = any(r.mfu is not None for r in results)
-    head = f"{'model':<16} {'batch shape':<11} {'tokens/s':>10} {'ms/step':>9} {'peak MiB':>9} {'vs ref':>7}"
+    head = f"{'model':<18} {'batch shape':<11} {'tokens/s':>10} {'ms/step':>9} {'peak MiB':>9} {'vs ref':>7}"
     head += f" {'MFU':>6}" if show_mfu else ""
     lines = [head, "-" * len(head)]
     for r in results:
         line = (
-            f"{r.model:<16} {r.shape:<11} {r.tokens_per_s:>10.0f} {r.ms_per_step:>9.1f} "
+            f"{r.model:<18} {r.shape:<11} {r.tokens_per_s:>10.0f} {r.ms_per_step:>9.1f} "
             f"{r.peak_mib:>9.1f} {r.tokens_per_s / ref[r.shape]:>6.2f}x"
         )
         if show_mfu:
@@ -243,9 +249,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
         "--attention",
-        choices=("sdpa", "varlen", "flash"),
+        nargs="+",
+        choices=BACKENDS,
         default=None,
-        help="ours; default sdpa on CPU, flash on GPU",
+        help="our attention backends, each measured; default sdpa and varlen on CPU, flash on GPU",
     )
     parser.add_argument(
         "--shapes", nargs="+", choices=("full", "variable"), default=["full", "variable"]

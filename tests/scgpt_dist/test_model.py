@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_ingest import keys
-from scgpt_dist.attention import generative_mask, resolve_backend, sdpa
+from scgpt_dist.attention import dropout_keep_mask, generative_mask, resolve_backend, sdpa
 from scgpt_dist.collate import draw_mask_ratio, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
 from scgpt_dist.losses import masked_mse, total_loss
@@ -364,9 +364,9 @@ def test_cpu_attention_dropout_is_inverted_dropout_on_the_weights():
     torch.manual_seed(7)
     out = sdpa(q, k, v, mask, 0.25)
     torch.manual_seed(7)
+    keep, scale = dropout_keep_mask((2, 3, 5, 5), 0.25)
     scores = (q @ k.transpose(-2, -1) / 2.0).masked_fill(~mask, float("-inf"))
     weights = scores.softmax(-1)
-    keep = torch.rand_like(weights) >= 0.25
-    torch.testing.assert_close(out, (weights * keep / 0.75) @ v)
+    torch.testing.assert_close(out, (weights * keep * scale) @ v)
     no_drop = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(sdpa(q, k, v, mask, 0.0), no_drop)
