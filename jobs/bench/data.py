@@ -125,7 +125,14 @@ def run_soma_ml(exp_uri: str, n_cells: int, batch_size: int, max_batches: int) -
 
 
 def run_ours(
-    exp_uri: str, n_cells: int, batch_size: int, max_seq_len: int, cpus: int, max_batches: int
+    exp_uri: str,
+    n_cells: int,
+    batch_size: int,
+    max_seq_len: int,
+    cpus: int,
+    max_batches: int,
+    chunk_size: int = 0,
+    buffer_size: int = 0,
 ) -> dict:
     import ray
 
@@ -144,6 +151,8 @@ def run_ours(
     tok = TokenizerConfig(max_seq_len=max_seq_len)
     stats = StreamStats()
     cfg = StreamConfig(prefetch=cpus, read_task_cpus=1.0)
+    cfg.chunk_size = chunk_size or cfg.chunk_size
+    cfg.buffer_size = buffer_size or cfg.buffer_size
     cells, per_batch = 0, []
     t0 = time.perf_counter()
     it = rank_batches(
@@ -305,11 +314,21 @@ def tile_census(src: str | Path, out: str | Path, copies: int, block_cells: int 
 def _worker(a: argparse.Namespace) -> int:
     with PeakRss() as rss:
         if a.worker == "raw":
-            out = run_raw(a.exp, a.cells_read, a.batch_size)
+            n_raw = min(a.cells_read, a.max_batches * a.batch_size or a.cells_read)
+            out = run_raw(a.exp, n_raw, a.batch_size)
         elif a.worker == "soma-ml":
             out = run_soma_ml(a.exp, a.cells_read, a.batch_size, a.max_batches)
         else:
-            out = run_ours(a.exp, a.cells_read, a.batch_size, a.max_seq_len, a.cpus, a.max_batches)
+            out = run_ours(
+                a.exp,
+                a.cells_read,
+                a.batch_size,
+                a.max_seq_len,
+                a.cpus,
+                a.max_batches,
+                a.chunk_size,
+                a.buffer_size,
+            )
     out["peak_rss_mb"] = rss.peak / 2**20
     print("RESULT " + json.dumps(out), flush=True)
     return 0
@@ -338,6 +357,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=1200)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs for our pipeline")
+    p.add_argument("--chunk-size", type=int, default=0, help="our stream's chunk (0 = default)")
+    p.add_argument("--buffer-size", type=int, default=0, help="our stream's buffer (0 = default)")
     p.add_argument("--readers", default="raw,soma-ml,ours")
     p.add_argument("--json-out", default=None)
     p.add_argument("--worker", choices=["raw", "soma-ml", "ours"], help=argparse.SUPPRESS)
@@ -368,6 +389,7 @@ def main(argv: list[str]) -> int:
         cmd += ["--cells-read", str(n), "--batch-size", str(a.batch_size)]
         cmd += ["--max-seq-len", str(a.max_seq_len), "--cpus", str(a.cpus)]
         cmd += ["--max-batches", str(a.max_batches)]
+        cmd += ["--chunk-size", str(a.chunk_size), "--buffer-size", str(a.buffer_size)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if res.returncode or not line:
