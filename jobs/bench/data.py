@@ -10,6 +10,12 @@ Three readers of the same first `--cells-read` cells of the experiment, each in 
 
 Shuffle quality is the mean number of distinct datasets in a batch, against an ideal uniform shuffle of the
 same cells. Not a timed test: run it by hand and paste the table into the README.
+
+    python -m data_ingest.synth --out /tmp/bench/census100k --cells 100000 --genes 20000
+    python -m jobs.bench data --census /tmp/bench/census100k
+    # a larger experiment from copies of a smaller one (see tile_census), shuffled readers capped:
+    python -m jobs.bench data --census /tmp/bench/census1m --tile-from /tmp/bench/census100k --copies 10 \
+        --max-batches 1000
 """
 
 from __future__ import annotations
