@@ -129,6 +129,9 @@ class ObjectiveConfig:
     """Mask-ratio schedule (reference: [0.25, 0.5, 0.75]): each micro-batch draws one; empty = mask_ratio."""
     generative: bool = False
     """Generative attention mask: masked (unknown) genes attend to the known genes and themselves only."""
+    gen_cell_prompt: float = 0.0
+    """Cell-prompt generation (needs `generative`): a second pass where the gene-prompt pass's cell
+    embedding is the `<cls>` input and every other gene is unknown; masked MSE of all their values."""
     gep: float = 1.0
     """Gene expression prediction: masked value regression."""
     gepc: float = 1.0
@@ -149,6 +152,13 @@ class ObjectiveConfig:
     """Contrastive cell embedding: two dropout views of each cell (needs dropout > 0)."""
     cce_temp: float = 0.5
     """CCE cosine-similarity temperature (reference value)."""
+
+    def __post_init__(self) -> None:
+        if self.gen_cell_prompt and not self.generative:
+            raise ValueError(
+                "objectives.gen_cell_prompt > 0 needs objectives.generative=true (the generative mask); "
+                "set it or objectives.gen_cell_prompt=0"
+            )
 
 
 @dataclass

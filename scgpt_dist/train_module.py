@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import deepspeed
 import torch
 
+from data_ingest import keys
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.collate import Batch, draw_mask_ratio, mask_values
-from scgpt_dist.config import ExperimentConfig, TrainConfig
+from scgpt_dist.config import ExperimentConfig, ObjectiveConfig, TrainConfig
 from scgpt_dist.losses import total_loss
 from scgpt_dist.model import build_model
 
@@ -72,6 +73,71 @@ def lr_lambda(cfg: TrainConfig):
     return fn
 
 
+def cell_prompt_inputs(
+    values: torch.Tensor, padding: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input values and unknown-gene flags, both (B, L), of the cell-prompt pass: every real gene but
+    `<cls>` is unknown (its value masked); the prompt is the `<cls>` position, fed the cell embedding."""
+    gen = ~padding.bool()  # (B, L)
+    gen[:, 0] = False
+    return values.masked_fill(gen, float(keys.MASK_VALUE)), gen
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    batch: Batch,
+    values_in: torch.Tensor,
+    mask: torch.Tensor,
+    obj: ObjectiveConfig,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward pass(es) of one micro-batch and the weighted objectives (loss, detached parts).
+
+    values_in: (B, L) input values with the GEP-masked positions `mask` (B, L) set to the mask value. With
+    `obj.generative` the masked genes are unknown genes (generative attention mask); with
+    `obj.gen_cell_prompt` a second pass generates every gene from the first pass's cell embedding.
+    """
+    dev = device
+    optional = {
+        k: v.to(dev)
+        for k, v in {"modality": batch.modality, "perturbation": batch.perturbation}.items()
+        if v is not None
+    }
+    genes, padding, cells = batch.genes.to(dev), batch.padding.to(dev), batch.batch.to(dev)
+    out = model(
+        genes,
+        values_in.to(dev),
+        padding,
+        cells,
+        gen_mask=mask.to(dev) if obj.generative else None,
+        cce=obj.cce > 0,
+        **optional,
+    )
+    prompt_mask = None
+    if obj.generative and obj.gen_cell_prompt:
+        prompt_values, prompt_mask = cell_prompt_inputs(batch.values.to(dev), padding)
+        second = model(
+            genes,
+            prompt_values.to(values_in.dtype),
+            padding,
+            cells,
+            gen_mask=prompt_mask,
+            cell_prompt=out["cell_emb"],
+            **optional,
+        )
+        out["cell_prompt_gep"] = second["gep"]  # (B, L)
+    out = {k: v.float() for k, v in out.items()}
+    return total_loss(
+        out,
+        batch.values.to(dev),
+        mask.to(dev),
+        obj,
+        batch=cells,
+        labels=batch.label.to(dev),
+        cell_prompt_mask=prompt_mask,
+    )
+
+
 @dataclass
 class StepOutput:
     loss: float
@@ -110,29 +176,10 @@ class TrainModule:
         obj = self.cfg.objectives
         ratio = draw_mask_ratio(obj.mask_ratio, obj.mask_ratios, gen)
         masked, mask = mask_values(batch.values, ratio, gen)
-        dev = self.device
-        values_in = masked.to(dev)
+        values_in = masked.to(self.device)
         if self._dtype is not None:
             values_in = values_in.to(self._dtype)
-        optional = {"modality": batch.modality, "perturbation": batch.perturbation}
-        out = self.engine(
-            batch.genes.to(dev),
-            values_in,
-            batch.padding.to(dev),
-            batch.batch.to(dev),
-            gen_mask=mask.to(dev) if obj.generative else None,
-            cce=obj.cce > 0,
-            **{k: v.to(dev) for k, v in optional.items() if v is not None},
-        )
-        out = {k: v.float() for k, v in out.items()}
-        loss, parts = total_loss(
-            out,
-            batch.values.to(dev),
-            mask.to(dev),
-            obj,
-            batch=batch.batch.to(dev),
-            labels=batch.label.to(dev),
-        )
+        loss, parts = compute_loss(self.engine, batch, values_in, mask, obj, self.device)
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_ingest import keys
+from scgpt_dist.collate import Batch, mask_values
 from scgpt_dist.config import ExperimentConfig, ModelConfig, ObjectiveConfig
 from scgpt_dist.losses import (
     cce_loss,
@@ -19,6 +21,8 @@ from scgpt_dist.losses import (
     masked_mse,
     total_loss,
 )
+from scgpt_dist.model import build_model
+from scgpt_dist.train_module import cell_prompt_inputs, compute_loss
 
 
 def _reference_loss_module():
@@ -177,3 +181,52 @@ def test_objectives_need_their_heads():
     with pytest.raises(ValueError, match="cce=True"):
         del out["cell_emb2"]
         total_loss(out, target, mask, ObjectiveConfig(cce=1.0))
+
+
+# ------------------------------------------------------------------------- cell-prompt generation
+
+
+def _cell_prompt_setup():
+    g = torch.Generator().manual_seed(0)
+    genes = torch.randint(3, 40, (3, 10), generator=g)
+    genes[:, 0] = 1  # <cls>
+    values = torch.randint(1, 51, (3, 10), generator=g).float()
+    values[:, 0] = keys.PAD_VALUE
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[2, 6:] = True
+    genes[padding], values[padding] = 0, keys.PAD_VALUE
+    n = torch.zeros(3, dtype=torch.long)
+    batch = Batch(genes, values, padding, n, n - 1, n)
+    masked, mask = mask_values(values, 0.4, torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=16, n_heads=2, n_layers=2, d_hid=32, dropout=0.0, n_batches=1)
+    return build_model(cfg, 40, 0), batch, masked, mask
+
+
+def test_cell_prompt_generation_adds_a_loss_that_trains_the_cell_embedding():
+    model, batch, masked, mask = _cell_prompt_setup()
+    gene_prompt = ObjectiveConfig(generative=True)
+    both = ObjectiveConfig(generative=True, gen_cell_prompt=0.5)
+    loss0, parts0 = compute_loss(model, batch, masked, mask, gene_prompt)
+    loss1, parts1 = compute_loss(model, batch, masked, mask, both)
+    assert set(parts1) == {"gep", "gepc", "gen_cell_prompt"} and "gen_cell_prompt" not in parts0
+    assert parts1["gen_cell_prompt"] > 0
+    torch.testing.assert_close(loss1, loss0 + 0.5 * parts1["gen_cell_prompt"])
+    # the cell-prompt pass generates every real gene but <cls> and sees none of their values
+    values_in, gen = cell_prompt_inputs(batch.values, batch.padding)
+    assert gen.sum().item() == 9 + 9 + 5 and not gen[:, 0].any()
+    assert (values_in[gen] == keys.MASK_VALUE).all()
+    # its loss reaches the gene-prompt pass through the cell embedding fed as the prompt: the <cls>
+    # token's embedding is used only by pass 1 (pass 2 replaces that input by the prompt)
+    only_prompt = ObjectiveConfig(generative=True, gen_cell_prompt=1.0, gep=0.0, gepc=0.0)
+    loss, _ = compute_loss(model, batch, masked, mask, only_prompt)
+    loss.backward()
+    assert model.encoder.embedding.weight.grad[1].abs().sum() > 0
+
+
+def test_cell_prompt_needs_the_generative_mask():
+    with pytest.raises(ValueError, match="gen_cell_prompt > 0 needs objectives.generative"):
+        ObjectiveConfig(gen_cell_prompt=1.0)
+    out, target, mask = _outputs()
+    with pytest.raises(ValueError, match="cell-prompt pass"):
+        total_loss(out, target, mask, ObjectiveConfig(generative=True, gen_cell_prompt=1.0))
