@@ -71,6 +71,9 @@ class GrnConfig:
     """Tokens per cell incl. `<cls>`; None = the model's training `max_seq_len`."""
     batch_size: int = 16
     """Cells per forward pass."""
+    attention_apc: bool = False
+    """Apply the average product correction (`apc`) to the attention scores: removes the part explained by
+    some genes drawing (or giving) attention from every gene (hub stripes), keeping pair-specific attention."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -262,8 +265,26 @@ def attention_scores(
     scores[seen] = (total + total.T)[seen] / (2.0 * count[seen])
     off = seen & ~np.eye(g, dtype=bool)
     scores[~seen] = float(scores[off].mean()) if off.any() else 0.0
+    if cfg.attention_apc:
+        scores = apc(scores)
     np.fill_diagonal(scores, scores.max())
     return scores, count
+
+
+def apc(scores: np.ndarray) -> np.ndarray:
+    """Average product correction (G, G): s_ab - mean_a * mean_b / mean, with means over off-diagonal
+    entries (as in contact prediction from coevolution / attention maps). A matrix that is only the product
+    of per-gene "hubness" values becomes about 0."""
+    s = scores.astype(np.float64).copy()
+    g = len(s)
+    off = ~np.eye(g, dtype=bool)
+    s[~off] = 0.0
+    row = s.sum(1) / (g - 1)  # (G,)
+    col = s.sum(0) / (g - 1)  # (G,)
+    mean = s[off].mean()
+    out = s - np.outer(row, col) / (mean if mean != 0 else 1.0)
+    out[~off] = 0.0
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- programs

@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=float, default=d.leiden_resolution)
     parser.add_argument("--attention-layer", type=int, default=d.attention_layer)
     parser.add_argument("--attention-norm", choices=grn.ATTENTION_NORMS, default=d.attention_norm)
+    parser.add_argument(
+        "--attention-apc",
+        action="store_true",
+        help="average product correction of the attention scores (removes hub-gene stripes)",
+    )
     parser.add_argument("--attention-cells", type=int, default=d.attention_cells)
     parser.add_argument("--attention-passes", type=int, default=d.attention_passes)
     parser.add_argument(
@@ -84,6 +89,7 @@ def _config(args: argparse.Namespace) -> grn.GrnConfig:
         leiden_resolution=args.resolution,
         attention_layer=args.attention_layer,
         attention_norm=args.attention_norm,
+        attention_apc=args.attention_apc,
         attention_cells=args.attention_cells,
         attention_passes=args.attention_passes,
         context_len=args.context_len,
@@ -260,7 +266,8 @@ def _write_report(
     )
     if ATTENTION in scores:
         rep.text(
-            f"Attention: layer {cfg.attention_layer} of the model, {cfg.attention_norm}-normalised per query, "
+            f"Attention: layer {cfg.attention_layer} of the model, {cfg.attention_norm}-normalised per query"
+            f"{', average-product corrected' if cfg.attention_apc else ''}, "
             f"averaged over heads and {attn_cells.n_obs} cells x {cfg.attention_passes} tokenizations "
             f"(context {cfg.context_len or 'as trained'}); {coverage:.1%} of gene pairs met in a context. "
             "Gene embedding: cosine of the gene token embeddings. Programs: Leiden (modularity, "

@@ -194,6 +194,20 @@ def test_rank_rows_matches_double_argsort():
     torch.testing.assert_close(grn._rank_rows(x), expected)
 
 
+def test_apc_removes_hub_structure_and_keeps_pairs():
+    rng = np.random.default_rng(0)
+    hub = rng.random(30) + 0.5
+    product = np.outer(hub, hub)  # only "how much each gene attends / is attended"
+    off = ~np.eye(30, dtype=bool)
+    assert grn.apc(product)[off].std() < 0.1 * product[off].std()
+    t = _block_truth(n_blocks=3, size=5, background=15)
+    with_pairs = product + 0.5 * t
+    assert grn.evaluate_edges(grn.apc(with_pairs), t).auprc == pytest.approx(1.0)
+    assert (
+        grn.evaluate_edges(with_pairs, t).auprc < 0.9
+    )  # hubs hide the pairs without the correction
+
+
 def test_top_edges_lists_highest_pairs_with_truth():
     s = np.zeros((4, 4))
     s[0, 2] = s[2, 0] = 0.9
