@@ -75,6 +75,11 @@ def run(args: argparse.Namespace, ctx) -> dict:
     from scgpt_dist import perturbation as pt
 
     t_start = time.perf_counter()
+    if args.max_cells:
+        raise ValueError(
+            "--max-cells would subsample control and perturbed cells unevenly; the perturbation task "
+            "uses every cell (make a smaller screen with `python -m data_ingest.perturb_synth` instead)"
+        )
     adata = load_cells(args.data, args.obs_filter, None, args.seed)
     if args.perturbation_key not in adata.obs:
         raise ValueError(

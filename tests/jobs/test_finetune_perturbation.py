@@ -106,6 +106,10 @@ def test_bad_input_errors(tmp_path):
     perturbation.add_arguments(parser)
     args = parser.parse_args([])
     args.data, args.checkpoint, args.obs_filter, args.seed = str(path), None, None, 0
+    args.max_cells = None
     ctx = TaskContext(out_dir=tmp_path, report=Report("x", tmp_path / "report"))
     with pytest.raises(ValueError, match="perturbation-key"):
+        perturbation.run(args, ctx)
+    args.max_cells = 100
+    with pytest.raises(ValueError, match="max-cells"):
         perturbation.run(args, ctx)
