@@ -2,6 +2,11 @@
 
 python -m jobs.bench model                       # CPU, 4 layers, 256-d, 8 heads, 512 genes, batch 8
 python -m jobs.bench model --device cuda --preset whole-human   # GPU: bf16, flash-attn when installed, MFU
+python -m jobs.bench model --preset whole-human --attention flash --peak-tflops 1 --layers 1 --d-model 32 \
+    --genes 48 --batch 2   # the GPU mode's code path dry-run on CPU (fp32; flash falls back to sdpa)
+
+Our model runs once per attention backend (`--attention`; CPU default: sdpa and varlen), side by side with the
+reference: the steps of all models alternate, so background load hits each alike.
 
 Both models are built at the same config with the same objectives (GEP + GEPC masked MSE, 40% masked) and run
 on the same tokenized batches. Two batch shapes: `full` (every cell has all genes: no padding) and `variable`
@@ -159,7 +164,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
     from scgpt_dist.model import build_model
 
     device = args.device
-    dtype = torch.bfloat16 if device == "cuda" else None
+    dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(N_VOCAB_GENES - 3)])
     backends = args.attention or (["flash"] if device == "cuda" else ["sdpa", "varlen"])
     cfgs = {
@@ -212,7 +217,7 @@ def bench(args: argparse.Namespace) -> list[Result]:
         for name, (sec, peak) in measured.items():
             tps = n_real / sec
             mfu = None
-            if device == "cuda" and peak_tflops:
+            if peak_tflops:
                 # Useful FLOPs of the real tokens, for both models (the reference also computes padding).
                 mean_len = int((~padding).sum(1).float().mean())
                 flops = next(iter(ours.values())).flops_per_token(mean_len)
@@ -248,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dropout", type=float, default=0.2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default=None,
+        help="autocast dtype; default bf16 on cuda, fp32 on cpu (the GPU path dry-runs on CPU in fp32)",
+    )
+    parser.add_argument(
         "--attention",
         nargs="+",
         choices=BACKENDS,
@@ -260,13 +271,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="GPU bf16 peak for MFU")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="accelerator peak for MFU (default: the GPU's bf16 peak when known; none on CPU)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cpu":
         _fix_mmap_threshold()
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.precision is None:
+        args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda needs a CUDA GPU; none is visible")
     if args.threads:
@@ -280,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.layers} layers, {args.d_model}-d, {args.heads} heads, d_hid {args.d_hid}, {args.genes} genes, "
         f"batch {args.batch}, dropout {args.dropout}, {args.device}"
-        + (" bf16" if args.device == "cuda" else f" fp32, {torch.get_num_threads()} threads")
+        + f" {args.precision}"
+        + (f", {torch.get_num_threads()} threads" if args.device == "cpu" else "")
         + f", {args.steps} timed steps after {args.warmup} warmup"
     )
     print(format_table(bench(args)))
