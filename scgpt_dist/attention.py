@@ -178,6 +178,21 @@ class Packing:
 
         return self.cached(("groups",), build)
 
+    def group_order(self) -> torch.Tensor | None:
+        """(T,) gather that puts the tokens of `length_groups`, concatenated, back in packed order; None when
+        they already are."""
+
+        def build():
+            parts = []
+            for _, rows, sl in self.length_groups():
+                parts.append(torch.arange(sl.start, sl.stop) if rows is None else rows.cpu())
+            perm = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+            if torch.equal(perm, torch.arange(len(perm))):
+                return None
+            return torch.argsort(perm).to(self.keep.device)
+
+        return self.cached(("group_order",), build)
+
 
 def generative_mask(gen: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Boolean attention mask (True = may attend), (B, 1, L, L), from unknown-gene flags `gen` (B, L).
@@ -488,14 +503,9 @@ def _varlen(q, k, v, packing: Packing, dropout_p: float, gen: torch.Tensor | Non
         )  # 3 x (G, H, n, Dh)
         o = sdpa(qg, kg, vg, allowed, dropout_p, bias)  # (G, H, n, Dh)
         outs.append(o.transpose(1, 2).reshape(-1, h, dh))  # (G * n, H, Dh)
-    if len(groups) == 1 and groups[0][1] is None and groups[0][2] == slice(0, t):
-        return outs[0]  # (T, H, Dh)
-    out = q.new_empty(t, h, dh)
-    for (_, rows, sl), o in zip(groups, outs, strict=True):
-        if rows is None:
-            rows = torch.arange(sl.start, sl.stop, device=q.device)
-        out = out.index_copy(0, rows, o)
-    return out  # (T, H, Dh)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)  # (T, H, Dh), in group order
+    order = packing.group_order()
+    return out if order is None else out[order]  # (T, H, Dh), in packed order
 
 
 @functools.cache
