@@ -107,7 +107,9 @@ class ModelConfig:
     """Build the gradient-reversal batch discriminator (DAR objective); needs n_batches."""
     attention: str = "sdpa"
     """Attention backend: `sdpa` (PyTorch, padded batch with a boolean mask), `varlen` (packed tokens, one
-    SDPA call per cell: padding costs nothing) or `flash` (flash-attn 2 varlen, GPU; falls back to sdpa)."""
+    call per group of equal-length cells: padding costs nothing), `flash` (flash-attn 2 varlen, GPU; falls
+    back to sdpa) or `flex` (FlexAttention with a block mask; without dropout, and on CPU inference only:
+    other calls use varlen)."""
 
     def __post_init__(self) -> None:
         for name, value, choices in (
