@@ -202,6 +202,13 @@ def run(args: argparse.Namespace, ctx) -> dict:
     metrics["n_context_genes"] = float(len(data.genes))
     metrics["wall_s"] = time.perf_counter() - t_start
     (ctx.out_dir / "per_perturbation.json").write_text(json.dumps(per_rows, indent=1))
+    np.savez_compressed(
+        ctx.out_dir / "predicted_means.npz",
+        genes=np.asarray(data.genes),
+        control_mean=ctrl_mean,
+        **{f"true/{n}": data.mean(n) for n in test},
+        **{f"{method}/{n}": v for method, p in preds.items() for n, v in p.items()},
+    )
     return metrics
 
 
@@ -253,24 +260,38 @@ def _planted_truth(ctx, adata, data, test, preds) -> None:
     ctx.report.table("Correlation of the predicted change with the planted log fold change", rows)
 
 
+COLORS = {
+    "scgpt": "tab:blue",
+    "scgpt_scratch": "tab:cyan",
+    "additive": "tab:red",
+    "linear_pca": "tab:orange",
+    "linear_scgpt_emb": "tab:purple",
+    "mean_perturbed": "tab:green",
+}
+
+
 def _scatter(ctx, data, groups: dict[str, list[str]], preds) -> None:
-    """Predicted vs true change from control for a few test perturbations."""
+    """Predicted vs true change from control for a few test perturbations (one color per method)."""
     picks = [(g, n) for g, members in groups.items() for n in members[:2]][:4]
     if not picks:
         return
     methods = [m for m in ("scgpt", "additive", "linear_pca", "mean_perturbed") if m in preds]
-    fig = ctx.report.figure("delta_scatter", width=4.0 * len(picks), height=4.0)
+    fig = ctx.report.figure("delta_scatter", width=4.0 * len(picks), height=4.4)
     true_ctrl = data.ctrl_mean
+    handles = {}
     for i, (group, n) in enumerate(picks):
         ax = fig.add_subplot(1, len(picks), i + 1)
         true = data.mean(n) - true_ctrl
         for m in methods:
             if n in preds[m]:
-                ax.scatter(true, preds[m][n] - true_ctrl, s=6, alpha=0.6, label=m)
+                handles[m] = ax.scatter(
+                    true, preds[m][n] - true_ctrl, s=6, alpha=0.6, color=COLORS[m], label=m
+                )
         lim = float(np.abs(true).max()) * 1.1 or 1.0
         ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
         ax.set_title(f"{n}\n({group})", fontsize=9)
         ax.set_xlabel("true mean change (log1p)")
         if i == 0:
             ax.set_ylabel("predicted mean change")
-            ax.legend(fontsize=7)
+    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=len(handles))
+    fig.subplots_adjust(top=0.8)
