@@ -583,6 +583,8 @@ def write_ablation_report(
     from jobs.report import Report
     from jobs.scaling_law import fit_scaling_law
 
+    fit_max_exponent = 3.0
+
     rep = Report(f"Scale ablation {cfg.name}", out_dir)
     whole = [r for r in rows if r["tissue"] == WHOLE]
     rep.text(
@@ -611,7 +613,13 @@ def write_ablation_report(
     loss = np.array([r[FIT_METRIC] for r in whole], float)
     try:
         fit = fit_scaling_law(
-            n, d, loss, n_bootstrap=cfg.fit.bootstrap, level=cfg.fit.level, seed=cfg.fit.seed
+            n,
+            d,
+            loss,
+            n_bootstrap=cfg.fit.bootstrap,
+            level=cfg.fit.level,
+            seed=cfg.fit.seed,
+            max_exponent=fit_max_exponent,
         )
     except ValueError as err:
         rep.text(f"No scaling-law fit: {err}")
@@ -626,6 +634,15 @@ def write_ablation_report(
             "With few grid points the exponents are weakly identified: read the intervals, not the "
             "point estimates. E is the irreducible loss of this data and objective."
         )
+        for term, exp in (("N", "alpha"), ("D", "beta")):
+            p = fit.params[exp]
+            if p < 1e-3 or p > 0.99 * fit_max_exponent:
+                rep.text(
+                    f"**The {term} term is degenerate** ({exp} = {p:.3g}, at a bound of [0, "
+                    f"{fit_max_exponent:g}]): in this grid the loss does not fall as a power of {term}, "
+                    "so the fit cannot measure its exponent. Do not read it as a scaling law in "
+                    f"{term}."
+                )
     _plot_loss_vs_compute(rep, whole, fit)
     _plot_metric_vs_d(rep, whole, pca_knn)
     if pca_knn is not None:
@@ -664,6 +681,11 @@ def _plot_loss_vs_compute(rep, whole, fit) -> None:
             )
     ax.set_xscale("log")
     ax.set_yscale("log")
+    baseline = [r["heldout_gep_mse_baseline"] for r in whole if "heldout_gep_mse_baseline" in r]
+    if baseline:
+        ax.axhline(
+            float(np.mean(baseline)), color="grey", ls="--", label="per-gene-mean baseline (mean)"
+        )
     ax.set_xlabel("compute C = 6 N x tokens (FLOPs)")
     ax.set_ylabel("held-out GEP MSE")
     ax.set_title("Loss vs compute (lines: fitted L(N, D))")

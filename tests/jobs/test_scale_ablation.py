@@ -204,6 +204,6 @@ def test_collection_fit_and_report_from_stored_mlflow_runs(tmp_path):
     assert (
         "falls with N at every D: **True**" in text and "falls with D at every N: **True**" in text
     )
-    assert "Context arm: liver-only vs whole-census" in text
+    assert "Context arm: liver-only vs whole-census" in text and "degenerate" not in text
     for png in ("loss_vs_compute.png", "knn_acc_vs_cells.png"):
         assert (tmp_path / "report" / png).stat().st_size > 5000
