@@ -254,6 +254,11 @@ class Workspace:
         finally:
             self.enabled = before
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the free buffers held."""
+        return self._bytes
+
     def clear(self) -> None:
         """Release every free buffer."""
         self._free.clear()

@@ -66,14 +66,14 @@ def test_workspace_reuses_buffers_and_refuses_a_second_backward():
     WORKSPACE.clear()
     q, k, v = _qkv(dtype=torch.float32)
     out = attention_math(q, k, v, None, 0.5)
-    assert WORKSPACE._bytes == 0  # both weight buffers are held for the backward
+    assert WORKSPACE.held_bytes == 0  # both weight buffers are held for the backward
     out.sum().backward()
-    held = WORKSPACE._bytes
+    held = WORKSPACE.held_bytes
     assert held == 3 * 2 * 2 * 6 * 6 * 4  # weights, dropped weights, their gradient: given back
     grad = q.grad.clone()
     q.grad = None
     attention_math(q, k, v, None, 0.5).sum().backward()  # reuses them
-    assert WORKSPACE._bytes == held
+    assert WORKSPACE.held_bytes == held
     assert not torch.equal(q.grad, grad)  # a fresh dropout mask
     out = attention_math(q, k, v, None, 0.5)
     out.sum().backward(retain_graph=True)
@@ -82,7 +82,7 @@ def test_workspace_reuses_buffers_and_refuses_a_second_backward():
     with torch.no_grad():
         WORKSPACE.clear()
         attention_math(q, k, v, None, 0.5)
-        assert WORKSPACE._bytes == 2 * 2 * 2 * 6 * 6 * 4  # no backward: given back at once
+        assert WORKSPACE.held_bytes == 2 * 2 * 2 * 6 * 6 * 4  # no backward: given back at once
 
 
 def test_dense_packing_is_a_view():
