@@ -87,7 +87,9 @@ class MlflowCallback:
 
 class CheckpointCallback:
     """Every rank saves its DeepSpeed shard to a local temp dir; rank 0 adds config, vocab and meta; then
-    `ray.train.report` merges all ranks' files into `checkpoints/step_<N>` in the run's storage."""
+    `ray.train.report` merges all ranks' files into `checkpoints/step_<N>` in the run's storage
+    (`storage_root`: `train.storage_path` or the output directory; a local path or an object-store URI,
+    uploaded by Ray Train through the same `pyarrow.fs` filesystem that `scgpt_dist.storage` reads)."""
 
     def __init__(
         self,
@@ -96,9 +98,9 @@ class CheckpointCallback:
         rank: int,
         world_size: int,
         data_info: dict,
-        output_dir: str,
+        storage_root: str,
     ):
-        self.output_dir = output_dir
+        self.storage_root = storage_root
         self.cfg = cfg
         self.vocab = vocab
         self.rank = rank
@@ -144,7 +146,7 @@ class CheckpointCallback:
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return f"{self.output_dir}/{CHECKPOINTS_DIR}/{name}"
+        return f"{self.storage_root.rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
 
 
 def _gather_node_ids() -> list[str]:

@@ -202,6 +202,11 @@ class TrainConfig:
     """ZeRO-Offload: keep optimizer state in CPU memory (GPU runs; needs ZeRO stage >= 1)."""
     max_failures: int = 0
     """Worker-group restarts Ray Train may do after a worker dies; each resumes from the last checkpoint."""
+    storage_path: str | None = None
+    """Where `checkpoints/step_N` are stored: None = `output_dir`; else a shared local path or an
+    object-store URI (`s3://bucket/prefix`, `gs://bucket/prefix`; credentials and endpoint from the
+    environment, e.g. `AWS_ENDPOINT_URL` for S3-compatible stores). The consolidated model, the MLflow
+    store and the small run files stay in `output_dir`."""
     keep_checkpoints: int = 3
     """Newest checkpoints kept in `checkpoints/` (older ones are deleted once a newer one is committed)."""
     keep_best_checkpoint: bool = True

@@ -34,11 +34,16 @@ from scgpt_dist.checkpoint import (
     CheckpointError,
     consolidate,
     find_latest_checkpoint,
+    open_checkpoint,
     prune_checkpoints,
+    read_meta,
+    read_vocab,
     validate_checkpoint,
 )
 from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
+from scgpt_dist.storage import Store
+from scgpt_dist.storage import resolve as resolve_storage
 from scgpt_dist.tracking import start_or_resume_run, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -104,7 +109,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     module = TrainModule(cfg, vocab, world, rank)
     state = TrainState()
     replay = []
-    with _resume_dir(cfg.output_dir) as resume:
+    with _resume_dir(loop_config["storage"]) as resume:
         if resume is not None:
             state.load_state_dict(module.load(str(resume))["train_state"])
             replay = _meta(resume).get("pending_metrics", [])
@@ -138,9 +143,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> None:
     """The step loop: data -> micro-steps -> counters, logging and checkpoints."""
-    ckpt_cb = CheckpointCallback(
-        cfg, vocab, rank, world, loop_config["data_info"], str(Path(cfg.output_dir).resolve())
-    )
+    storage: Store = loop_config["storage"]
+    ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"], storage.uri)
     stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     resolved = loop_config["resolved"]
     stats = StreamStats()
@@ -197,7 +201,7 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
                     if rank == 0:
                         mlflow_cb.commit({"checkpoint.latest": path, "step": state.step})
                         prune_checkpoints(
-                            cfg.output_dir,
+                            storage,
                             cfg.train.keep_checkpoints,
                             cfg.train.keep_best_checkpoint,
                         )
@@ -220,27 +224,29 @@ def _cls_only_table(cls_id: int) -> pa.Table:
 
 
 @contextlib.contextmanager
-def _resume_dir(output_dir: str):
-    """The checkpoint to resume from: the newer of Ray Train's latest reported checkpoint (after a worker
-    failure, or restored from the run's storage) and the newest complete one on disk. A checkpoint can be
-    complete on disk before Ray's controller has registered it (a worker died in between); resuming from it
-    avoids redoing, and double-logging, steps that were already committed."""
-    on_disk = find_latest_checkpoint(output_dir)
+def _resume_dir(storage: Store):
+    """The checkpoint to resume from, as a local directory: the newer of Ray Train's latest reported
+    checkpoint (after a worker failure, or restored from the run's storage) and the newest complete one in
+    the storage. A checkpoint can be complete in storage before Ray's controller has registered it (a
+    worker died in between); resuming from it avoids redoing, and double-logging, steps that were already
+    committed. A checkpoint on an object store is downloaded to a temporary directory for the block."""
+    on_disk = find_latest_checkpoint(storage)
     ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        yield on_disk
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            try:
+                ray_step = validate_checkpoint(d)["step"]
+            except CheckpointError as err:
+                log.warning("Ray's latest checkpoint is unusable (%s); using %s", err, on_disk)
+                ray_step = -1
+            if ray_step >= 0 and (on_disk is None or read_meta(on_disk)["step"] <= ray_step):
+                yield d
+                return
+    if on_disk is None:
+        yield None
         return
-    with ckpt.as_directory() as d:
-        try:
-            ray_step = validate_checkpoint(d)["step"]
-        except CheckpointError as err:
-            log.warning("Ray's latest checkpoint is unusable (%s); using %s", err, on_disk)
-            ray_step = -1
-        if on_disk is not None and _meta(on_disk)["step"] > ray_step:
-            d = on_disk
-        elif ray_step < 0:
-            d = on_disk
-        yield d
+    with open_checkpoint(on_disk, verify=False) as local:  # validated by find_latest_checkpoint
+        yield local
 
 
 def _meta(path) -> dict:
@@ -306,12 +312,12 @@ def init_ray(cfg: ExperimentConfig) -> None:
 
 
 def resolve_vocab(
-    cfg: ExperimentConfig, source: SomaCellSource, resume_from: Path | None
+    cfg: ExperimentConfig, source: SomaCellSource, resume_from: Path | Store | None
 ) -> GeneVocab:
     """The vocabulary of a resumed checkpoint, a configured vocab.json, or one built from the data."""
     genes = source.gene_names()
     if resume_from is not None:
-        vocab = GeneVocab.load(resume_from / "vocab.json")
+        vocab = read_vocab(resume_from)
     elif cfg.data.vocab_path:
         vocab = GeneVocab.load(cfg.data.vocab_path)
     else:
@@ -347,7 +353,12 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
 
         build_demo_experiment(cfg.data.source.soma_uri, synth_cells=cfg.data.demo_synth_cells)
 
-    resume_from = find_latest_checkpoint(out)
+    if cfg.train.storage_path and "://" not in cfg.train.storage_path:
+        cfg.train.storage_path = str(Path(cfg.train.storage_path).resolve())
+    # Checkpoints go to train.storage_path (local or object store) or output_dir; resolved once here and
+    # handed to Ray Train and the workers with its filesystem (see scgpt_dist.storage).
+    storage = resolve_storage(cfg.train.storage_path or out)
+    resume_from = find_latest_checkpoint(storage)
     source = SomaCellSource(cfg.data.source)
     vocab = resolve_vocab(cfg, source, resume_from)
     resolved = source.resolve(vocab, TRAIN)
@@ -391,6 +402,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             "run_id": run_id,
             "data_info": data_info,
             "resolved": resolved,
+            "storage": storage,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -400,7 +412,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         ),
         run_config=RunConfig(
             name=CHECKPOINTS_DIR,
-            storage_path=str(out),
+            storage_path=storage.path,
+            storage_filesystem=None if storage.is_local else storage.fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             # Retention is ours (rank 0 prunes after each commit, see prune_checkpoints): Ray does not know
             # checkpoints that completed on disk just before a failure.
@@ -414,13 +427,13 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         client.set_terminated(run_id, status="FAILED")
         raise
     wall = time.perf_counter() - t0
-    latest = find_latest_checkpoint(out)
+    latest = find_latest_checkpoint(storage)
     if latest is None:
         client.set_terminated(run_id, status="FAILED")
         raise RuntimeError(
-            f"training finished without a complete checkpoint under {out / CHECKPOINTS_DIR}"
+            f"training finished without a complete checkpoint under {storage / CHECKPOINTS_DIR}"
         )
-    meta = json.loads((latest / "meta.json").read_text())
+    meta = read_meta(latest)
     summary = {
         "run_id": run_id,
         "tracking_uri": uri,
