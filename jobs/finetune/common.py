@@ -125,11 +125,21 @@ class TaskContext:
     params: dict[str, Any] = field(default_factory=dict)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Finite numeric metrics in one batch (one store transaction)."""
         if self.client is None:
             return
-        for k, v in metrics.items():
-            if isinstance(v, int | float) and np.isfinite(v):
-                self.client.log_metric(self.run_id, k, float(v), step=step)
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float) and np.isfinite(v)
+        ]
+        for start in range(0, len(batch), 1000):  # MLflow's per-request limit
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
 
 def open_mlflow_run(args: argparse.Namespace, task: str) -> tuple[Any, str]:
@@ -145,8 +155,9 @@ def open_mlflow_run(args: argparse.Namespace, task: str) -> tuple[Any, str]:
         tags[PARENT_RUN_TAG] = args.parent_run_id
     run = client.create_run(exp_id, run_name=f"{task}-{Path(args.out).name}", tags=tags)
     params = {k: v for k, v in vars(args).items() if v is not None and k != "func"}
-    for k, v in params.items():
-        client.log_param(run.info.run_id, k, str(v)[:500])
+    from mlflow.entities import Param
+
+    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
     return client, run.info.run_id
 
 
