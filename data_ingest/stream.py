@@ -48,13 +48,14 @@ _STREAM_SALT = 0x5C6E7  # separates the stream's generators from other users of 
 class StreamConfig:
     """How a rank's epoch is cut, shuffled and prefetched."""
 
-    chunk_size: int = 256
+    chunk_size: int = 64
     """Consecutive cells (by soma_joinid) moved together by the global shuffle. Smaller mixes datasets better;
-    larger reads faster (X is stored in tiles of a few hundred rows: a 64-cell chunk decodes ~5x the data it
-    uses, a 256-cell chunk ~2x)."""
-    buffer_size: int = 8192
-    """Cells read by one read task and shuffled together; a multiple of `chunk_size` mixes best (32 chunks
-    per buffer mix about as well as a uniform shuffle on the synthetic census). X is read 2048 cells at a
+    larger reads faster: X is stored in tiles of a few hundred rows, so on the synthetic census a 64-cell
+    chunk decodes ~5x the data it uses and a 256-cell chunk ~2x. At census scale use 256 with an 8192-cell
+    buffer (what `python -m jobs.bench data` measures)."""
+    buffer_size: int = 2048
+    """Cells read by one read task and shuffled together; a multiple of `chunk_size` mixes best (about 32
+    chunks per buffer mix as well as a uniform shuffle on the synthetic census). X is read 2048 cells at a
     time, so memory is about prefetch x buffer_size token records."""
     prefetch: int = 2
     """Read tasks running ahead of the consumer (bounds memory: about prefetch x buffer_size records)."""

@@ -147,7 +147,14 @@ def run_ours(
     from data_ingest.tokenize import TokenizerConfig
     from data_ingest.vocab import GeneVocab
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # Ray starts its workers at niceness 15; the other readers run at 0. On a shared machine that alone
+    # would starve our read tasks, so compare at equal priority.
+    ray.init(
+        num_cpus=cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _system_config={"worker_niceness": 0},
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     src = SomaCellSource(
         SourceConfig(soma_uri=exp_uri, value_filter=f"soma_joinid < {n_cells}", holdout_fraction=0)
@@ -363,8 +370,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=1200)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs for our pipeline")
-    p.add_argument("--chunk-size", type=int, default=0, help="our stream's chunk (0 = default)")
-    p.add_argument("--buffer-size", type=int, default=0, help="our stream's buffer (0 = default)")
+    p.add_argument(
+        "--chunk-size", type=int, default=256, help="our stream's chunk (0 = StreamConfig default)"
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        default=8192,
+        help="our stream's buffer (0 = StreamConfig default)",
+    )
     p.add_argument("--readers", default="raw,soma-ml,ours")
     p.add_argument("--json-out", default=None)
     p.add_argument("--worker", choices=["raw", "soma-ml", "ours"], help=argparse.SUPPRESS)
