@@ -57,7 +57,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parent-run-id", help="MLflow parent run (set by sweeps)")
     parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the Ray task")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs of the Ray task")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: the task's --num-cpus; more threads than CPUs thrash)",
+    )
 
 
 def load_cells(
@@ -166,7 +171,7 @@ def execute(task: str, module, args: argparse.Namespace) -> dict:
     import torch
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(max(1, args.threads or int(args.num_cpus)))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     client, run_id = open_mlflow_run(args, task)
