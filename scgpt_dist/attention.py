@@ -214,36 +214,47 @@ class Workspace:
     CPU tensors this large are fresh `mmap`s: each allocation page-faults and zeroes its pages, which costs
     more than the softmax over them. A layer takes its buffers in the forward and gives them back at the end
     of its backward (or of the forward when no backward follows), so a training step reuses the previous
-    step's memory. Buffers in use are ordinary tensors: one never given back is simply garbage-collected.
+    step's memory. A request is served by the smallest free buffer that holds it and is at most twice its
+    size (batches of varying length reuse each other's buffers); the oldest free buffers are released past
+    `max_bytes`. Buffers in use are ordinary tensors: one never given back is simply garbage-collected.
     """
 
     def __init__(self, max_bytes: int = 2**31):
         self.max_bytes = max_bytes
-        """Free buffers kept at most (bytes); more are released to the allocator."""
+        """Free buffers kept at most (bytes); the oldest beyond it are released to the allocator."""
         self.enabled = True
         """False: plain allocations, and a backward may run more than once (retain_graph, gradcheck)."""
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._free: list[torch.Tensor] = []
         self._bytes = 0
 
     def take(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A 1-D buffer of `numel` elements (uninitialized)."""
-        free = self._free.get((numel, dtype, device)) if self.enabled else None
-        if free:
-            buf = free.pop()
-            self._bytes -= buf.numel() * buf.element_size()
-            return buf
-        return torch.empty(numel, dtype=dtype, device=device)
+        """A 1-D tensor of `numel` elements (uninitialized), a view of a free buffer when one fits."""
+        best = None
+        if self.enabled:
+            for i, buf in enumerate(self._free):
+                fits = buf.dtype == dtype and buf.device == device
+                if fits and numel <= buf.numel() <= 2 * numel + 4096:
+                    if best is None or buf.numel() < self._free[best].numel():
+                        best = i
+        if best is None:
+            return torch.empty(numel, dtype=dtype, device=device)
+        buf = self._free.pop(best)
+        self._bytes -= buf.numel() * buf.element_size()
+        return buf[:numel]
 
-    def give(self, *bufs: torch.Tensor | None) -> None:
-        """Return buffers obtained from `take` (None entries are skipped)."""
-        for buf in bufs:
-            if buf is None or buf.device.type != "cpu" or not self.enabled:
+    def give(self, *tensors: torch.Tensor | None) -> None:
+        """Return tensors obtained from `take` (or views of them; None entries are skipped)."""
+        for t in tensors:
+            if t is None or t.device.type != "cpu" or not self.enabled:
                 continue
-            size = buf.numel() * buf.element_size()
-            if self._bytes + size > self.max_bytes:
+            root = t if t._base is None else t._base
+            if root.dim() != 1 or any(root is buf for buf in self._free):
                 continue
-            self._free.setdefault((buf.numel(), buf.dtype, buf.device), []).append(buf)
-            self._bytes += size
+            self._free.append(root)
+            self._bytes += root.numel() * root.element_size()
+            while self._bytes > self.max_bytes:
+                old = self._free.pop(0)
+                self._bytes -= old.numel() * old.element_size()
 
     @contextlib.contextmanager
     def disabled(self):
@@ -270,7 +281,7 @@ WORKSPACE = Workspace()
 
 
 def _take(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialized tensor of `shape`; on CPU a view of a whole workspace buffer."""
+    """An uninitialized tensor of `shape`; on CPU a view of a workspace buffer."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     n = 1
@@ -280,8 +291,8 @@ def _take(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 
 
 def _give(*tensors: torch.Tensor | None) -> None:
-    """Give back tensors made by `_take` (whole-buffer views)."""
-    WORKSPACE.give(*(None if t is None else t.view(-1) for t in tensors))
+    """Give back tensors made by `_take` (views of workspace buffers)."""
+    WORKSPACE.give(*tensors)
 
 
 def dropout_keep_mask(

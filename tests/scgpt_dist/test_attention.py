@@ -7,6 +7,7 @@ from data_ingest import keys
 from scgpt_dist.attention import (
     WORKSPACE,
     Packing,
+    Workspace,
     attention_math,
     dropout_keep_mask,
     mask_bias,
@@ -184,3 +185,18 @@ def test_dropout_training_step_runs_the_math_path_on_every_backend():
         out["gep"][gen].square().mean().backward()
         grad = model.encoder.embedding.weight.grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_workspace_serves_smaller_requests_and_caps_what_it_keeps():
+    ws = Workspace(max_bytes=100_000 * 4)
+    cpu = torch.device("cpu")
+    big = ws.take(60_000, torch.float32, cpu)
+    ws.give(big.view(200, 300))
+    smaller = ws.take(40_000, torch.float32, cpu)  # a shorter batch reuses the longer one's buffer
+    assert smaller.data_ptr() == big.data_ptr() and smaller.numel() == 40_000
+    assert (
+        ws.take(20_000, torch.float32, cpu).data_ptr() != big.data_ptr()
+    )  # not over twice the size
+    ws.give(smaller)
+    ws.give(ws.take(50_000, torch.float32, cpu).fill_(0))  # (smaller was taken back: a new buffer)
+    assert ws.held_bytes == 50_000 * 4  # the oldest (60k) went: 110k > 100k elements
