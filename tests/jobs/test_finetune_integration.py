@@ -108,7 +108,10 @@ def test_integration_task_end_to_end(census, model_dir, tmp_path, capsys):
     for m in methods:
         for k in METRICS:
             v = result[f"{m}/{k}"]
-            assert 0.0 <= v <= 1.0 + 1e-6, (m, k, v)
+            low = (
+                -0.5 if k in ("ari", "overall", "avg_bio") else 0.0
+            )  # ARI is chance-adjusted: < 0 is possible
+            assert low <= v <= 1.0 + 1e-6, (m, k, v)
     # The synthetic census's planted cell types are strong: PCA recovers them; its datasets differ.
     assert result["pca/nmi"] > 0.6
     assert result["harmony/asw_batch"] >= result["pca/asw_batch"] - 0.02
@@ -188,7 +191,7 @@ def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
         "harmony_joint",
         "totalvi",
     ):
-        assert 0.0 <= result[f"{m}/overall"] <= 1.0, m
+        assert -0.2 <= result[f"{m}/overall"] <= 1.0, m
     # Proteins are planted cell-type markers: adding them to the PCA does not lose the cell types.
     assert result["pca_joint/nmi"] > 0.6
     report = (out / "report" / "report.md").read_text()
