@@ -95,8 +95,9 @@ def test_zeroshot_scores_embeddings_and_baselines(pretrained, demo_soma, tmp_pat
     rows = {r["method"]: r for r in table}
     assert set(rows) == {"hvg_pca50", "scgpt_zeroshot"}
     for r in rows.values():
-        for key in ("knn_accuracy", "nmi", "ari", "asw_batch", "graph_conn", "overall"):
+        for key in ("knn_accuracy", "nmi", "asw_batch", "graph_conn", "overall"):
             assert 0.0 <= r[key] <= 1.0, (key, r)
+        assert -1.0 <= r["ari"] <= 1.0  # adjusted for chance: slightly negative when random
     assert rows["hvg_pca50"]["knn_accuracy"] > 0.8  # planted types are easy for PCA
     # Sorted by the scib overall score, best first.
     assert table[0]["overall"] >= table[1]["overall"]
