@@ -15,6 +15,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from scgpt_dist.integration import hvg_index
+
 
 @dataclass
 class Split:
@@ -88,18 +90,6 @@ def log_normalized(adata: ad.AnnData) -> sp.csr_matrix:
     X = sp.diags(1e4 / np.maximum(lib, 1e-12)) @ X
     X.data = np.log1p(X.data)
     return sp.csr_matrix(X)
-
-
-def hvg_index(X: sp.csr_matrix, n_top: int) -> np.ndarray:
-    """Columns of the `n_top` most variable genes of log-normalised X: dispersion normalised within bins of
-    mean expression (scanpy's `seurat` flavour), so lowly expressed noisy genes do not crowd out markers."""
-    import scanpy as sc
-
-    if n_top >= X.shape[1]:
-        return np.arange(X.shape[1])
-    tmp = ad.AnnData(X=sp.csr_matrix(X, dtype=np.float32))
-    sc.pp.highly_variable_genes(tmp, n_top_genes=n_top, flavor="seurat")
-    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
