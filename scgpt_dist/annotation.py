@@ -15,7 +15,9 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from scgpt_dist import preprocess
 from scgpt_dist.integration import hvg_index
+from scgpt_dist.preprocess import is_count_matrix  # noqa: F401  (re-exported for the jobs)
 
 
 @dataclass
@@ -74,22 +76,10 @@ def split_cells(
     return Split(reference=ref, query=qry[seen], how=how)
 
 
-def is_count_matrix(X) -> bool:
-    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
-    sample = data[:100_000]
-    return bool(sample.size) and bool(np.all(sample == np.round(sample)))
-
-
 def log_normalized(adata: ad.AnnData) -> sp.csr_matrix:
-    """Library-size normalised (1e4) log1p values; data that are not counts are taken as already
+    """Library-size normalised (1e4) log1p values of `adata.X`; values that are not counts are taken as already
     log-normalised (e.g. pbmc68k_reduced's `.raw`)."""
-    X = sp.csr_matrix(adata.X, dtype=np.float64)
-    if not is_count_matrix(X):
-        return X
-    lib = np.asarray(X.sum(1)).ravel()
-    X = sp.diags(1e4 / np.maximum(lib, 1e-12)) @ X
-    X.data = np.log1p(X.data)
-    return sp.csr_matrix(X)
+    return preprocess.log_normalized(adata.X)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

@@ -33,6 +33,7 @@ from data_ingest import keys
 from data_ingest.tokenize import TokenizerConfig
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.collate import Batch, collate
+from scgpt_dist.preprocess import log_normalize_counts
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,10 @@ def select_genes(
 def log_normalize(X, genes_idx: np.ndarray | None = None, target_sum: float = 1e4) -> np.ndarray:
     """Dense log1p(counts / library size * target_sum), (N, genes), of the columns `genes_idx` (all when
     None); the library size is always the cell's total over all its genes."""
-    X = sp.csr_matrix(X, dtype=np.float64)
-    lib = np.asarray(X.sum(1)).ravel()  # (N,)
-    scale = np.where(lib > 0, target_sum / np.maximum(lib, 1e-12), 0.0)
-    X = sp.diags(scale) @ X
+    X = log_normalize_counts(X, target_sum)
     if genes_idx is not None:
         X = X[:, genes_idx]
-    return np.log1p(X.toarray())
+    return X.toarray()
 
 
 # ----------------------------------------------------------------------------------------------- scores

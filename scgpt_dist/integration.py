@@ -26,6 +26,8 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
+from scgpt_dist.preprocess import log_normalize_counts
+
 log = logging.getLogger(__name__)
 
 METRICS = (
@@ -144,10 +146,7 @@ class BaselineConfig:
 
 def log_normalize(X) -> np.ndarray:
     """Counts (N, G) -> log1p(counts / library size * 1e4), dense float32."""
-    X = X.toarray() if sp.issparse(X) else np.asarray(X)
-    X = X.astype(np.float64)
-    lib = X.sum(1, keepdims=True)
-    return np.log1p(X / np.maximum(lib, 1e-12) * 1e4).astype(np.float32)
+    return log_normalize_counts(X).toarray().astype(np.float32)
 
 
 def hvg_index(logX: np.ndarray, n_hvg: int) -> np.ndarray:

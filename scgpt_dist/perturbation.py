@@ -34,12 +34,13 @@ import torch.nn.functional as F
 
 from data_ingest import keys
 from data_ingest.binning import bin_cell
+from scgpt_dist import preprocess
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.model import ScGPT
 
 log = logging.getLogger(__name__)
 
-NORMALIZE_TARGET_SUM = 1e4
+NORMALIZE_TARGET_SUM = preprocess.TARGET_SUM
 """Library size the log1p target values are normalized to (scanpy / GEARS convention)."""
 
 # ------------------------------------------------------------------------------------------------- data
@@ -57,14 +58,7 @@ def targets_of(name: str) -> list[str]:
 def log_normalize(X) -> sp.csr_matrix:
     """log1p of counts normalized to NORMALIZE_TARGET_SUM per cell; values that are not whole numbers are
     taken as already log-normalized and returned unchanged."""
-    X = sp.csr_matrix(X, dtype=np.float64)
-    if X.nnz and not np.allclose(X.data, np.round(X.data)):
-        return X
-    totals = np.asarray(X.sum(1)).ravel()
-    scale = NORMALIZE_TARGET_SUM / np.maximum(totals, 1.0)
-    X = sp.csr_matrix(sp.diags(scale) @ X)
-    X.data = np.log1p(X.data)
-    return X
+    return preprocess.log_normalized(X)
 
 
 @dataclass

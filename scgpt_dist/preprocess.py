@@ -1,0 +1,33 @@
+"""Expression preprocessing shared by the evaluation modules and their baselines: library-size normalisation
++ log1p, and telling counts from already-normalised values."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+TARGET_SUM = 1e4
+"""Counts per cell after library-size normalisation (scanpy / Seurat convention)."""
+
+
+def is_count_matrix(X) -> bool:
+    """True when every stored value is a whole number (raw counts)."""
+    data = X.data if sp.issparse(X) else np.asarray(X).ravel()
+    return bool(data.size) and bool(np.allclose(data, np.round(data)))
+
+
+def log_normalize_counts(X, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
+    """log1p(counts / library size * target_sum), sparse (N, G) float64; empty cells stay zero."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    lib = np.asarray(X.sum(1)).ravel()  # (N,)
+    X = sp.csr_matrix(sp.diags(target_sum / np.maximum(lib, 1e-12)) @ X)
+    X.data = np.log1p(X.data)
+    return X
+
+
+def log_normalized(X) -> sp.csr_matrix:
+    """`log_normalize_counts` for counts; values that are not counts are taken as already log-normalised
+    (e.g. pbmc68k_reduced's `.raw`) and returned unchanged (sparse float64)."""
+    if not is_count_matrix(X):
+        return sp.csr_matrix(X, dtype=np.float64)
+    return log_normalize_counts(X)
