@@ -19,6 +19,7 @@ from ray.data.block import BlockMetadata
 from data_ingest import keys
 from data_ingest.source import ResolvedSource, open_experiment
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig, TokenizeStats, tokenize_csr
+from data_ingest.tokenize_kernel import row_positions, scatter_rows
 
 IO_CELLS = 2048
 """Cells per X read query inside a read task: bounds the raw (COO) data held at once, whatever the task size."""
@@ -50,7 +51,7 @@ def read_token_table(
         X = exp.ms[src.measurement].X[src.layer]
         for lo in range(0, len(joinids), io_cells):
             ids = joinids[lo : lo + io_cells]
-            coo = X.read(coords=(ids,)).tables().concat()
+            coo = list(X.read(coords=(ids,)).tables())
             indptr, cols, vals = _coo_to_csr(ids, coo)
             parts.append(
                 tokenize_csr(
@@ -71,15 +72,36 @@ def read_token_table(
     return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
 
-def _coo_to_csr(ids: np.ndarray, coo: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR (indptr, columns, values) over the rows `ids` (sorted) of a SOMA X read in any order."""
-    rows = np.searchsorted(ids, coo["soma_dim_0"].to_numpy())
-    # A stable sort of 16-bit keys is a radix sort: linear in the number of entries.
-    small = rows.astype(np.uint16) if len(ids) <= 1 << 16 else rows
-    order = np.argsort(small, kind="stable")
-    indptr = np.zeros(len(ids) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=len(ids)), out=indptr[1:])
-    return indptr, coo["soma_dim_1"].to_numpy()[order], coo["soma_data"].to_numpy()[order]
+def _coo_to_csr(
+    ids: np.ndarray, coo: pa.Table | list[pa.Table]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR (indptr, columns, values) over the rows `ids` (sorted, unique) of a SOMA X read in any order.
+
+    `coo` is the read's table or its list of result tables (each processed chunk by chunk, never
+    concatenated). Entries of a row keep their order in the read.
+    """
+    tables = [coo] if isinstance(coo, pa.Table) else coo
+    chunks = [
+        (r.to_numpy(), c.to_numpy(), v.to_numpy())
+        for t in tables
+        for r, c, v in zip(
+            t["soma_dim_0"].chunks, t["soma_dim_1"].chunks, t["soma_data"].chunks, strict=True
+        )
+    ]
+    ids = np.asarray(ids, np.int64)
+    n = len(ids)
+    starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1) if n else np.zeros(0, int)
+    run_ids = ids[starts] if n else np.zeros(1, np.int64)
+    run_pos = np.append(starts, n).astype(np.int64) if n else np.zeros(2, np.int64)
+    counts = np.zeros(n + 1, np.int64)
+    positions = [row_positions(r, run_ids, run_pos, counts[1:]) for r, _, _ in chunks]
+    indptr = np.cumsum(counts)
+    cols = np.empty(indptr[-1], np.int32)
+    vals = np.empty(indptr[-1], chunks[0][2].dtype if chunks else np.float32)
+    fill = indptr[:-1].copy()
+    for pos, (_, c, v) in zip(positions, chunks, strict=True):
+        scatter_rows(pos, c, v, fill, cols, vals)
+    return indptr, cols, vals
 
 
 class SomaTokenDatasource(Datasource):

@@ -7,7 +7,7 @@ unexpressed genes (also in column order).
 
 Randomness is counter-based: every random number is a hash of `(seed, cell_id, gene token, purpose)`, so a
 cell tokenizes the same way wherever it is read and whatever cells it is read with (exact resume, any read
-task size), and a whole block of cells is tokenized with array operations, without a per-cell Python loop:
+task size), and a block of cells is tokenized by compiled per-cell loops (`data_ingest.tokenize_kernel`):
 
 - gene sub-sampling keeps the `max_seq_len - 1` genes with the smallest hash keys: a uniform random subset;
 - a value on a quantile edge goes between its left and right bin by a hashed uniform draw (the scGPT
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from data_ingest import keys
+from data_ingest import keys, tokenize_kernel
 from data_ingest.binning import bin_nonzero
 
 RECORD_SCHEMA = pa.schema(
@@ -44,15 +44,9 @@ SALT_PICK = 2
 PICK_KEY_BITS = 40
 """Bits of a sub-sampling key. Two genes of a cell share a key with probability about 1e-6 per truncated
 cell; the earlier column then wins, in both implementations."""
-MAX_CELLS_PER_BLOCK = 1 << 20
-"""Cells tokenized in one vectorized pass (the cell index shares a 64-bit sort key with a pick key)."""
 
 _U64_MASK = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_NEVER = np.uint64(_U64_MASK)  # larger than any pick key: marks a gene that must not be picked
-_ZERO_FILL_ENTRIES = 1 << 22  # (cells x genes) hash matrix entries per zero-fill pass (32 MB)
-_COUNT_TABLE_ENTRIES = 1 << 22  # (cells x values) lookup table entries of the integer binning path
-_PICK_BUCKET_BITS = 8  # sub-sampling histogram buckets per cell: 2**8
 
 
 @dataclass
@@ -141,21 +135,6 @@ def _check_values(data: np.ndarray) -> None:
         )
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
-def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Concatenation of `arange(s, s + n)` for each (start, length) pair."""
-    total = int(lengths.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    first = _offsets(lengths)[:-1]
-    return np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
-
-
 def tokenize_csr(
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -174,36 +153,24 @@ def tokenize_csr(
     `feature_tokens[j]` is the vocabulary id of feature column `j`, or -1 when the gene is not in the
     vocabulary (such genes are dropped). `batch` / `labels` are per-cell ints (default 0 / -1).
 
-    Vectorized over all cells (one sort for the quantiles, one for sub-sampling); the result is identical to
-    `tokenize_csr_reference`, which is used as-is when the values are not exactly representable in float32.
+    Compiled per-cell loops (`data_ingest.tokenize_kernel`); the result is identical to
+    `tokenize_csr_reference`.
     """
     data = np.asarray(data)
     _check_values(data)
+    if data.dtype not in (np.float32, np.float64):
+        data = data.astype(np.float64)
     indptr = np.asarray(indptr, np.int64)
-    vals32 = data.astype(np.float32, copy=False)
-    if data.dtype != np.float32 and not np.array_equal(vals32, data, equal_nan=True):
-        return tokenize_csr_reference(
-            indptr,
-            indices,
-            data,
-            cell_ids,
-            feature_tokens,
-            cfg,
-            cls_id,
-            batch,
-            labels,
-            modality,
-            stats,
-        )
+    indices = np.asarray(indices)
+    if indices.dtype not in (np.int32, np.int64):
+        indices = indices.astype(np.int64)
     stats = stats if stats is not None else TokenizeStats()
     n = len(indptr) - 1
     cell_ids = np.asarray(cell_ids, np.int64)
     batch = np.zeros(n, np.int32) if batch is None else np.asarray(batch, np.int32)
     labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
-    indices = np.asarray(indices, np.int64)
     feature_tokens = np.asarray(feature_tokens, np.int64)
-    # Blocks keep the cell index within its share of a sort key and the list offsets within int32.
-    step = max(1, min(MAX_CELLS_PER_BLOCK, (2**31 - 1) // cfg.max_seq_len))
+    step = max(1, (2**31 - 1) // cfg.max_seq_len)  # list offsets stay within int32
     parts = []
     for lo in range(0, n, step):
         hi = min(lo + step, n)
@@ -212,7 +179,7 @@ def tokenize_csr(
             _tokenize_block(
                 indptr[lo : hi + 1] - a,
                 indices[a:b],
-                vals32[a:b],
+                data[a:b],
                 cell_ids[lo:hi],
                 feature_tokens,
                 cfg,
@@ -231,7 +198,7 @@ def tokenize_csr(
 def _tokenize_block(
     indptr: np.ndarray,
     indices: np.ndarray,
-    x_all: np.ndarray,
+    data: np.ndarray,
     cell_ids: np.ndarray,
     feature_tokens: np.ndarray,
     cfg: TokenizerConfig,
@@ -242,247 +209,38 @@ def _tokenize_block(
     stats: TokenizeStats,
 ) -> pa.Table:
     n = len(indptr) - 1
+    keep, offsets, genes, values, truncated = tokenize_kernel.tokenize_block(
+        indptr,
+        indices,
+        data,
+        feature_tokens,
+        cell_streams(cfg.seed, cell_ids, SALT_PICK),
+        cell_streams(cfg.seed, cell_ids, SALT_TIE),
+        np.linspace(0.0, 1.0, cfg.n_bins - 1),
+        cfg.max_seq_len - 1,
+        cfg.min_genes,
+        cfg.include_zero_genes,
+        cls_id,
+        keys.PAD_VALUE,
+        64 - PICK_KEY_BITS,
+    )
+    nk = int(keep.sum())
     stats.cells_in += n
-
-    # Expressed, in-vocabulary entries of the cells kept, in CSR order (so grouped by cell).
-    row_of = np.repeat(np.arange(n), np.diff(indptr))
-    tok_all = feature_tokens[indices]
-    ok = (x_all > 0) & (tok_all >= 0)
-    counts = np.bincount(row_of[ok], minlength=n)
-    keep = counts >= cfg.min_genes
-    stats.skipped_few_genes += int(n - keep.sum())
-    ok &= keep[row_of]
-    rows = np.flatnonzero(keep)
-    nk = len(rows)
-    cell = (np.cumsum(keep) - 1)[row_of[ok]]  # kept-cell index of each entry, non-decreasing
-    cols, toks, x = indices[ok], tok_all[ok], x_all[ok]
-    cnt = counts[rows]
-    off = _offsets(cnt)
-    ids = cell_ids[rows]
-
-    sel, trunc = _subsample(cell, toks, cnt, off, ids, cfg)
-    sel_idx = np.flatnonzero(sel)
-    bins = _bin_block(cell, x, toks, cnt, off, ids, cfg, sel_idx)  # of the selected entries
-    stats.truncated += int(trunc.sum())
-    if cfg.include_zero_genes:
-        extra_cell, extra_tok = _zero_fill(cell, cols, cnt, off, ids, feature_tokens, cfg)
-    else:
-        extra_cell = extra_tok = np.zeros(0, np.int64)
-
-    # Assemble: <cls>, the selected expressed genes in CSR order, then the zero-filled genes.
-    n_sel = np.bincount(cell[sel], minlength=nk)
-    n_extra = np.bincount(extra_cell, minlength=nk)
-    out_off = _offsets(1 + n_sel + n_extra)
-    genes_flat = np.zeros(int(out_off[-1]), np.int32)
-    values_flat = np.zeros(int(out_off[-1]), np.int16)
-    genes_flat[out_off[:-1]] = cls_id
-    values_flat[out_off[:-1]] = keys.PAD_VALUE
-    sel_cell = cell[sel_idx]
-    dest = out_off[sel_cell] + 1 + np.arange(len(sel_cell)) - _offsets(n_sel)[sel_cell]
-    genes_flat[dest] = toks[sel_idx]
-    values_flat[dest] = bins
-    dest = out_off[extra_cell] + 1 + n_sel[extra_cell]
-    dest += np.arange(len(extra_cell)) - _offsets(n_extra)[extra_cell]
-    genes_flat[dest] = extra_tok  # values stay 0
     stats.cells_out += nk
-    offsets = pa.array(out_off.astype(np.int32))
+    stats.skipped_few_genes += n - nk
+    stats.truncated += int(truncated)
+    off = pa.array(offsets)
     return pa.Table.from_arrays(
         [
-            pa.ListArray.from_arrays(offsets, pa.array(genes_flat, pa.int32())),
-            pa.ListArray.from_arrays(offsets, pa.array(values_flat, pa.int16())),
-            pa.array(batch[rows], pa.int32()),
+            pa.ListArray.from_arrays(off, pa.array(genes, pa.int32())),
+            pa.ListArray.from_arrays(off, pa.array(values, pa.int16())),
+            pa.array(batch[keep], pa.int32()),
             pa.array(np.full(nk, modality, np.int8), pa.int8()),
-            pa.array(ids, pa.int64()),
-            pa.array(labels[rows], pa.int32()),
+            pa.array(cell_ids[keep], pa.int64()),
+            pa.array(labels[keep], pa.int32()),
         ],
         schema=RECORD_SCHEMA,
     )
-
-
-def _bin_block(
-    cell: np.ndarray,
-    x: np.ndarray,
-    toks: np.ndarray,
-    cnt: np.ndarray,
-    off: np.ndarray,
-    ids: np.ndarray,
-    cfg: TokenizerConfig,
-    which: np.ndarray,
-) -> np.ndarray:
-    """`bin_nonzero` of the entries `which`, each cell binned by all its values `x` (float32, > 0, grouped
-    by `cell`), for all cells in one pass."""
-    nk, m, nb = len(cnt), len(x), cfg.n_bins - 1  # nb: quantile edges per cell
-    counts = _as_small_counts(x, nk)
-    if counts is not None:
-        # Integer values below v_max: a (cell, value) histogram replaces the sort.
-        xi, v_max = counts
-        flat = cell * v_max + xi
-        cum = np.cumsum(np.bincount(flat, minlength=nk * v_max))
-
-        def value_at(rank: np.ndarray) -> np.ndarray:  # value of the entry of global sorted rank
-            return (np.searchsorted(cum, rank, "right") % v_max).astype(np.float64)
-    else:
-        key = (cell.astype(np.uint64) << np.uint64(32)) | x.view(np.uint32).astype(np.uint64)
-        perm = np.argsort(key, kind="stable")  # by (cell, value): float32 bits order like values
-        skey = key[perm]
-        s = x[perm].astype(np.float64)
-
-        def value_at(rank: np.ndarray) -> np.ndarray:
-            return s[rank]
-
-    # Quantile edges of each cell's values, exactly as np.quantile(method="linear") computes them.
-    has = cnt > 0
-    q = np.linspace(0.0, 1.0, nb)
-    vi = (cnt[:, None] - 1) * q[None, :]  # (nk, nb)
-    above = vi >= (cnt[:, None] - 1)
-    prev_i = np.where(above, -1, np.floor(vi)).astype(np.int64)
-    gamma = vi - prev_i
-    last = np.maximum(cnt - 1, 0)[:, None]
-    a_idx = np.where(has[:, None], np.where(above, last, prev_i) + off[:-1, None], 0)
-    b_idx = np.where(has[:, None], np.where(above, last, prev_i + 1) + off[:-1, None], 0)
-    a = value_at(a_idx) if m else np.zeros(vi.shape)
-    b = value_at(b_idx) if m else np.zeros(vi.shape)
-    diff_ba = b - a
-    edges = a + diff_ba * gamma
-    hi = gamma >= 0.5
-    edges[hi] = (b - diff_ba * (1 - gamma))[hi]
-
-    if counts is not None:
-        # For an integer v: e <= v <=> ceil(e) <= v, and e < v <=> floor(e) + 1 <= v. Count edges per
-        # (cell, value) and accumulate along values: a lookup table of np.digitize for every integer.
-        row = np.arange(nk)[:, None] * v_max
-        n_le = np.bincount((row + np.ceil(edges)).astype(np.int64).ravel(), minlength=nk * v_max)
-        n_lt = np.bincount(
-            (row + np.floor(edges) + 1).astype(np.int64).ravel(), minlength=nk * v_max
-        )
-        n_le = n_le.reshape(nk, v_max).cumsum(axis=1).ravel()
-        n_lt = n_lt.reshape(nk, v_max).cumsum(axis=1).ravel()
-        left, right = n_le[flat[which]], n_lt[flat[which]]
-    else:
-        # Where each edge falls in its cell's sorted values: e <= x <=> up(e) <= x and e < x <=>
-        # down(e) < x for float32 x, with up / down the float32 neighbours of the float64 edge e.
-        e32 = edges.astype(np.float32)
-        up = np.where(e32 < edges, np.nextafter(e32, np.float32(np.inf)), e32)
-        down = np.where(e32 > edges, np.nextafter(e32, np.float32(-np.inf)), e32)
-        prefix = (np.arange(nk, dtype=np.uint64) << np.uint64(32))[:, None]
-        up_key = (prefix | up.view(np.uint32).astype(np.uint64)).ravel()
-        down_key = (prefix | down.view(np.uint32).astype(np.uint64)).ravel()
-        first_ge = np.searchsorted(skey, up_key, "left")
-        first_gt = np.searchsorted(skey, down_key, "right")
-        # Sorted entry i has left = #edges of its cell <= x_i: all edges of earlier cells sit at or
-        # before the cell's first entry, those of later cells after its last; count all, subtract.
-        base = cell * nb
-        left = np.empty(m, np.int64)
-        right = np.empty(m, np.int64)
-        left[perm] = np.cumsum(np.bincount(first_ge, minlength=m + 1))[:m] - base
-        right[perm] = np.cumsum(np.bincount(first_gt, minlength=m + 1))[:m] - base
-        left, right = left[which], right[which]
-
-    u = np.zeros(len(which))
-    tie = np.flatnonzero(right != left)
-    streams = cell_streams(cfg.seed, ids, SALT_TIE)
-    u[tie] = _uniforms(gene_hashes(streams[cell[which[tie]]], toks[which[tie]]))
-    digits = np.ceil(u * (right - left) + left).astype(np.int64)
-    return np.clip(digits, 1, nb)
-
-
-def _as_small_counts(x: np.ndarray, n_cells: int) -> tuple[np.ndarray, int] | None:
-    """(x as integers, bound) when every value is an integer and a (cell, value) table stays small."""
-    if not x.size:
-        return None
-    v_max = int(x.max()) + 2  # values 0 .. max, and floor(edge) + 1 <= max + 1
-    if n_cells * v_max > _COUNT_TABLE_ENTRIES:
-        return None
-    xi = x.astype(np.int64)
-    if not np.array_equal(xi, x):
-        return None
-    return xi, v_max
-
-
-def _subsample(
-    cell: np.ndarray,
-    toks: np.ndarray,
-    cnt: np.ndarray,
-    off: np.ndarray,
-    ids: np.ndarray,
-    cfg: TokenizerConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(entry kept, cell truncated): cells with more than `max_seq_len - 1` genes keep the genes with the
-    smallest pick keys (ties: the earlier entry)."""
-    n_keep = cfg.max_seq_len - 1
-    trunc = cnt > n_keep
-    sel = np.ones(len(cell), bool)
-    nt = int(trunc.sum())
-    if not nt:
-        return sel, trunc
-    idx = _ranges(off[:-1][trunc], cnt[trunc])  # entries of truncated cells, grouped by cell
-    t = (np.cumsum(trunc) - 1)[cell[idx]]  # truncated-cell index of each entry
-    key = _pick_keys(gene_hashes(cell_streams(cfg.seed, ids, SALT_PICK)[cell[idx]], toks[idx]))
-    # Coarse pass: a histogram of each cell's keys over buckets finds the bucket holding its
-    # n_keep-th smallest key; only that bucket's entries need sorting.
-    bucket = (key >> np.uint64(PICK_KEY_BITS - _PICK_BUCKET_BITS)).astype(np.int64)
-    n_buckets = 1 << _PICK_BUCKET_BITS
-    hist = np.bincount(t * n_buckets + bucket, minlength=nt * n_buckets).reshape(nt, n_buckets)
-    cum = hist.cumsum(axis=1)
-    edge = np.argmax(cum >= n_keep, axis=1)  # the boundary bucket of each truncated cell
-    below = cum[np.arange(nt), edge] - hist[np.arange(nt), edge]
-    e_edge = edge[t]
-    drop = bucket > e_edge
-    tied = np.flatnonzero(bucket == e_edge)  # grouped by cell, in entry order
-    tc = t[tied]
-    order = np.argsort(
-        (tc.astype(np.uint64) << np.uint64(PICK_KEY_BITS)) | key[tied], kind="stable"
-    )
-    start = _offsets(np.bincount(tc, minlength=nt))[:-1]
-    rank = np.empty(len(tied), np.int64)
-    rank[order] = np.arange(len(tied)) - start[tc[order]]
-    drop[tied] = rank >= (n_keep - below)[tc]
-    sel[idx[drop]] = False
-    return sel, trunc
-
-
-def _zero_fill(
-    cell: np.ndarray,
-    cols: np.ndarray,
-    cnt: np.ndarray,
-    off: np.ndarray,
-    ids: np.ndarray,
-    feature_tokens: np.ndarray,
-    cfg: TokenizerConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(cell, token) of the unexpressed genes that fill each cell's context: those with the smallest pick
-    keys, sorted by cell, then column."""
-    cand_cols = np.flatnonzero(feature_tokens >= 0)
-    cand_tok = feature_tokens[cand_cols]
-    g = len(cand_cols)
-    col_pos = np.full(len(feature_tokens), -1, np.int64)
-    col_pos[cand_cols] = np.arange(g)
-    want = np.minimum(cfg.max_seq_len - 1 - cnt, g - cnt)
-    fill = np.flatnonzero(want > 0)
-    streams = cell_streams(cfg.seed, ids, SALT_PICK)
-    tok_mix = cand_tok.astype(np.uint64) * _GOLDEN
-    shift = np.uint64(64 - PICK_KEY_BITS)
-    out_cell, out_tok = [], []
-    step = max(1, _ZERO_FILL_ENTRIES // max(g, 1))
-    for lo in range(0, len(fill), step):
-        cc = fill[lo : lo + step]
-        k = want[cc]
-        keys_ = _mix64(streams[cc][:, None] ^ tok_mix[None, :]) >> shift  # (C, G) pick keys
-        ent = _ranges(off[:-1][cc], cnt[cc])
-        keys_[np.repeat(np.arange(len(cc)), cnt[cc]), col_pos[cols[ent]]] = _NEVER
-        kmax = int(k.max())
-        smallest = np.partition(keys_, kmax - 1, axis=1)[:, :kmax]
-        smallest.sort(axis=1)
-        chosen = keys_ <= smallest[np.arange(len(cc)), k - 1][:, None]
-        for r in np.flatnonzero(chosen.sum(1) != k):  # a key tie at the threshold (rare)
-            chosen[r] = False
-            chosen[r, np.argsort(keys_[r], kind="stable")[: k[r]]] = True
-        r, j = np.nonzero(chosen)
-        out_cell.append(cc[r])
-        out_tok.append(cand_tok[j])
-    if not out_cell:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_cell), np.concatenate(out_tok)
 
 
 def tokenize_csr_reference(

@@ -1,0 +1,359 @@
+"""Compiled (numba) inner loops of the tokenizer: one pass per cell, no per-entry Python.
+
+`tokenize_block` computes exactly what `data_ingest.tokenize.tokenize_csr_reference` defines (same hashes,
+same quantile edges, same tie rule); `tests/data_ingest/test_tokenize_vectorized.py` checks it record for
+record. Per cell it gathers the expressed in-vocabulary entries, sorts their values (a counting sort for
+small integer counts), takes the quantile edges, keeps the `n_keep` genes with the smallest pick keys
+(a bucket histogram of the keys), bins the kept values (a per-value lookup table for counts, else binary
+search over the edges) and, if asked, fills the context with the
+unexpressed genes of smallest pick keys. Hash arithmetic is uint64 with wrap-around, as in numpy.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_S11, _S27, _S30, _S31 = np.uint64(11), np.uint64(27), np.uint64(30), np.uint64(31)
+_COUNT_SORT_SLACK = 1024
+"""A cell's values are counting-sorted when they are integers below `2 * n_values + this`."""
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _mix64(x):
+    x = x ^ (x >> _S30)
+    x = x * _M1
+    x = x ^ (x >> _S27)
+    x = x * _M2
+    return x ^ (x >> _S31)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _gene_hash(stream, token):
+    return _mix64(stream ^ (np.uint64(token) * _GOLDEN))
+
+
+@numba.njit(cache=True, nogil=True)
+def row_positions(rows, run_ids, run_pos, counts):
+    """Row index (in the sorted cell ids) of each COO entry's `rows` value, counting entries per row.
+
+    The cell ids are given as runs of consecutive ids: run k covers ids `run_ids[k] ..` at positions
+    `run_pos[k] .. run_pos[k + 1] - 1`. Entries arrive mostly row by row, so the last run is tried first.
+    """
+    out = np.empty(len(rows), np.int32)
+    k = 0
+    lo_id = run_ids[0]
+    hi_id = run_ids[0] + run_pos[1] - run_pos[0]
+    for e in range(len(rows)):
+        r = rows[e]
+        if r < lo_id or r >= hi_id:
+            k = np.searchsorted(run_ids, r, side="right") - 1
+            lo_id = run_ids[k]
+            hi_id = lo_id + run_pos[k + 1] - run_pos[k]
+        p = run_pos[k] + (r - lo_id)
+        out[e] = p
+        counts[p] += 1
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def scatter_rows(pos, cols, vals, fill, out_cols, out_vals):
+    """Place COO entries into CSR arrays; `fill[row]` is the next free slot of the row (advanced)."""
+    for e in range(len(pos)):
+        d = fill[pos[e]]
+        out_cols[d] = cols[e]
+        out_vals[d] = vals[e]
+        fill[pos[e]] = d + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _value_at_ranks(hist, vmax, ranks, out):
+    """out[j] = the value of sorted rank ranks[j] (non-decreasing) of the counts histogram `hist[:vmax+1]`."""
+    v = 0
+    below = hist[0]  # entries with value <= v
+    for j in range(len(ranks)):
+        while below <= ranks[j]:
+            v += 1
+            below += hist[v]
+        out[j] = v
+
+
+@numba.njit(cache=True, nogil=True)
+def _edge_ranks(c, q, idx):
+    """Sorted ranks whose values `np.quantile(values, q, method="linear")` of `c` values interpolates:
+    idx[j] and idx[nb + j] for quantile j (non-decreasing in each half)."""
+    last = c - 1
+    nb = len(q)
+    for j in range(nb):
+        vi = last * q[j]
+        prev = last if vi >= last else int(np.floor(vi))
+        idx[j] = prev
+        idx[nb + j] = last if vi >= last else prev + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _edges(c, q, vals, edges):
+    """The quantile edges from the values at `_edge_ranks`, exactly as the vectorized numpy code did."""
+    last = c - 1
+    nb = len(q)
+    for j in range(nb):
+        vi = last * q[j]
+        a = vals[j]
+        if vi >= last:
+            edges[j] = a
+            continue
+        b = vals[nb + j]
+        gamma = vi - np.floor(vi)
+        diff = b - a
+        if gamma >= 0.5:
+            edges[j] = b - diff * (1 - gamma)
+        else:
+            edges[j] = a + diff * gamma
+
+
+@numba.njit(cache=True, nogil=True)
+def _digitize_table(edges, vmax, left, right):
+    """left[v] = #edges <= v and right[v] = #edges < v for the integers v = 0 .. vmax (edges sorted)."""
+    nb = len(edges)
+    j = 0
+    k = 0
+    for v in range(vmax + 1):
+        while j < nb and edges[j] < v:
+            j += 1
+        if k < j:
+            k = j
+        while k < nb and edges[k] <= v:
+            k += 1
+        right[v] = j
+        left[v] = k
+
+
+@numba.njit(cache=True, nogil=True)
+def _select_smallest(keys, m, k, bucket_shift, flags, hist):
+    """flags[i] = key i is among the `k` smallest of keys[:m] (ties: the earlier index), for 0 < k < m.
+
+    A histogram of the keys' top 8 bits (`bucket_shift` = key bits - 8) finds the bucket holding the k-th
+    smallest key; only that bucket's few keys are sorted. `hist` is 256 zeroed ints (left zeroed).
+    """
+    for i in range(m):
+        hist[keys[i] >> bucket_shift] += 1
+    below = 0
+    edge = 0
+    while below + hist[edge] < k:
+        below += hist[edge]
+        edge += 1
+    tied = np.empty(hist[edge], np.uint64)
+    t = 0
+    for i in range(m):
+        if (keys[i] >> bucket_shift) == edge:
+            tied[t] = keys[i]
+            t += 1
+    hist[:] = 0
+    tied.sort()
+    thr = tied[k - below - 1]
+    eq_left = k - below
+    for v in tied:
+        if v < thr:
+            eq_left -= 1
+    for i in range(m):
+        kv = keys[i]
+        b = kv >> bucket_shift
+        if b < edge or (b == edge and kv < thr):
+            flags[i] = True
+        elif kv == thr and eq_left > 0:
+            flags[i] = True
+            eq_left -= 1
+        else:
+            flags[i] = False
+
+
+@numba.njit(cache=True, nogil=True)
+def tokenize_block(
+    indptr,
+    indices,
+    data,
+    feature_tokens,
+    pick_streams,
+    tie_streams,
+    q,
+    n_keep,
+    min_genes,
+    zero_fill,
+    cls_id,
+    pad_value,
+    key_shift,
+):
+    """Token lists of the CSR cells (see the module docstring).
+
+    Returns (kept cell mask, int32 list offsets over kept cells, genes int32, values int16, truncated cells).
+    """
+    n = len(indptr) - 1
+    nb = len(q)
+    n_feat = len(feature_tokens)
+    shift = np.uint64(key_shift)
+    # Pass 1: expressed in-vocabulary entries per cell, and each kept cell's record length.
+    cnt = np.zeros(n, np.int64)
+    for i in range(n):
+        c = 0
+        for e in range(indptr[i], indptr[i + 1]):
+            if data[e] > 0 and feature_tokens[indices[e]] >= 0:
+                c += 1
+        cnt[i] = c
+    n_cand = 0
+    for j in range(n_feat):
+        if feature_tokens[j] >= 0:
+            n_cand += 1
+    mark = np.zeros(n_feat if zero_fill else 0, np.bool_)
+    keep = cnt >= min_genes
+    length = np.zeros(n, np.int64)
+    max_c = 0
+    for i in range(n):
+        if not keep[i]:
+            continue
+        c = cnt[i]
+        max_c = max(max_c, c)
+        extra = 0
+        if zero_fill and c < n_keep:
+            distinct = 0  # expressed candidate columns (a malformed row may repeat a column)
+            for e in range(indptr[i], indptr[i + 1]):
+                j = indices[e]
+                if data[e] > 0 and feature_tokens[j] >= 0 and not mark[j]:
+                    mark[j] = True
+                    distinct += 1
+            for e in range(indptr[i], indptr[i + 1]):
+                mark[indices[e]] = False
+            extra = min(n_keep - c, n_cand - distinct)
+        length[i] = 1 + min(c, n_keep) + extra
+    n_out = 0
+    for i in range(n):
+        if keep[i]:
+            n_out += 1
+    offsets = np.zeros(n_out + 1, np.int32)
+    total = 0
+    r = 0
+    for i in range(n):
+        if keep[i]:
+            total += length[i]
+            offsets[r + 1] = total
+            r += 1
+    genes = np.zeros(total, np.int32)
+    values = np.zeros(total, np.int16)
+
+    # Pass 2: one cell at a time, in scratch buffers sized for the largest cell.
+    tok = np.empty(max_c, np.int64)
+    col = np.empty(max_c, np.int64)
+    x = np.empty(max_c, np.float64)
+    sv = np.empty(max_c, np.float64)
+    keys = np.empty(max(max_c, n_cand if zero_fill else 0), np.uint64)
+    flags = np.empty(max(max_c, n_cand if zero_fill else 0), np.bool_)
+    cand = np.empty(n_cand if zero_fill else 0, np.int64)
+    hist = np.zeros(_COUNT_SORT_SLACK, np.int64)
+    lut_left = np.empty(_COUNT_SORT_SLACK, np.int64)
+    lut_right = np.empty(_COUNT_SORT_SLACK, np.int64)
+    ranks = np.empty(2 * nb, np.int64)
+    rank_vals = np.empty(2 * nb, np.float64)
+    bucket_hist = np.zeros(256, np.int64)
+    bucket_shift = np.uint64(64 - key_shift - 8)
+    edges = np.empty(nb, np.float64)
+    truncated = 0
+    r = 0
+    for i in range(n):
+        if not keep[i]:
+            continue
+        c = 0
+        vmax = 0.0
+        integral = True
+        for e in range(indptr[i], indptr[i + 1]):
+            t = feature_tokens[indices[e]]
+            v = data[e]
+            if v > 0 and t >= 0:
+                tok[c] = t
+                col[c] = indices[e]
+                x[c] = v
+                c += 1
+                if v > vmax:
+                    vmax = v
+                if v != np.floor(v):
+                    integral = False
+        out = offsets[r]
+        genes[out] = cls_id
+        values[out] = pad_value
+        out += 1
+        r += 1
+        if c == 0:
+            continue
+        # Quantile edges: small integer counts from a histogram, anything else from a sort.
+        _edge_ranks(c, q, ranks)
+        counted = integral and vmax < 2 * c + _COUNT_SORT_SLACK
+        if counted:
+            top = int(vmax)
+            if len(hist) <= top:
+                hist = np.zeros(2 * top + 2, np.int64)
+                lut_left = np.empty(2 * top + 2, np.int64)
+                lut_right = np.empty(2 * top + 2, np.int64)
+            for k in range(c):
+                hist[int(x[k])] += 1
+            _value_at_ranks(hist, top, ranks[:nb], rank_vals[:nb])
+            _value_at_ranks(hist, top, ranks[nb:], rank_vals[nb:])
+            hist[: top + 1] = 0
+        else:
+            sv[:c] = np.sort(x[:c])
+            for j in range(2 * nb):
+                rank_vals[j] = sv[ranks[j]]
+        _edges(c, q, rank_vals, edges)
+        if counted:
+            _digitize_table(edges, top, lut_left, lut_right)
+        trunc = c > n_keep
+        if trunc:
+            truncated += 1
+            stream = pick_streams[i]
+            for k in range(c):
+                keys[k] = _gene_hash(stream, tok[k]) >> shift
+            _select_smallest(keys, c, n_keep, bucket_shift, flags, bucket_hist)
+        tstream = tie_streams[i]
+        for k in range(c):
+            if trunc and not flags[k]:
+                continue
+            v = x[k]
+            if counted:
+                left = lut_left[np.int64(v)]
+                right = lut_right[np.int64(v)]
+            else:
+                left = np.searchsorted(edges, v, side="right")  # edges <= v (np.digitize default)
+                right = np.searchsorted(edges, v, side="left")  # edges < v (np.digitize right=True)
+            if right != left:
+                u = np.float64(_gene_hash(tstream, tok[k]) >> _S11) * 2.0**-53
+                d = np.int64(np.ceil(u * (right - left) + left))
+            else:
+                d = left
+            genes[out] = tok[k]
+            values[out] = min(max(d, 1), nb)
+            out += 1
+        if zero_fill and c < n_keep:
+            for k in range(c):
+                mark[col[k]] = True
+            m = 0
+            stream = pick_streams[i]
+            for j in range(n_feat):
+                t = feature_tokens[j]
+                if t >= 0 and not mark[j]:
+                    cand[m] = t
+                    keys[m] = _gene_hash(stream, t) >> shift
+                    m += 1
+            for k in range(c):
+                mark[col[k]] = False
+            want = min(n_keep - c, m)
+            if want >= m:
+                for k in range(m):
+                    flags[k] = True
+            elif want > 0:
+                _select_smallest(keys, m, want, bucket_shift, flags, bucket_hist)
+            if want > 0:
+                for k in range(m):
+                    if flags[k]:
+                        genes[out] = cand[k]  # values stay 0
+                        out += 1
+    return keep, offsets, genes, values, truncated
