@@ -3,24 +3,27 @@
 The census stores cells grouped by dataset, so reading contiguous rows gives batches from one dataset
 (cellxgene-census issue 538). Each epoch is planned on every rank, identically, from `(seed, epoch)`:
 
-1. **Scatter.** The selected cells (sorted soma_joinids) are cut into chunks of `chunk_size` consecutive cells,
-   starting at an offset drawn per epoch, and the chunks are permuted globally.
+1. **Scatter.** The selected cells (sorted soma_joinids) are cut into chunks at the multiples of
+   `chunk_size` (chunk k holds the selected cells with soma_joinid in `[k * chunk_size, (k + 1) * chunk_size)`,
+   so a chunk is one run of X's storage tiles), and the chunks are permuted globally.
 2. **Split.** The concatenated order is cut into `world_size` equal, contiguous slices; rank `r` takes slice
    `r` and uses its first `batches_per_rank * batch_size` cells (the rest of the epoch's cells wait for the next
    epoch, whose order differs). Every rank does the same number of batches.
-3. **Gather.** A rank's slice is read `buffer_size` cells at a time (one Ray Data read task per buffer, reading
-   `buffer_size / chunk_size` chunks from different places), and the cells of one buffer are permuted by a
-   generator seeded by `(seed, epoch, rank, buffer)`.
+3. **Gather.** A rank's slice is taken `buffer_size` cells at a time (about `buffer_size / chunk_size` chunks
+   from different places) and the cells of one buffer are permuted by a generator seeded by
+   `(seed, epoch, rank, buffer)`. A buffer is read by several Ray Data read tasks (`task_cells` cells each,
+   whole chunks where possible), which tokenize; the rank's iterator gathers a buffer's records and yields its
+   batches in the permuted order.
 
 Batch `k` of a rank is the cells at positions `k*B .. (k+1)*B - 1` of that rank's order, minus the cells the
 tokenizer skips (fewer than `min_genes` expressed genes). Because positions are fixed before anything is read,
 resuming at batch `k` reads only from the buffer holding position `k*B` onwards and yields exactly the batches
 an uninterrupted iteration yields after its first `k`.
 
-Read tasks tokenize (binning, gene selection); the training worker only concatenates and slices Arrow tables.
-At most `prefetch` read tasks run ahead of the consumer. With `token_cache.dir` set, read tasks take token
-records from a Parquet cache (`data_ingest.cache`), building its shards on first use: same batches, and
-later epochs skip X reads and tokenization.
+Read tasks tokenize (binning, gene selection); the training worker only gathers and slices Arrow tables.
+At most `prefetch` read tasks run at once. With `token_cache.dir` set, read tasks take token records from a
+Parquet cache (`data_ingest.cache`), building its shards on first use: same batches, and later epochs skip X
+reads and tokenization.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from data_ingest import keys
 from data_ingest.cache import CacheEntry, TokenCacheConfig
 from data_ingest.datasource import read_token_table
 from data_ingest.source import ResolvedSource
@@ -48,27 +52,35 @@ _STREAM_SALT = 0x5C6E7  # separates the stream's generators from other users of 
 class StreamConfig:
     """How a rank's epoch is cut, shuffled and prefetched."""
 
-    chunk_size: int = 64
-    """Consecutive cells (by soma_joinid) moved together by the global shuffle. Smaller mixes datasets better;
-    larger reads faster: X is stored in tiles of a few hundred rows, so on the synthetic census a 64-cell
-    chunk decodes ~5x the data it uses and a 256-cell chunk ~2x. At census scale use 256 with an 8192-cell
-    buffer (what `python -m jobs.bench data` measures)."""
-    buffer_size: int = 2048
-    """Cells read by one read task and shuffled together; a multiple of `chunk_size` mixes best (about 32
-    chunks per buffer mix as well as a uniform shuffle on the synthetic census). X is read 2048 cells at a
-    time, so memory is about prefetch x buffer_size token records."""
+    chunk_size: int = 2048
+    """soma_joinid block moved together by the global shuffle (chunks start at its multiples). Match X's row
+    tile extent (2048 in the CELLxGENE Census and in `data_ingest.synth`): a chunk then decodes only its own
+    tiles, while a smaller chunk decodes whole tiles to use part of them (a 256-cell chunk reads about 2x
+    slower on the synthetic census). Smaller chunks mix datasets better at a given buffer size."""
+    buffer_size: int = 65536
+    """Cells shuffled together: a batch draws from about `buffer_size / chunk_size` chunks (32 by default;
+    at 100k cells that is 23 distinct datasets per 64-cell batch against 27 for a uniform shuffle). The
+    iterator holds one buffer of token records (about `buffer_size x max_seq_len x 6` bytes)."""
+    task_cells: int = 8192
+    """Cells per read task (whole chunks where possible): the unit of parallel reading and tokenizing."""
     prefetch: int = 2
-    """Read tasks running ahead of the consumer (bounds memory: about prefetch x buffer_size records)."""
+    """Read tasks running at once (bounds what is in flight: about prefetch x task_cells records)."""
     read_task_cpus: float = 0.5
     """Logical CPUs reserved by each read task."""
     token_cache: TokenCacheConfig = field(default_factory=TokenCacheConfig)
     """Parquet cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1 or self.buffer_size < 1 or self.prefetch < 1:
+        if min(self.chunk_size, self.buffer_size, self.task_cells, self.prefetch) < 1:
             raise ValueError(
                 f"stream chunk_size={self.chunk_size}, buffer_size={self.buffer_size}, "
-                f"prefetch={self.prefetch}: all must be >= 1"
+                f"task_cells={self.task_cells}, prefetch={self.prefetch}: all must be >= 1"
+            )
+        if self.buffer_size < 2 * self.chunk_size:
+            raise ValueError(
+                f"stream buffer_size={self.buffer_size} holds less than two chunks of chunk_size="
+                f"{self.chunk_size}, so batches would not mix chunks (or datasets); use a buffer of many "
+                "chunks (e.g. 32) or a smaller chunk_size (e.g. 64 for a small experiment)"
             )
 
 
@@ -98,14 +110,43 @@ def _rng(seed: int, *parts: int) -> np.random.Generator:
 
 
 def epoch_order(joinids: np.ndarray, *, seed: int, epoch: int, chunk_size: int) -> np.ndarray:
-    """The epoch's global order of cells: chunks of consecutive cells, globally permuted."""
-    n = len(joinids)
-    rng = _rng(seed, epoch)
-    offset = int(rng.integers(0, min(chunk_size, n))) if n else 0
-    bounds = np.concatenate([[0], np.arange(offset or chunk_size, n, chunk_size), [n]])
-    bounds = np.unique(bounds)
-    perm = rng.permutation(len(bounds) - 1)
+    """The epoch's global order of cells: the soma_joinid-aligned chunks, globally permuted."""
+    if not len(joinids):
+        return np.asarray(joinids, np.int64)
+    block = np.asarray(joinids, np.int64) // chunk_size
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(block)) + 1, [len(joinids)]])
+    perm = _rng(seed, epoch).permutation(len(bounds) - 1)
     return np.concatenate([joinids[bounds[c] : bounds[c + 1]] for c in perm])
+
+
+def _rank_plan(
+    joinids: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    cfg: StreamConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(cells, position): rank `rank`'s cells in chunk order, and each one's position in its batch order."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    n_batches = batches_per_rank(len(joinids), world_size, batch_size)
+    if n_batches == 0:
+        raise ValueError(
+            f"the selection has {len(joinids)} cells, fewer than world_size x batch_size = "
+            f"{world_size} x {batch_size}; select more cells or use a smaller batch"
+        )
+    order = epoch_order(joinids, seed=seed, epoch=epoch, chunk_size=cfg.chunk_size)
+    per_rank = len(joinids) // world_size
+    mine = order[rank * per_rank : rank * per_rank + n_batches * batch_size]
+    pos = np.empty(len(mine), np.int64)
+    for b, lo in enumerate(range(0, len(mine), cfg.buffer_size)):
+        n = min(cfg.buffer_size, len(mine) - lo)
+        # Position lo + p takes the buffer's cell perm[p].
+        pos[lo + _rng(seed, epoch, rank, world_size, b).permutation(n)] = lo + np.arange(n)
+    return mine, pos
 
 
 def rank_order(
@@ -119,23 +160,17 @@ def rank_order(
     cfg: StreamConfig,
 ) -> np.ndarray:
     """soma_joinids of rank `rank`'s epoch, in the order its batches take them (before skipping)."""
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    n_batches = batches_per_rank(len(joinids), world_size, batch_size)
-    if n_batches == 0:
-        raise ValueError(
-            f"the selection has {len(joinids)} cells, fewer than world_size x batch_size = "
-            f"{world_size} x {batch_size}; select more cells or use a smaller batch"
-        )
-    order = epoch_order(joinids, seed=seed, epoch=epoch, chunk_size=cfg.chunk_size)
-    per_rank = len(joinids) // world_size
-    mine = order[rank * per_rank : rank * per_rank + n_batches * batch_size]
+    mine, pos = _rank_plan(
+        joinids,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        cfg=cfg,
+    )
     out = np.empty_like(mine)
-    for b, lo in enumerate(range(0, len(mine), cfg.buffer_size)):
-        part = mine[lo : lo + cfg.buffer_size]
-        out[lo : lo + len(part)] = part[
-            _rng(seed, epoch, rank, world_size, b).permutation(len(part))
-        ]
+    out[pos] = mine
     return out
 
 
@@ -147,20 +182,43 @@ def _read_positions(
     cls_id: int,
     cache: CacheEntry | None = None,
 ) -> pa.Table:
-    """Token records for the cells `ids` (at `positions` of the rank order), in position order, with
-    `POS_COLUMN`."""
-    sorted_ids = np.sort(ids)
+    """Token records of the cells `ids` (at `positions` of the rank order), with `POS_COLUMN`."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
     if cache is not None:
         table = cache.read(src, sorted_ids, tok, cls_id)
     else:
         table = read_token_table(src, sorted_ids, tok, cls_id)
-    got = table.column("cell_id").to_numpy()
+    got = table.column(keys.CELL_ID).to_numpy()
     # Map each yielded record back to its position; a cell id appears once in an epoch.
-    where = np.searchsorted(sorted_ids, got)
-    pos_of_sorted = positions[np.argsort(ids, kind="stable")]
-    pos = pos_of_sorted[where]
-    take = np.argsort(pos, kind="stable")
-    return table.take(pa.array(take)).append_column(POS_COLUMN, pa.array(pos[take], pa.int64()))
+    pos = positions[order][np.searchsorted(sorted_ids, got)]
+    return table.append_column(POS_COLUMN, pa.array(pos, pa.int64()))
+
+
+def _read_tasks(cells: np.ndarray, first: int, cfg: StreamConfig) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of the rank's chunk-ordered `cells`, one per read task, for the buffers from the one
+    holding position `first` on: whole chunks, merged up to `task_cells` cells (a larger chunk is split);
+    a task never spans two buffers."""
+    block = cells // cfg.chunk_size
+    chunk_starts = np.flatnonzero(np.diff(block)) + 1
+    tasks = []
+    for lo in range(first // cfg.buffer_size * cfg.buffer_size, len(cells), cfg.buffer_size):
+        hi = min(lo + cfg.buffer_size, len(cells))
+        inner = chunk_starts[(chunk_starts > lo) & (chunk_starts < hi)].tolist()
+        pieces = [
+            (s, min(s + cfg.task_cells, z))
+            for a, z in zip([lo, *inner], [*inner, hi], strict=True)
+            for s in range(a, z, cfg.task_cells)
+        ]
+        a, z = pieces[0]
+        for p, q in pieces[1:]:
+            if q - a <= cfg.task_cells:
+                z = q
+            else:
+                tasks.append((a, z))
+                a, z = p, q
+        tasks.append((a, z))
+    return tasks
 
 
 def rank_dataset(
@@ -176,13 +234,14 @@ def rank_dataset(
     start_batch: int = 0,
     cfg: StreamConfig | None = None,
 ):
-    """The Ray Dataset behind `rank_batches` (ordered; records carry `POS_COLUMN`)."""
+    """The Ray Dataset behind `rank_batches`: one block per read task, in task order; records carry
+    `POS_COLUMN` (a buffer's positions are spread over its tasks' blocks)."""
     import ray.data
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
     cfg = cfg or StreamConfig()
-    order = rank_order(
+    cells, pos = _rank_plan(
         resolved.joinids,
         seed=seed,
         epoch=epoch,
@@ -191,7 +250,7 @@ def rank_dataset(
         batch_size=batch_size,
         cfg=cfg,
     )
-    n_batches = len(order) // batch_size
+    n_batches = len(cells) // batch_size
     if not 0 <= start_batch <= n_batches:
         raise ValueError(
             f"start_batch={start_batch} is outside this epoch's {n_batches} batches per rank; the "
@@ -204,33 +263,30 @@ def rank_dataset(
     if cfg.token_cache.dir is not None:
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
     schema = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64()))
-    tasks: list[tuple[int, int]] = []
-    for lo in range(0, len(order), cfg.buffer_size):
-        hi = min(lo + cfg.buffer_size, len(order))
-        if hi > first:
-            tasks.append((max(lo, first), hi))
+    tasks = []
+    for lo, hi in _read_tasks(cells, first, cfg):
+        keep = pos[lo:hi] >= first  # resuming: cells before `first` were consumed
+        if keep.any():
+            tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
 
     class _RankSource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return (len(order) - first) * tok.max_seq_len * 6
+            return (len(cells) - first) * tok.max_seq_len * 6
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            def make(lo: int, hi: int) -> ReadTask:
-                positions = np.arange(lo, hi, dtype=np.int64)
-                ids = order[lo:hi].copy()
-
+            def make(ids: np.ndarray, positions: np.ndarray) -> ReadTask:
                 def read() -> Iterator[pa.Table]:
                     yield _read_positions(src, ids, positions, tok, cls_id, cache)
 
                 meta = BlockMetadata(
                     num_rows=None,
-                    size_bytes=(hi - lo) * tok.max_seq_len * 6,
+                    size_bytes=len(ids) * tok.max_seq_len * 6,
                     exec_stats=None,
                     input_files=None,
                 )
                 return ReadTask(read, meta, schema=schema, per_task_row_limit=per_task_row_limit)
 
-            return [make(lo, hi) for lo, hi in tasks]
+            return [make(ids, positions) for ids, positions in tasks]
 
         def get_name(self) -> str:
             return f"SomaTokensRank{rank}"
@@ -293,33 +349,59 @@ def rank_batches(
         start_batch=start_batch,
         cfg=cfg,
     )
+    buffer_size = (cfg or StreamConfig()).buffer_size
     k = start_batch
-    pending: list[pa.Table] = []
+    held: list[pa.Table] = []  # records of positions >= k * batch_size not yet yielded
 
-    def emit(parts: list[pa.Table]) -> pa.Table:
-        table = (
-            pa.concat_tables(parts).drop_columns([POS_COLUMN])
-            if parts
-            else RECORD_SCHEMA.empty_table()
-        )
+    def emit(table: pa.Table) -> pa.Table:
         stats.batches += 1
         stats.cells_planned += batch_size
         stats.cells_out += table.num_rows
         stats.skipped_cells += batch_size - table.num_rows
         return table
 
+    def flush(limit: int) -> Iterator[pa.Table]:
+        """Yield the batches that end at or before position `limit` (all records before it are held)."""
+        nonlocal k, held
+        # Per held block: its records sorted by position, so a batch's records are one range of each.
+        sorted_blocks = []
+        for block in held:
+            pos = block.column(POS_COLUMN).to_numpy()
+            if len(pos) > 1 and not np.all(pos[1:] >= pos[:-1]):
+                block = block.take(pa.array(np.argsort(pos, kind="stable")))
+                pos = block.column(POS_COLUMN).to_numpy()
+            sorted_blocks.append((block, pos))
+        while (k + 1) * batch_size <= limit:
+            lo, hi = k * batch_size, (k + 1) * batch_size
+            parts = []
+            for block, pos in sorted_blocks:
+                a, b = np.searchsorted(pos, [lo, hi])
+                if b > a:
+                    parts.append(block.slice(a, b - a))
+            yield emit(_in_position_order(parts))
+            k += 1
+        held = []
+        for block, pos in sorted_blocks:
+            a = int(np.searchsorted(pos, k * batch_size))
+            if a < len(pos):
+                held.append(block.slice(a))
+
+    current = -1  # buffer of the blocks in `held` beyond the carried records
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-        while block.num_rows:
-            end = (k + 1) * batch_size
-            n_in = int(pc.sum(pc.less(block[POS_COLUMN], end)).as_py() or 0)
-            if n_in:
-                pending.append(block.slice(0, n_in))
-                block = block.slice(n_in)
-            if block.num_rows:  # the rest belongs to later batches: batch k is complete
-                yield emit(pending)
-                pending = []
-                k += 1
-    while k < n_batches:
-        yield emit(pending)
-        pending = []
-        k += 1
+        if not block.num_rows:
+            continue
+        b = int(block.column(POS_COLUMN)[0].as_py()) // buffer_size
+        if b != current:  # tasks run in position order: every record before buffer b has arrived
+            yield from flush(b * buffer_size)
+            current = b
+        held.append(block)
+    yield from flush(n_batches * batch_size)
+
+
+def _in_position_order(parts: list[pa.Table]) -> pa.Table:
+    """One contiguous table of the records in `parts`, sorted by position, without `POS_COLUMN`."""
+    if not parts:
+        return RECORD_SCHEMA.empty_table()
+    table = pa.concat_tables(parts)
+    order = np.argsort(table.column(POS_COLUMN).to_numpy(), kind="stable")
+    return table.take(pa.array(order)).drop_columns([POS_COLUMN]).combine_chunks()

@@ -8,6 +8,8 @@ from data_ingest.source import TRAIN, SomaCellSource, SourceConfig
 from data_ingest.stream import (
     StreamConfig,
     StreamStats,
+    _rank_plan,
+    _read_tasks,
     batches_per_rank,
     rank_batches,
     rank_order,
@@ -67,6 +69,42 @@ def test_rank_order_is_a_disjoint_equal_split():
     assert np.mean(runs) > 4
     with pytest.raises(ValueError, match="fewer than world_size x batch_size"):
         rank_order(ids[:20], seed=1, epoch=0, rank=0, world_size=3, batch_size=10, cfg=CFG)
+
+
+def test_chunks_are_joinid_aligned_and_tasks_respect_chunks_and_buffers():
+    # A filtered selection: chunks are the selected cells of each 16-id block, whatever their number.
+    ids = np.sort(np.random.default_rng(0).choice(np.arange(5000), 1500, replace=False))
+    cfg = StreamConfig(chunk_size=16, buffer_size=200, task_cells=40)
+    cells, pos = _rank_plan(ids, seed=2, epoch=1, rank=1, world_size=2, batch_size=10, cfg=cfg)
+    blocks = cells // 16
+    runs = np.split(blocks, np.flatnonzero(np.diff(blocks)) + 1)
+    assert len({int(r[0]) for r in runs}) == len(runs)  # each block appears as one run
+    assert sorted(pos.tolist()) == list(range(len(cells)))
+    for first in (0, 0, 230):
+        tasks = _read_tasks(cells, first, cfg)
+        covered = np.concatenate([np.arange(a, b) for a, b in tasks])
+        start = first // cfg.buffer_size * cfg.buffer_size
+        assert np.array_equal(covered, np.arange(start, len(cells)))
+        for a, b in tasks:
+            assert 0 < b - a <= cfg.task_cells
+            assert a // cfg.buffer_size == (b - 1) // cfg.buffer_size  # never spans two buffers
+            # Cut only at chunk boundaries unless the buffer ends there (or a chunk is too big).
+            at_buffer_end = b % cfg.buffer_size == 0 or b == len(cells)
+            assert at_buffer_end or blocks[b - 1] != blocks[b]
+
+
+def test_batches_straddling_buffers_resume_exactly(ray_local, resolved):
+    res, vocab = resolved
+    cfg = StreamConfig(chunk_size=8, buffer_size=100, task_cells=24, prefetch=2)  # 100 % 16 != 0
+    kw = dict(seed=5, epoch=2, rank=0, world_size=2, batch_size=BATCH, cfg=cfg)
+    tok = TokenizerConfig(max_seq_len=32)
+    full = list(rank_batches(res, tok, vocab.cls_id, **kw))
+    want = rank_order(res.joinids, **kw)
+    assert [c for b in _ids(full) for c in b] == want.tolist()  # batch order = planned positions
+    for k in (3, 6, 7):  # resume inside, at and right after a buffer boundary
+        resumed = list(rank_batches(res, tok, vocab.cls_id, start_batch=k, **kw))
+        assert len(resumed) == len(full) - k
+        assert all(a.equals(b) for a, b in zip(resumed, full[k:], strict=True))
 
 
 def test_two_ranks_exact_resume_and_epochs(ray_local, resolved):
