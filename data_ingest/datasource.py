@@ -80,14 +80,15 @@ def _coo_to_csr(
     `coo` is the read's table or its list of result tables (each processed chunk by chunk, never
     concatenated). Entries of a row keep their order in the read.
     """
-    tables = [coo] if isinstance(coo, pa.Table) else coo
-    chunks = [
-        (r.to_numpy(), c.to_numpy(), v.to_numpy())
-        for t in tables
-        for r, c, v in zip(
-            t["soma_dim_0"].chunks, t["soma_dim_1"].chunks, t["soma_data"].chunks, strict=True
-        )
-    ]
+    chunks = []
+    for t in [coo] if isinstance(coo, pa.Table) else coo:
+        t = t.select(["soma_dim_0", "soma_dim_1", "soma_data"])
+        if len({tuple(len(c) for c in col.chunks) for col in t.columns}) > 1:
+            t = t.combine_chunks()  # columns chunked differently (SOMA reads never are)
+        chunks += [
+            (r.to_numpy(), c.to_numpy(), v.to_numpy())
+            for r, c, v in zip(*(col.chunks for col in t.columns), strict=True)
+        ]
     ids = np.asarray(ids, np.int64)
     n = len(ids)
     starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1) if n else np.zeros(0, int)

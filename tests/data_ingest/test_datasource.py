@@ -50,3 +50,37 @@ def _concat(ds):
     import pyarrow as pa
 
     return pa.concat_tables([b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)])
+
+
+def test_coo_to_csr_from_unordered_chunked_reads():
+    import pyarrow as pa
+    import scipy.sparse as sp
+
+    from data_ingest.datasource import _coo_to_csr
+
+    rng = np.random.default_rng(0)
+    ids = np.array([3, 4, 5, 9, 10, 40, 41, 42, 43, 100])  # runs of consecutive ids
+    dense = rng.poisson(0.5, (len(ids), 30)).astype(np.float32)
+    r, c = np.nonzero(dense)
+    perm = rng.permutation(len(r))  # a read returns entries in any order
+    rows, cols, vals = ids[r[perm]], c[perm], dense[r[perm], c[perm]]
+    cut = [0, len(r) // 3, len(r) // 2, len(r)]
+    tables = [
+        pa.Table.from_arrays(
+            [pa.chunked_array([rows[a:m], rows[m:b]]), pa.array(cols[a:b]), pa.array(vals[a:b])],
+            names=["soma_dim_0", "soma_dim_1", "soma_data"],
+        )
+        if i
+        else pa.table({"soma_dim_0": rows[a:b], "soma_dim_1": cols[a:b], "soma_data": vals[a:b]})
+        for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True))
+        for m in [(a + b) // 2]
+    ]
+    indptr, out_cols, out_vals = _coo_to_csr(ids, tables)
+    got = sp.csr_matrix((out_vals, out_cols, indptr), shape=dense.shape).toarray()
+    assert np.array_equal(got, dense)
+    # Within a row, entries keep the order of the read.
+    for i in range(len(ids)):
+        seen = cols[rows == ids[i]]
+        assert np.array_equal(out_cols[indptr[i] : indptr[i + 1]], seen)
+    empty = _coo_to_csr(ids, [])
+    assert np.array_equal(empty[0], np.zeros(len(ids) + 1)) and len(empty[1]) == 0
