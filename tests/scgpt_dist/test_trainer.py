@@ -60,7 +60,9 @@ def test_loss_decreases_without_a_jump_at_resume(pretrained):
     # After resuming at step 6 the loss picks up where it was, not back at the untrained level.
     assert loss[8] < 0.9 * loss[2] and loss[8] < 1.3 * loss[6]
     parts = {m.step: m.value for m in _history(pretrained, "loss_gep")}
-    assert parts[12] < parts[2]
+    # One batch's GEP loss is noisy (it depends on which cells the batch drew): compare windows.
+    steps = sorted(parts)
+    assert np.mean([parts[s] for s in steps[-2:]]) < np.mean([parts[s] for s in steps[:2]]), parts
 
 
 def test_mlflow_run_contents(pretrained):
