@@ -128,8 +128,14 @@ def _rank_plan(
     world_size: int,
     batch_size: int,
     cfg: StreamConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(cells, position): rank `rank`'s cells in chunk order, and each one's position in its batch order."""
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """(cells, position, read tasks): rank `rank`'s cells in chunk order, each one's position in its batch
+    order, and the read tasks as [lo, hi) ranges of `cells`.
+
+    Within a buffer the cells are permuted uniformly; then, inside each batch, the cells are grouped by read
+    task (in task order, keeping their shuffled order within a task). A batch holds the same cells as with
+    the plain permutation, and the iterator can assemble it from one contiguous slice of each task's block.
+    """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
     n_batches = batches_per_rank(len(joinids), world_size, batch_size)
@@ -141,12 +147,15 @@ def _rank_plan(
     order = epoch_order(joinids, seed=seed, epoch=epoch, chunk_size=cfg.chunk_size)
     per_rank = len(joinids) // world_size
     mine = order[rank * per_rank : rank * per_rank + n_batches * batch_size]
-    pos = np.empty(len(mine), np.int64)
+    shuffled = np.empty(len(mine), np.int64)
     for b, lo in enumerate(range(0, len(mine), cfg.buffer_size)):
         n = min(cfg.buffer_size, len(mine) - lo)
-        # Position lo + p takes the buffer's cell perm[p].
-        pos[lo + _rng(seed, epoch, rank, world_size, b).permutation(n)] = lo + np.arange(n)
-    return mine, pos
+        shuffled[lo + _rng(seed, epoch, rank, world_size, b).permutation(n)] = lo + np.arange(n)
+    tasks = _read_tasks(mine, cfg)
+    task_of = np.repeat(np.arange(len(tasks)), [hi - lo for lo, hi in tasks])
+    pos = np.empty(len(mine), np.int64)
+    pos[np.lexsort((shuffled, task_of, shuffled // batch_size))] = np.arange(len(mine))
+    return mine, pos, tasks
 
 
 def rank_order(
@@ -160,7 +169,7 @@ def rank_order(
     cfg: StreamConfig,
 ) -> np.ndarray:
     """soma_joinids of rank `rank`'s epoch, in the order its batches take them (before skipping)."""
-    mine, pos = _rank_plan(
+    mine, pos, _ = _rank_plan(
         joinids,
         seed=seed,
         epoch=epoch,
@@ -182,7 +191,8 @@ def _read_positions(
     cls_id: int,
     cache: CacheEntry | None = None,
 ) -> pa.Table:
-    """Token records of the cells `ids` (at `positions` of the rank order), with `POS_COLUMN`."""
+    """Token records of the cells `ids` (at `positions` of the rank order), in position order, with
+    `POS_COLUMN`."""
     order = np.argsort(ids, kind="stable")
     sorted_ids = ids[order]
     if cache is not None:
@@ -192,17 +202,17 @@ def _read_positions(
     got = table.column(keys.CELL_ID).to_numpy()
     # Map each yielded record back to its position; a cell id appears once in an epoch.
     pos = positions[order][np.searchsorted(sorted_ids, got)]
-    return table.append_column(POS_COLUMN, pa.array(pos, pa.int64()))
+    take = np.argsort(pos, kind="stable")
+    return table.take(pa.array(take)).append_column(POS_COLUMN, pa.array(pos[take], pa.int64()))
 
 
-def _read_tasks(cells: np.ndarray, first: int, cfg: StreamConfig) -> list[tuple[int, int]]:
-    """[lo, hi) ranges of the rank's chunk-ordered `cells`, one per read task, for the buffers from the one
-    holding position `first` on: whole chunks, merged up to `task_cells` cells (a larger chunk is split);
-    a task never spans two buffers."""
+def _read_tasks(cells: np.ndarray, cfg: StreamConfig) -> list[tuple[int, int]]:
+    """[lo, hi) ranges of the rank's chunk-ordered `cells`, one per read task: whole chunks, merged up to
+    `task_cells` cells (a larger chunk is split); a task never spans two buffers."""
     block = cells // cfg.chunk_size
     chunk_starts = np.flatnonzero(np.diff(block)) + 1
     tasks = []
-    for lo in range(first // cfg.buffer_size * cfg.buffer_size, len(cells), cfg.buffer_size):
+    for lo in range(0, len(cells), cfg.buffer_size):
         hi = min(lo + cfg.buffer_size, len(cells))
         inner = chunk_starts[(chunk_starts > lo) & (chunk_starts < hi)].tolist()
         pieces = [
@@ -234,14 +244,14 @@ def rank_dataset(
     start_batch: int = 0,
     cfg: StreamConfig | None = None,
 ):
-    """The Ray Dataset behind `rank_batches`: one block per read task, in task order; records carry
-    `POS_COLUMN` (a buffer's positions are spread over its tasks' blocks)."""
+    """The Ray Dataset behind `rank_batches`: one block per read task, in task order, its records sorted by
+    `POS_COLUMN`; a batch's records are one contiguous range of each block (see `_rank_plan`)."""
     import ray.data
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
     cfg = cfg or StreamConfig()
-    cells, pos = _rank_plan(
+    cells, pos, all_tasks = _rank_plan(
         resolved.joinids,
         seed=seed,
         epoch=epoch,
@@ -264,7 +274,7 @@ def rank_dataset(
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
     schema = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64()))
     tasks = []
-    for lo, hi in _read_tasks(cells, first, cfg):
+    for lo, hi in all_tasks:
         keep = pos[lo:hi] >= first  # resuming: cells before `first` were consumed
         if keep.any():
             tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
@@ -363,28 +373,24 @@ def rank_batches(
     def flush(limit: int) -> Iterator[pa.Table]:
         """Yield the batches that end at or before position `limit` (all records before it are held)."""
         nonlocal k, held
-        # Per held block: its records sorted by position, so a batch's records are one range of each.
-        sorted_blocks = []
-        for block in held:
-            pos = block.column(POS_COLUMN).to_numpy()
-            if len(pos) > 1 and not np.all(pos[1:] >= pos[:-1]):
-                block = block.take(pa.array(np.argsort(pos, kind="stable")))
-                pos = block.column(POS_COLUMN).to_numpy()
-            sorted_blocks.append((block, pos))
+        sorted_pos = [block.column(POS_COLUMN).to_numpy() for block in held]
         while (k + 1) * batch_size <= limit:
             lo, hi = k * batch_size, (k + 1) * batch_size
             parts = []
-            for block, pos in sorted_blocks:
+            for block, pos in zip(held, sorted_pos, strict=True):
                 a, b = np.searchsorted(pos, [lo, hi])
                 if b > a:
                     parts.append(block.slice(a, b - a))
-            yield emit(_in_position_order(parts))
+            # Within a batch, positions are grouped by read task, so block order is position order.
+            table = pa.concat_tables(parts) if parts else _EMPTY
+            yield emit(table.drop_columns([POS_COLUMN]).combine_chunks())
             k += 1
-        held = []
-        for block, pos in sorted_blocks:
+        rest = []
+        for block, pos in zip(held, sorted_pos, strict=True):
             a = int(np.searchsorted(pos, k * batch_size))
             if a < len(pos):
-                held.append(block.slice(a))
+                rest.append(block.slice(a))
+        held = rest
 
     current = -1  # buffer of the blocks in `held` beyond the carried records
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
@@ -398,10 +404,4 @@ def rank_batches(
     yield from flush(n_batches * batch_size)
 
 
-def _in_position_order(parts: list[pa.Table]) -> pa.Table:
-    """One contiguous table of the records in `parts`, sorted by position, without `POS_COLUMN`."""
-    if not parts:
-        return RECORD_SCHEMA.empty_table()
-    table = pa.concat_tables(parts)
-    order = np.argsort(table.column(POS_COLUMN).to_numpy(), kind="stable")
-    return table.take(pa.array(order)).drop_columns([POS_COLUMN]).combine_chunks()
+_EMPTY = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64())).empty_table()

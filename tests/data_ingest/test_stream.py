@@ -75,22 +75,31 @@ def test_chunks_are_joinid_aligned_and_tasks_respect_chunks_and_buffers():
     # A filtered selection: chunks are the selected cells of each 16-id block, whatever their number.
     ids = np.sort(np.random.default_rng(0).choice(np.arange(5000), 1500, replace=False))
     cfg = StreamConfig(chunk_size=16, buffer_size=200, task_cells=40)
-    cells, pos = _rank_plan(ids, seed=2, epoch=1, rank=1, world_size=2, batch_size=10, cfg=cfg)
+    cells, pos, tasks = _rank_plan(
+        ids, seed=2, epoch=1, rank=1, world_size=2, batch_size=10, cfg=cfg
+    )
     blocks = cells // 16
     runs = np.split(blocks, np.flatnonzero(np.diff(blocks)) + 1)
     assert len({int(r[0]) for r in runs}) == len(runs)  # each block appears as one run
     assert sorted(pos.tolist()) == list(range(len(cells)))
-    for first in (0, 0, 230):
-        tasks = _read_tasks(cells, first, cfg)
-        covered = np.concatenate([np.arange(a, b) for a, b in tasks])
-        start = first // cfg.buffer_size * cfg.buffer_size
-        assert np.array_equal(covered, np.arange(start, len(cells)))
-        for a, b in tasks:
-            assert 0 < b - a <= cfg.task_cells
-            assert a // cfg.buffer_size == (b - 1) // cfg.buffer_size  # never spans two buffers
-            # Cut only at chunk boundaries unless the buffer ends there (or a chunk is too big).
-            at_buffer_end = b % cfg.buffer_size == 0 or b == len(cells)
-            assert at_buffer_end or blocks[b - 1] != blocks[b]
+    assert tasks == _read_tasks(cells, cfg)
+    covered = np.concatenate([np.arange(a, b) for a, b in tasks])
+    assert np.array_equal(covered, np.arange(len(cells)))
+    for a, b in tasks:
+        assert 0 < b - a <= cfg.task_cells
+        assert a // cfg.buffer_size == (b - 1) // cfg.buffer_size  # never spans two buffers
+        # A buffer's cells keep its positions.
+        assert (pos[a:b] // cfg.buffer_size == a // cfg.buffer_size).all()
+        # Cut only at chunk boundaries unless the buffer ends there (or a chunk is too big).
+        at_buffer_end = b % cfg.buffer_size == 0 or b == len(cells)
+        assert at_buffer_end or blocks[b - 1] != blocks[b]
+    # Inside a batch, positions follow task order (so a batch is one slice of each task's block) ...
+    task_of = np.repeat(np.arange(len(tasks)), [b - a for a, b in tasks])
+    by_pos = task_of[np.argsort(pos)].reshape(-1, 10)
+    assert (np.diff(by_pos, axis=1) >= 0).all()
+    # ... and a batch still draws from many chunks of its buffer.
+    chunk_by_pos = blocks[np.argsort(pos)].reshape(-1, 10)
+    assert np.mean([len(np.unique(b)) for b in chunk_by_pos]) > 6
 
 
 def test_batches_straddling_buffers_resume_exactly(ray_local, resolved):
