@@ -1,7 +1,8 @@
 """`python -m jobs.bench data`: loader throughput and memory, side by side on one synthetic census.
 
-Three readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak RSS
-(the process tree's summed RSS, sampled every 50 ms) is separate:
+Readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak memory
+(the process tree's summed PSS, its physical memory, and summed RSS, which counts pages shared between
+processes such as Ray's object store once per process; both sampled every 50 ms) is separate:
 
 - `raw`: SOMA X rows read in contiguous 8192-row blocks (`X.read(coords=(rows,)).tables()`) into Arrow and
   dropped: the limit.
@@ -40,40 +41,50 @@ from data_ingest import keys
 READERS = ("raw", "soma-ml", "ours", "ours-cached")
 
 
-def _tree_rss(proc) -> int:
+def _tree_memory(proc) -> tuple[int, int]:
+    """(summed RSS, summed PSS) of `proc` and its descendants. RSS counts a shared page (Ray's object store,
+    mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS sum is
+    the tree's physical memory."""
     import psutil
 
-    total = 0
+    rss = pss = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            info = p.memory_full_info()
+            rss += info.rss
+            pss += info.pss
         except psutil.Error:
             pass
-    return total
+    return rss, pss
 
 
-class PeakRss:
-    """Peak summed RSS of this process and its descendants, sampled in a thread."""
+class PeakMemory:
+    """Peak summed RSS and PSS of this process and its descendants, sampled in a thread."""
 
     def __init__(self, every_s: float = 0.05):
         import psutil
 
-        self.proc, self.every, self.peak, self._stop = psutil.Process(), every_s, 0, False
+        self.proc, self.every, self._stop = psutil.Process(), every_s, False
+        self.peak_rss = self.peak_pss = 0
         self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        rss, pss = _tree_memory(self.proc)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
     def _run(self) -> None:
         while not self._stop:
-            self.peak = max(self.peak, _tree_rss(self.proc))
+            self._sample()
             time.sleep(self.every)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self) -> PeakMemory:
         self._t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop = True
         self._t.join()
-        self.peak = max(self.peak, _tree_rss(self.proc))
+        self._sample()
 
 
 def _distinct(per_batch: list[np.ndarray]) -> float:
@@ -348,7 +359,7 @@ def tile_census(src: str | Path, out: str | Path, copies: int, block_cells: int 
 
 
 def _worker(a: argparse.Namespace) -> int:
-    with PeakRss() as rss:
+    with PeakMemory() as mem:
         if a.worker == "raw":
             n_raw = min(a.cells_read, a.max_batches * a.batch_size or a.cells_read)
             out = run_raw(a.exp, n_raw, a.batch_size)
@@ -368,10 +379,13 @@ def _worker(a: argparse.Namespace) -> int:
                     a.buffer_size,
                     cache,
                 )
+                if cache:
+                    out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*")) / 2**20
             finally:
                 if cache:
                     shutil.rmtree(cache, ignore_errors=True)
-    out["peak_rss_mb"] = rss.peak / 2**20
+    out["peak_rss_mb"] = mem.peak_rss / 2**20
+    out["peak_pss_mb"] = mem.peak_pss / 2**20
     print("RESULT " + json.dumps(out), flush=True)
     if a.worker.startswith("ours"):
         import ray
@@ -465,22 +479,24 @@ def main(argv: list[str]) -> int:
     )
     print(
         "| reader | cells | seconds | cells/s | first batch (s) | cells/s after first batch "
-        "| peak RSS (MB) | distinct datasets / batch |"
+        "| peak PSS (MB) | peak RSS (MB) | distinct datasets / batch |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in rows.items():
         steady = r.get("steady_cells_per_s", r["cells_per_s"])
         print(
             f"| {name} | {r['cells']} | {r['seconds']:.1f} | {r['cells_per_s']:.0f} | "
-            f"{r.get('first_batch_s', 0):.1f} | {steady:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r.get('first_batch_s', 0):.1f} | {steady:.0f} | {r['peak_pss_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | "
             f"{r['distinct']:.2f} |"
         )
-    print(f"| ideal uniform shuffle | | | | | | | {ideal:.2f} |")
+    print(f"| ideal uniform shuffle | | | | | | | | {ideal:.2f} |")
     if "ours-cached" in rows:
         r = rows["ours-cached"]
         print(
             f"\nours-cached: epoch 0 filled the token cache in {r['fill_seconds']:.1f} s "
-            f"({a.cells_read or n_total} cells); the row above is epoch 1 from the cache"
+            f"({a.cells_read or n_total} cells, {r['cache_mb']:.0f} MB on disk); the row above is epoch 1 "
+            "from the cache"
         )
     if "ours" in rows:
         ours = rows["ours"]["cells_per_s"]
