@@ -1,8 +1,8 @@
 """`python -m jobs.bench data`: loader throughput and memory, side by side on one synthetic census.
 
 Readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak memory
-(the process tree's summed PSS, its physical memory, and summed RSS, which counts pages shared between
-processes such as Ray's object store once per process; both sampled every 50 ms) is separate:
+(the process tree's summed PSS, its physical memory, sampled every 0.5 s, and summed RSS, which counts pages
+shared between processes such as Ray's object store once per process, every 50 ms) is separate:
 
 - `raw`: SOMA X rows read in contiguous 8192-row blocks (`X.read(coords=(rows,)).tables()`) into Arrow and
   dropped: the limit.
@@ -41,40 +41,44 @@ from data_ingest import keys
 READERS = ("raw", "soma-ml", "ours", "ours-cached")
 
 
-def _tree_memory(proc) -> tuple[int, int]:
-    """(summed RSS, summed PSS) of `proc` and its descendants. RSS counts a shared page (Ray's object store,
-    mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS sum is
-    the tree's physical memory."""
+def _tree_memory(proc, pss: bool) -> tuple[int, int]:
+    """(summed RSS, summed PSS or 0) of `proc` and its descendants. RSS counts a shared page (Ray's object
+    store, mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS
+    sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often."""
     import psutil
 
-    rss = pss = 0
+    rss_sum = pss_sum = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            info = p.memory_full_info()
-            rss += info.rss
-            pss += info.pss
+            if pss:
+                info = p.memory_full_info()
+                rss_sum, pss_sum = rss_sum + info.rss, pss_sum + info.pss
+            else:
+                rss_sum += p.memory_info().rss
         except psutil.Error:
             pass
-    return rss, pss
+    return rss_sum, pss_sum
 
 
 class PeakMemory:
-    """Peak summed RSS and PSS of this process and its descendants, sampled in a thread."""
+    """Peak summed RSS (every `every_s`) and PSS (every `pss_every` samples) of this process tree."""
 
-    def __init__(self, every_s: float = 0.05):
+    def __init__(self, every_s: float = 0.05, pss_every: int = 10):
         import psutil
 
-        self.proc, self.every, self._stop = psutil.Process(), every_s, False
+        self.proc, self.every, self.pss_every, self._stop = psutil.Process(), every_s, pss_every, False
         self.peak_rss = self.peak_pss = 0
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> None:
-        rss, pss = _tree_memory(self.proc)
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+    def _sample(self, pss: bool) -> None:
+        rss, p = _tree_memory(self.proc, pss)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
 
     def _run(self) -> None:
+        i = 0
         while not self._stop:
-            self._sample()
+            self._sample(pss=i % self.pss_every == 0)
+            i += 1
             time.sleep(self.every)
 
     def __enter__(self) -> PeakMemory:
@@ -84,7 +88,7 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop = True
         self._t.join()
-        self._sample()
+        self._sample(pss=True)
 
 
 def _distinct(per_batch: list[np.ndarray]) -> float:
