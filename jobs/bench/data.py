@@ -163,6 +163,7 @@ def run_ours(
     chunk_size: int = 0,
     buffer_size: int = 0,
     cache_dir: str | None = None,
+    object_store_mb: int = 0,
 ) -> dict:
     """Our stream, timed over epoch 0; with `cache_dir`, epoch 0 fills the token cache (timed as
     `fill_seconds`) and the result is epoch 1, served from the cache."""
@@ -178,6 +179,7 @@ def run_ours(
     # would starve our read tasks, so compare at equal priority.
     ray.init(
         num_cpus=cpus,
+        object_store_memory=object_store_mb * 2**20 or None,
         include_dashboard=False,
         log_to_driver=False,
         _system_config={"worker_niceness": 0},
@@ -382,6 +384,7 @@ def _worker(a: argparse.Namespace) -> int:
                     a.chunk_size,
                     a.buffer_size,
                     cache,
+                    a.object_store_mb,
                 )
                 if cache:
                     out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*")) / 2**20
@@ -421,6 +424,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=1200)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs for our pipeline")
+    p.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=0,
+        help="Ray object store size for our pipeline (0 = Ray's default, 30%% of RAM); bounds the store's "
+        "share of the measured memory",
+    )
     p.add_argument(
         "--chunk-size", type=int, default=0, help="our stream's chunk (0 = StreamConfig default)"
     )
@@ -463,6 +473,7 @@ def main(argv: list[str]) -> int:
         cmd += ["--max-seq-len", str(a.max_seq_len), "--cpus", str(a.cpus)]
         cmd += ["--max-batches", str(a.max_batches)]
         cmd += ["--chunk-size", str(a.chunk_size), "--buffer-size", str(a.buffer_size)]
+        cmd += ["--object-store-mb", str(a.object_store_mb)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:
