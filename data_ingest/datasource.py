@@ -72,16 +72,14 @@ def read_token_table(
     return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
 
-def _coo_to_csr(
-    ids: np.ndarray, coo: pa.Table | list[pa.Table]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _coo_to_csr(ids: np.ndarray, coo: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR (indptr, columns, values) over the rows `ids` (sorted, unique) of a SOMA X read in any order.
 
-    `coo` is the read's table or its list of result tables (each processed chunk by chunk, never
-    concatenated). Entries of a row keep their order in the read.
+    `coo` is the read's result tables (processed chunk by chunk, never concatenated). Entries of a row keep
+    their order in the read.
     """
     chunks = []
-    for t in [coo] if isinstance(coo, pa.Table) else coo:
+    for t in coo:
         t = t.select(["soma_dim_0", "soma_dim_1", "soma_data"])
         if len({tuple(len(c) for c in col.chunks) for col in t.columns}) > 1:
             t = t.combine_chunks()  # columns chunked differently (SOMA reads never are)

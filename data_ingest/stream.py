@@ -12,8 +12,8 @@ The census stores cells grouped by dataset, so reading contiguous rows gives bat
 3. **Gather.** A rank's slice is taken `buffer_size` cells at a time (about `buffer_size / chunk_size` chunks
    from different places) and the cells of one buffer are permuted by a generator seeded by
    `(seed, epoch, rank, buffer)`. A buffer is read by several Ray Data read tasks (`task_cells` cells each,
-   whole chunks where possible), which tokenize; the rank's iterator gathers a buffer's records and yields its
-   batches in the permuted order.
+   whole chunks where possible), which tokenize. Inside each batch the cells are then grouped by read task,
+   so the rank's iterator builds a batch from one slice of each task's records.
 
 Batch `k` of a rank is the cells at positions `k*B .. (k+1)*B - 1` of that rank's order, minus the cells the
 tokenizer skips (fewer than `min_genes` expressed genes). Because positions are fixed before anything is read,
@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from data_ingest import keys
 from data_ingest.cache import CacheEntry, TokenCacheConfig
@@ -314,7 +313,10 @@ def rank_dataset(
     ds = ray.data.read_datasource(
         _RankSource(),
         concurrency=cfg.prefetch,
-        ray_remote_args={"num_cpus": cfg.read_task_cpus, "runtime_env": {"env_vars": READ_TASK_ENV}},
+        ray_remote_args={
+            "num_cpus": cfg.read_task_cpus,
+            "runtime_env": {"env_vars": READ_TASK_ENV},
+        },
         override_num_blocks=max(1, len(tasks)),
     )
     ds.context.execution_options.preserve_order = True

@@ -66,7 +66,12 @@ class PeakMemory:
     def __init__(self, every_s: float = 0.05, pss_every: int = 10):
         import psutil
 
-        self.proc, self.every, self.pss_every, self._stop = psutil.Process(), every_s, pss_every, False
+        self.proc, self.every, self.pss_every, self._stop = (
+            psutil.Process(),
+            every_s,
+            pss_every,
+            False,
+        )
         self.peak_rss = self.peak_pss = 0
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -372,7 +377,9 @@ def _worker(a: argparse.Namespace) -> int:
         elif a.worker == "soma-ml":
             out = run_soma_ml(a.exp, a.cells_read, a.batch_size, a.max_batches)
         else:
-            cache = tempfile.mkdtemp(prefix="bench-token-cache-") if a.worker == "ours-cached" else None
+            cache = (
+                tempfile.mkdtemp(prefix="bench-token-cache-") if a.worker == "ours-cached" else None
+            )
             try:
                 out = run_ours(
                     a.exp,
