@@ -18,8 +18,16 @@ from ray.data.block import BlockMetadata
 
 from data_ingest import keys
 from data_ingest.source import ResolvedSource, open_experiment
-from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig, TokenizeStats, tokenize_csr
-from data_ingest.tokenize_kernel import row_positions, scatter_rows
+from data_ingest.tokenize import (
+    RECORD_SCHEMA,
+    TokenArrays,
+    TokenizerConfig,
+    TokenizeStats,
+    check_values,
+    record_table,
+    tokenize_segments,
+)
+from data_ingest.tokenize_kernel import coo_segments, place_rows
 
 IO_CELLS = 2048
 """Cells per X read query inside a read task: bounds the raw (COO) data held at once, whatever the task size."""
@@ -32,9 +40,20 @@ def read_token_table(
     cls_id: int,
     stats: TokenizeStats | None = None,
     io_cells: int = IO_CELLS,
+    order_key: np.ndarray | None = None,
 ) -> pa.Table:
-    """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time."""
+    """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time.
+
+    Records come in `joinids` order, or with `order_key` (one number per cell) in increasing key order
+    (ties keep `joinids` order): the stream asks for its shuffled positions this way instead of reordering
+    the table afterwards.
+    """
     joinids = np.asarray(joinids, dtype=np.int64)
+    stats = stats if stats is not None else TokenizeStats()
+    if not len(joinids):
+        return RECORD_SCHEMA.empty_table()
+    if tok.max_seq_len * io_cells >= 2**31:
+        io_cells = max(1, (2**31 - 1) // tok.max_seq_len)  # a block's list offsets are int32
     parts = []
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
@@ -42,65 +61,76 @@ def read_token_table(
         obs = obs.set_index(keys.SOMA_JOINID).reindex(joinids)
         batch = pd.Categorical(
             obs[src.batch_key].astype(str), categories=src.batch_categories
-        ).codes
-        labels = None
+        ).codes.astype(np.int32)
+        labels = np.full(len(joinids), -1, np.int32)
         if src.label_key:
             labels = pd.Categorical(
                 obs[src.label_key].astype(str), categories=src.label_categories
-            ).codes
+            ).codes.astype(np.int32)
         X = exp.ms[src.measurement].X[src.layer]
         for lo in range(0, len(joinids), io_cells):
             ids = joinids[lo : lo + io_cells]
-            coo = list(X.read(coords=(ids,)).tables())
-            indptr, cols, vals = _coo_to_csr(ids, coo)
+            rows, cols, vals = _coo_arrays(list(X.read(coords=(ids,)).tables()))
+            check_values(vals)
             parts.append(
-                tokenize_csr(
-                    indptr,
+                tokenize_segments(
+                    *_segments(ids, rows),
                     cols,
                     vals,
                     ids,
                     src.feature_tokens,
                     tok,
                     cls_id,
-                    batch=batch[lo : lo + io_cells],
-                    labels=None if labels is None else labels[lo : lo + io_cells],
-                    stats=stats,
+                    stats,
                 )
             )
-    if not parts:
-        return RECORD_SCHEMA.empty_table()
-    return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
+    return _assemble(parts, joinids, batch, labels, order_key)
 
 
-def _coo_to_csr(ids: np.ndarray, coo: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR (indptr, columns, values) over the rows `ids` (sorted, unique) of a SOMA X read in any order.
+def _coo_arrays(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, columns, values) of a SOMA X read's tables, without a copy when it is one chunk."""
 
-    `coo` is the read's result tables (processed chunk by chunk, never concatenated). Entries of a row keep
-    their order in the read.
-    """
-    chunks = []
-    for t in coo:
-        t = t.select(["soma_dim_0", "soma_dim_1", "soma_data"])
-        if len({tuple(len(c) for c in col.chunks) for col in t.columns}) > 1:
-            t = t.combine_chunks()  # columns chunked differently (SOMA reads never are)
-        chunks += [
-            (r.to_numpy(), c.to_numpy(), v.to_numpy())
-            for r, c, v in zip(*(col.chunks for col in t.columns), strict=True)
-        ]
+    def flat(name: str, dtype) -> np.ndarray:
+        chunks = [c.to_numpy() for t in tables for c in t.column(name).chunks]
+        if not chunks:
+            return np.zeros(0, dtype)
+        return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+
+    return flat("soma_dim_0", np.int64), flat("soma_dim_1", np.int64), flat("soma_data", np.float32)
+
+
+def _segments(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`coo_segments` of the COO `rows` over the sorted, unique cell ids `ids` (every row is one of them)."""
     ids = np.asarray(ids, np.int64)
-    n = len(ids)
-    starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1) if n else np.zeros(0, int)
-    run_ids = ids[starts] if n else np.zeros(1, np.int64)
-    run_pos = np.append(starts, n).astype(np.int64) if n else np.zeros(2, np.int64)
-    counts = np.zeros(n + 1, np.int64)
-    positions = [row_positions(r, run_ids, run_pos, counts[1:]) for r, _, _ in chunks]
-    indptr = np.cumsum(counts)
-    cols = np.empty(indptr[-1], np.int32)
-    vals = np.empty(indptr[-1], chunks[0][2].dtype if chunks else np.float32)
-    fill = indptr[:-1].copy()
-    for pos, (_, c, v) in zip(positions, chunks, strict=True):
-        scatter_rows(pos, c, v, fill, cols, vals)
-    return indptr, cols, vals
+    starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1)
+    return coo_segments(rows, ids[starts], np.append(starts, len(ids)).astype(np.int64))
+
+
+def _assemble(
+    parts: list[TokenArrays],
+    joinids: np.ndarray,
+    batch: np.ndarray,
+    labels: np.ndarray,
+    order_key: np.ndarray | None,
+) -> pa.Table:
+    """One table of the parts' records (consecutive blocks of `joinids`), in `order_key` order."""
+    kept = np.flatnonzero(np.concatenate([p.keep for p in parts]))  # cell of each record
+    lengths = np.concatenate([np.diff(p.offsets) for p in parts])
+    out_row = np.arange(len(kept))  # output row of each record
+    if order_key is not None:
+        out_row[np.argsort(np.asarray(order_key)[kept], kind="stable")] = np.arange(len(kept))
+    cell = np.empty_like(kept)
+    cell[out_row] = kept
+    offsets = np.zeros(len(kept) + 1, np.int64)
+    np.cumsum(lengths[np.argsort(out_row)], out=offsets[1:])
+    genes = np.empty(offsets[-1], np.int32)
+    values = np.empty(offsets[-1], np.int16)
+    r = 0
+    for p in parts:
+        m = len(p.offsets) - 1
+        place_rows(p.offsets, p.genes, p.values, out_row[r : r + m], offsets, genes, values)
+        r += m
+    return record_table(offsets, genes, values, joinids[cell], batch[cell], labels[cell])
 
 
 class SomaTokenDatasource(Datasource):

@@ -128,7 +128,8 @@ def _pick_keys(h: np.ndarray) -> np.ndarray:
     return h >> np.uint64(64 - PICK_KEY_BITS)
 
 
-def _check_values(data: np.ndarray) -> None:
+def check_values(data: np.ndarray) -> None:
+    """Refuse negative expression values (the tokenizer bins counts or log-normalized data)."""
     if data.size and np.nanmin(data) < 0:
         raise ValueError(
             "negative expression values in the input; pass raw counts or log-normalized (non-negative) data"
@@ -157,7 +158,7 @@ def tokenize_csr(
     `tokenize_csr_reference`.
     """
     data = np.asarray(data)
-    _check_values(data)
+    check_values(data)
     if data.dtype not in (np.float32, np.float64):
         data = data.astype(np.float64)
     indptr = np.asarray(indptr, np.int64)
@@ -195,6 +196,94 @@ def tokenize_csr(
     return pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
 
 
+@dataclass
+class TokenArrays:
+    """Token records of a block of cells as flat arrays (before they become an Arrow table)."""
+
+    keep: np.ndarray
+    """Per input cell: True if it became a record (False: skipped, fewer than `min_genes` genes)."""
+    offsets: np.ndarray
+    """int32 list offsets over the records (`keep.sum() + 1` of them)."""
+    genes: np.ndarray
+    """int32 token ids of all records, `<cls>` first in each."""
+    values: np.ndarray
+    """int16 value bins, `PAD_VALUE` at `<cls>`."""
+
+
+def tokenize_segments(
+    seg_ptr: np.ndarray,
+    seg_lo: np.ndarray,
+    seg_hi: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    cell_ids: np.ndarray,
+    feature_tokens: np.ndarray,
+    cfg: TokenizerConfig,
+    cls_id: int,
+    stats: TokenizeStats,
+) -> TokenArrays:
+    """Tokenize cells whose entries lie in segments of (indices, data): cell `i`'s are
+    `[seg_lo[s], seg_hi[s])` for `s` in `seg_ptr[i] .. seg_ptr[i + 1] - 1` (a CSR row is one segment;
+    `data_ingest.tokenize_kernel.coo_segments` indexes a SOMA read). Records must fit int32 offsets."""
+    keep, offsets, genes, values, truncated = tokenize_kernel.tokenize_block(
+        seg_ptr,
+        seg_lo,
+        seg_hi,
+        indices,
+        data,
+        feature_tokens,
+        cell_streams(cfg.seed, cell_ids, SALT_PICK),
+        cell_streams(cfg.seed, cell_ids, SALT_TIE),
+        np.linspace(0.0, 1.0, cfg.n_bins - 1),
+        cfg.max_seq_len - 1,
+        cfg.min_genes,
+        cfg.include_zero_genes,
+        cls_id,
+        keys.PAD_VALUE,
+        64 - PICK_KEY_BITS,
+    )
+    n, nk = len(keep), int(keep.sum())
+    stats.cells_in += n
+    stats.cells_out += nk
+    stats.skipped_few_genes += n - nk
+    stats.truncated += int(truncated)
+    return TokenArrays(keep, offsets, genes, values)
+
+
+def record_table(
+    offsets: np.ndarray,
+    genes: np.ndarray,
+    values: np.ndarray,
+    cell_ids: np.ndarray,
+    batch: np.ndarray,
+    labels: np.ndarray,
+    modality: int = keys.MODALITY_RNA,
+) -> pa.Table:
+    """A `RECORD_SCHEMA` table of records given as list offsets (any int type) over flat genes / values,
+    with per-record cell ids, batch and label ids (no copy of the token arrays where offsets fit int32)."""
+    n = len(offsets) - 1
+    step = max(1, (2**31 - 1) // max(1, int(np.diff(offsets).max(initial=1))))
+    batches = []
+    for lo in range(0, n, step) if n else [0]:
+        hi = min(lo + step, n)
+        a, b = int(offsets[lo]), int(offsets[hi])
+        off = pa.array((offsets[lo : hi + 1] - a).astype(np.int32))
+        batches.append(
+            pa.RecordBatch.from_arrays(
+                [
+                    pa.ListArray.from_arrays(off, pa.array(genes[a:b], pa.int32())),
+                    pa.ListArray.from_arrays(off, pa.array(values[a:b], pa.int16())),
+                    pa.array(batch[lo:hi], pa.int32()),
+                    pa.array(np.full(hi - lo, modality, np.int8), pa.int8()),
+                    pa.array(cell_ids[lo:hi], pa.int64()),
+                    pa.array(labels[lo:hi], pa.int32()),
+                ],
+                schema=RECORD_SCHEMA,
+            )
+        )
+    return pa.Table.from_batches(batches, schema=RECORD_SCHEMA)
+
+
 def _tokenize_block(
     indptr: np.ndarray,
     indices: np.ndarray,
@@ -209,37 +298,20 @@ def _tokenize_block(
     stats: TokenizeStats,
 ) -> pa.Table:
     n = len(indptr) - 1
-    keep, offsets, genes, values, truncated = tokenize_kernel.tokenize_block(
-        indptr,
+    t = tokenize_segments(
+        np.arange(n + 1, dtype=np.int64),
+        indptr[:-1],
+        indptr[1:],
         indices,
         data,
+        cell_ids,
         feature_tokens,
-        cell_streams(cfg.seed, cell_ids, SALT_PICK),
-        cell_streams(cfg.seed, cell_ids, SALT_TIE),
-        np.linspace(0.0, 1.0, cfg.n_bins - 1),
-        cfg.max_seq_len - 1,
-        cfg.min_genes,
-        cfg.include_zero_genes,
+        cfg,
         cls_id,
-        keys.PAD_VALUE,
-        64 - PICK_KEY_BITS,
+        stats,
     )
-    nk = int(keep.sum())
-    stats.cells_in += n
-    stats.cells_out += nk
-    stats.skipped_few_genes += n - nk
-    stats.truncated += int(truncated)
-    off = pa.array(offsets)
-    return pa.Table.from_arrays(
-        [
-            pa.ListArray.from_arrays(off, pa.array(genes, pa.int32())),
-            pa.ListArray.from_arrays(off, pa.array(values, pa.int16())),
-            pa.array(batch[keep], pa.int32()),
-            pa.array(np.full(nk, modality, np.int8), pa.int8()),
-            pa.array(cell_ids[keep], pa.int64()),
-            pa.array(labels[keep], pa.int32()),
-        ],
-        schema=RECORD_SCHEMA,
+    return record_table(
+        t.offsets, t.genes, t.values, cell_ids[t.keep], batch[t.keep], labels[t.keep], modality
     )
 
 
@@ -261,7 +333,7 @@ def tokenize_csr_reference(
     stats = stats if stats is not None else TokenizeStats()
     stats.cells_in += n
     data = np.asarray(data)
-    _check_values(data)
+    check_values(data)
     feature_tokens = np.asarray(feature_tokens, np.int64)
     batch = np.zeros(n, np.int32) if batch is None else np.asarray(batch, np.int32)
     labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)

@@ -36,37 +36,65 @@ def _gene_hash(stream, token):
     return _mix64(stream ^ (np.uint64(token) * _GOLDEN))
 
 
-@numba.njit(cache=True, nogil=True)
-def row_positions(rows, run_ids, run_pos, counts):
-    """Row index (in the sorted cell ids) of each COO entry's `rows` value, counting entries per row.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _run_of(r, run_ids, k):
+    """Index of the run holding id `r` (run `k`, the last one used, is tried first)."""
+    if run_ids[k] <= r and (k + 1 == len(run_ids) or r < run_ids[k + 1]):
+        return k
+    return np.searchsorted(run_ids, r, side="right") - 1
 
-    The cell ids are given as runs of consecutive ids: run k covers ids `run_ids[k] ..` at positions
-    `run_pos[k] .. run_pos[k + 1] - 1`. Entries arrive mostly row by row, so the last run is tried first.
+
+@numba.njit(cache=True, nogil=True)
+def coo_segments(rows, run_ids, run_pos):
+    """Index a COO read by row without moving its entries: (seg_ptr, seg_lo, seg_hi).
+
+    A segment is a maximal stretch `rows[seg_lo[s]:seg_hi[s]]` of one row; row `i` (position `i` in the
+    sorted cell ids) owns segments `seg_ptr[i] .. seg_ptr[i + 1] - 1`, in read order. X is stored in tiles
+    of rows x genes, so a row arrives as one stretch per gene tile. The cell ids are given as runs of
+    consecutive ids: run k covers ids `run_ids[k] ..` at positions `run_pos[k] .. run_pos[k + 1] - 1`;
+    every row of the read is one of them.
     """
-    out = np.empty(len(rows), np.int32)
+    n = run_pos[-1]
+    seg_ptr = np.zeros(n + 1, np.int64)
     k = 0
-    lo_id = run_ids[0]
-    hi_id = run_ids[0] + run_pos[1] - run_pos[0]
-    for e in range(len(rows)):
+    n_seg = 0
+    e = 0
+    while e < len(rows):  # count each row's segments
         r = rows[e]
-        if r < lo_id or r >= hi_id:
-            k = np.searchsorted(run_ids, r, side="right") - 1
-            lo_id = run_ids[k]
-            hi_id = lo_id + run_pos[k + 1] - run_pos[k]
-        p = run_pos[k] + (r - lo_id)
-        out[e] = p
-        counts[p] += 1
-    return out
+        k = _run_of(r, run_ids, k)
+        seg_ptr[run_pos[k] + (r - run_ids[k]) + 1] += 1
+        n_seg += 1
+        e += 1
+        while e < len(rows) and rows[e] == r:
+            e += 1
+    for i in range(n):
+        seg_ptr[i + 1] += seg_ptr[i]
+    fill = seg_ptr[:-1].copy()
+    seg_lo = np.empty(n_seg, np.int64)
+    seg_hi = np.empty(n_seg, np.int64)
+    e = 0
+    while e < len(rows):  # place them, grouped by row
+        r = rows[e]
+        k = _run_of(r, run_ids, k)
+        p = run_pos[k] + (r - run_ids[k])
+        s = fill[p]
+        fill[p] = s + 1
+        seg_lo[s] = e
+        e += 1
+        while e < len(rows) and rows[e] == r:
+            e += 1
+        seg_hi[s] = e
+    return seg_ptr, seg_lo, seg_hi
 
 
 @numba.njit(cache=True, nogil=True)
-def scatter_rows(pos, cols, vals, fill, out_cols, out_vals):
-    """Place COO entries into CSR arrays; `fill[row]` is the next free slot of the row (advanced)."""
-    for e in range(len(pos)):
-        d = fill[pos[e]]
-        out_cols[d] = cols[e]
-        out_vals[d] = vals[e]
-        fill[pos[e]] = d + 1
+def place_rows(src_offsets, src_genes, src_values, dst_rows, dst_offsets, dst_genes, dst_values):
+    """Copy record `r` of (src_offsets, src_genes, src_values) to record `dst_rows[r]` of the dst lists."""
+    for r in range(len(dst_rows)):
+        a, b = src_offsets[r], src_offsets[r + 1]
+        d = dst_offsets[dst_rows[r]]
+        dst_genes[d : d + b - a] = src_genes[a:b]
+        dst_values[d : d + b - a] = src_values[a:b]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -172,7 +200,9 @@ def _select_smallest(keys, m, k, bucket_shift, flags, hist):
 
 @numba.njit(cache=True, nogil=True)
 def tokenize_block(
-    indptr,
+    seg_ptr,
+    seg_lo,
+    seg_hi,
     indices,
     data,
     feature_tokens,
@@ -186,11 +216,13 @@ def tokenize_block(
     pad_value,
     key_shift,
 ):
-    """Token lists of the CSR cells (see the module docstring).
+    """Token lists of the cells (see the module docstring). Cell `i`'s entries are
+    `indices[seg_lo[s]:seg_hi[s]]` / `data[...]` for its segments `s` in `seg_ptr[i] .. seg_ptr[i + 1] - 1`
+    (CSR rows are one segment each; a COO read is indexed by `coo_segments`).
 
     Returns (kept cell mask, int32 list offsets over kept cells, genes int32, values int16, truncated cells).
     """
-    n = len(indptr) - 1
+    n = len(seg_ptr) - 1
     nb = len(q)
     n_feat = len(feature_tokens)
     shift = np.uint64(key_shift)
@@ -198,9 +230,10 @@ def tokenize_block(
     cnt = np.zeros(n, np.int64)
     for i in range(n):
         c = 0
-        for e in range(indptr[i], indptr[i + 1]):
-            if data[e] > 0 and feature_tokens[indices[e]] >= 0:
-                c += 1
+        for s in range(seg_ptr[i], seg_ptr[i + 1]):
+            for e in range(seg_lo[s], seg_hi[s]):
+                if data[e] > 0 and feature_tokens[indices[e]] >= 0:
+                    c += 1
         cnt[i] = c
     n_cand = 0
     for j in range(n_feat):
@@ -218,13 +251,15 @@ def tokenize_block(
         extra = 0
         if zero_fill and c < n_keep:
             distinct = 0  # expressed candidate columns (a malformed row may repeat a column)
-            for e in range(indptr[i], indptr[i + 1]):
-                j = indices[e]
-                if data[e] > 0 and feature_tokens[j] >= 0 and not mark[j]:
-                    mark[j] = True
-                    distinct += 1
-            for e in range(indptr[i], indptr[i + 1]):
-                mark[indices[e]] = False
+            for s in range(seg_ptr[i], seg_ptr[i + 1]):
+                for e in range(seg_lo[s], seg_hi[s]):
+                    j = indices[e]
+                    if data[e] > 0 and feature_tokens[j] >= 0 and not mark[j]:
+                        mark[j] = True
+                        distinct += 1
+            for s in range(seg_ptr[i], seg_ptr[i + 1]):
+                for e in range(seg_lo[s], seg_hi[s]):
+                    mark[indices[e]] = False
             extra = min(n_keep - c, n_cand - distinct)
         length[i] = 1 + min(c, n_keep) + extra
     n_out = 0
@@ -266,18 +301,19 @@ def tokenize_block(
         c = 0
         vmax = 0.0
         integral = True
-        for e in range(indptr[i], indptr[i + 1]):
-            t = feature_tokens[indices[e]]
-            v = data[e]
-            if v > 0 and t >= 0:
-                tok[c] = t
-                col[c] = indices[e]
-                x[c] = v
-                c += 1
-                if v > vmax:
-                    vmax = v
-                if v != np.floor(v):
-                    integral = False
+        for s in range(seg_ptr[i], seg_ptr[i + 1]):
+            for e in range(seg_lo[s], seg_hi[s]):
+                t = feature_tokens[indices[e]]
+                v = data[e]
+                if v > 0 and t >= 0:
+                    tok[c] = t
+                    col[c] = indices[e]
+                    x[c] = v
+                    c += 1
+                    if v > vmax:
+                        vmax = v
+                    if v != np.floor(v):
+                        integral = False
         out = offsets[r]
         genes[out] = cls_id
         values[out] = pad_value

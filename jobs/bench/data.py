@@ -169,6 +169,8 @@ def run_ours(
     buffer_size: int = 0,
     cache_dir: str | None = None,
     object_store_mb: int = 0,
+    prefetch: int = 0,
+    task_cells: int = 0,
 ) -> dict:
     """Our stream, timed over epoch 0; with `cache_dir`, epoch 0 fills the token cache (timed as
     `fill_seconds`) and the result is epoch 1, served from the cache."""
@@ -196,9 +198,11 @@ def run_ours(
     vocab = GeneVocab.from_genes(src.gene_names())
     resolved = src.resolve(vocab, ALL)
     tok = TokenizerConfig(max_seq_len=max_seq_len)
-    cfg = StreamConfig(prefetch=cpus, read_task_cpus=1.0)
+    prefetch = prefetch or cpus
+    cfg = StreamConfig(prefetch=prefetch, read_task_cpus=cpus / prefetch)
     cfg.chunk_size = chunk_size or cfg.chunk_size
     cfg.buffer_size = buffer_size or cfg.buffer_size
+    cfg.task_cells = task_cells or cfg.task_cells
     if cache_dir:
         cfg.token_cache = TokenCacheConfig(dir=cache_dir)
 
@@ -392,6 +396,8 @@ def _worker(a: argparse.Namespace) -> int:
                     a.buffer_size,
                     cache,
                     a.object_store_mb,
+                    a.prefetch,
+                    a.task_cells,
                 )
                 if cache:
                     out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*")) / 2**20
@@ -432,6 +438,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-seq-len", type=int, default=1200)
     p.add_argument("--cpus", type=int, default=2, help="Ray CPUs for our pipeline")
     p.add_argument(
+        "--prefetch",
+        type=int,
+        default=0,
+        help="our read tasks running at once, sharing --cpus (0 = --cpus, one CPU each)",
+    )
+    p.add_argument(
         "--object-store-mb",
         type=int,
         default=0,
@@ -443,6 +455,9 @@ def main(argv: list[str]) -> int:
     )
     p.add_argument(
         "--buffer-size", type=int, default=0, help="our stream's buffer (0 = StreamConfig default)"
+    )
+    p.add_argument(
+        "--task-cells", type=int, default=0, help="our read task size (0 = StreamConfig default)"
     )
     p.add_argument(
         "--readers",
@@ -480,7 +495,8 @@ def main(argv: list[str]) -> int:
         cmd += ["--max-seq-len", str(a.max_seq_len), "--cpus", str(a.cpus)]
         cmd += ["--max-batches", str(a.max_batches)]
         cmd += ["--chunk-size", str(a.chunk_size), "--buffer-size", str(a.buffer_size)]
-        cmd += ["--object-store-mb", str(a.object_store_mb)]
+        cmd += ["--object-store-mb", str(a.object_store_mb), "--prefetch", str(a.prefetch)]
+        cmd += ["--task-cells", str(a.task_cells)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:

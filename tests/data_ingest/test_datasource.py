@@ -52,19 +52,24 @@ def _concat(ds):
     return pa.concat_tables([b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None)])
 
 
-def test_coo_to_csr_from_unordered_chunked_reads():
+def test_coo_segments_index_unordered_chunked_reads():
     import pyarrow as pa
-    import scipy.sparse as sp
 
-    from data_ingest.datasource import _coo_to_csr
+    from data_ingest.datasource import _coo_arrays, _segments
 
     rng = np.random.default_rng(0)
     ids = np.array([3, 4, 5, 9, 10, 40, 41, 42, 43, 100])  # runs of consecutive ids
-    dense = rng.poisson(0.5, (len(ids), 30)).astype(np.float32)
+    dense = rng.poisson(0.5, (len(ids), 36)).astype(np.float32)
+    dense[:, 30:] = 0
+    dense[7] = 0  # a cell without entries
     r, c = np.nonzero(dense)
     perm = rng.permutation(len(r))  # a read returns entries in any order
     rows, cols, vals = ids[r[perm]], c[perm], dense[r[perm], c[perm]]
-    cut = [0, len(r) // 3, len(r) // 2, len(r)]
+    # ... and a row in separate stretches, as X's gene tiles give it
+    rows, cols = np.r_[np.full(6, ids[2]), rows], np.r_[np.arange(30, 36), cols]
+    vals = np.r_[np.ones(6, np.float32), vals]
+    dense[2, 30:] = 1.0
+    cut = [0, len(rows) // 3, len(rows) // 2, len(rows)]
     tables = [
         pa.Table.from_arrays(
             [pa.chunked_array([rows[a:m], rows[m:b]]), pa.array(cols[a:b]), pa.array(vals[a:b])],
@@ -75,12 +80,60 @@ def test_coo_to_csr_from_unordered_chunked_reads():
         for i, (a, b) in enumerate(zip(cut[:-1], cut[1:], strict=True))
         for m in [(a + b) // 2]
     ]
-    indptr, out_cols, out_vals = _coo_to_csr(ids, tables)
-    got = sp.csr_matrix((out_vals, out_cols, indptr), shape=dense.shape).toarray()
-    assert np.array_equal(got, dense)
-    # Within a row, entries keep the order of the read.
+    rows2, cols2, vals2 = _coo_arrays(tables)
+    assert np.array_equal(rows2, rows) and np.array_equal(cols2, cols)
+    seg_ptr, seg_lo, seg_hi = _segments(ids, rows2)
+    got = np.zeros_like(dense)
     for i in range(len(ids)):
-        seen = cols[rows == ids[i]]
-        assert np.array_equal(out_cols[indptr[i] : indptr[i + 1]], seen)
-    empty = _coo_to_csr(ids, [])
-    assert np.array_equal(empty[0], np.zeros(len(ids) + 1)) and len(empty[1]) == 0
+        entries = np.concatenate(
+            [np.arange(seg_lo[s], seg_hi[s]) for s in range(seg_ptr[i], seg_ptr[i + 1])] or [[]]
+        ).astype(int)
+        assert (rows2[entries] == ids[i]).all()
+        # A row's entries keep the order of the read.
+        assert np.array_equal(entries, np.flatnonzero(rows2 == ids[i]))
+        np.add.at(got[i], cols2[entries], vals2[entries])
+    assert np.array_equal(got, dense)
+    assert seg_ptr[3] - seg_ptr[2] >= 2  # the stretched row has several segments
+    r0, c0, v0 = _coo_arrays([])
+    assert len(_segments(ids, r0)[1]) == 0 and len(c0) == len(v0) == 0
+
+
+def test_read_token_table_matches_reference_in_any_order(demo_soma):
+    import tiledbsoma
+
+    from data_ingest.tokenize import TokenizeStats, tokenize_csr_reference
+
+    src, vocab = _source(demo_soma)
+    res = src.resolve(vocab, ALL)
+    ids = res.joinids[::3][:120]
+    tok = TokenizerConfig(max_seq_len=32, min_genes=5)
+    stats = TokenizeStats()
+    plain = read_token_table(res, ids, tok, vocab.cls_id, stats=stats, io_cells=7)
+    with tiledbsoma.Experiment.open(str(demo_soma)) as exp:
+        X = exp.ms[res.measurement].X[res.layer]
+        m = X.read(coords=(ids,)).coos().concat().to_scipy().tocsr()[ids]
+        obs = exp.obs.read(coords=(ids,), column_names=[res.batch_key]).concat().to_pandas()
+    batch = np.array([res.batch_categories.index(b) for b in obs[res.batch_key]])
+    ref_stats = TokenizeStats()
+    ref = tokenize_csr_reference(
+        m.indptr,
+        m.indices,
+        m.data,
+        ids,
+        res.feature_tokens,
+        tok,
+        vocab.cls_id,
+        batch=batch,
+        stats=ref_stats,
+    )
+    got = plain.drop_columns([keys.LABEL])
+    assert got.equals(ref.drop_columns([keys.LABEL]))
+    assert stats == ref_stats and stats.truncated > 0
+    # With an order key the same records come out in key order (the stream's shuffled positions).
+    key = np.random.default_rng(0).permutation(len(ids))
+    ordered = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, order_key=key)
+    kept = np.isin(ids, plain[keys.CELL_ID].to_numpy())
+    want = ids[np.argsort(np.where(kept, key, len(ids)))][: kept.sum()]
+    assert ordered[keys.CELL_ID].to_numpy().tolist() == want.tolist()
+    by_id = {r[keys.CELL_ID]: r for r in plain.to_pylist()}
+    assert [by_id[r[keys.CELL_ID]] for r in ordered.to_pylist()] == ordered.to_pylist()
