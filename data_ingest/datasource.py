@@ -20,17 +20,18 @@ from data_ingest import keys
 from data_ingest.source import ResolvedSource, open_experiment
 from data_ingest.tokenize import (
     RECORD_SCHEMA,
-    TokenArrays,
     TokenizerConfig,
     TokenizeStats,
     check_values,
     record_table,
-    tokenize_segments,
+    tokenize_segments_into,
 )
-from data_ingest.tokenize_kernel import coo_segments, place_rows
+from data_ingest.tokenize_kernel import compact_slots, coo_segments
 
 IO_CELLS = 2048
 """Cells per X read query inside a read task: bounds the raw (COO) data held at once, whatever the task size."""
+SLOT_CELLS = 32768
+"""Cells `read_token_table` tokenizes into one set of slots when no output order is asked for."""
 
 
 def read_token_table(
@@ -46,15 +47,30 @@ def read_token_table(
 
     Records come in `joinids` order, or with `order_key` (one number per cell) in increasing key order
     (ties keep `joinids` order): the stream asks for its shuffled positions this way instead of reordering
-    the table afterwards.
+    the table afterwards. Each cell's record is written straight to a slot of `max_seq_len` entries in
+    output order and the slots are closed up at the end, so the records are built once, in place; the
+    working memory is `len(joinids) x max_seq_len x 6` bytes (split a long unordered request:
+    `SLOT_CELLS` cells at a time).
     """
     joinids = np.asarray(joinids, dtype=np.int64)
     stats = stats if stats is not None else TokenizeStats()
-    if not len(joinids):
+    if order_key is None and len(joinids) > SLOT_CELLS:
+        return pa.concat_tables(
+            [
+                read_token_table(src, joinids[lo : lo + SLOT_CELLS], tok, cls_id, stats, io_cells)
+                for lo in range(0, len(joinids), SLOT_CELLS)
+            ]
+        )
+    n, stride = len(joinids), tok.max_seq_len
+    if not n:
         return RECORD_SCHEMA.empty_table()
-    if tok.max_seq_len * io_cells >= 2**31:
-        io_cells = max(1, (2**31 - 1) // tok.max_seq_len)  # a block's list offsets are int32
-    parts = []
+    slot = np.arange(n)  # output place of each cell
+    if order_key is not None:
+        slot[np.argsort(np.asarray(order_key), kind="stable")] = np.arange(n)
+    starts = slot * stride
+    genes = np.empty(n * stride, np.int32)
+    values = np.empty(n * stride, np.int16)
+    lengths = np.empty(n, np.int64)
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
         obs = exp.obs.read(coords=(joinids,), column_names=obs_cols).concat().to_pandas()
@@ -62,32 +78,45 @@ def read_token_table(
         batch = pd.Categorical(
             obs[src.batch_key].astype(str), categories=src.batch_categories
         ).codes.astype(np.int32)
-        labels = np.full(len(joinids), -1, np.int32)
+        labels = np.full(n, -1, np.int32)
         if src.label_key:
             labels = pd.Categorical(
                 obs[src.label_key].astype(str), categories=src.label_categories
             ).codes.astype(np.int32)
         X = exp.ms[src.measurement].X[src.layer]
-        for lo in range(0, len(joinids), io_cells):
-            ids = joinids[lo : lo + io_cells]
+        for lo in range(0, n, io_cells):
+            hi = min(lo + io_cells, n)
+            ids = joinids[lo:hi]
             # A run of consecutive ids is read as a range: TileDB decodes it ~4% cheaper than points.
             run = ids[-1] - ids[0] == len(ids) - 1
             coords = (slice(int(ids[0]), int(ids[-1])),) if run else (ids,)
             rows, cols, vals = _coo_arrays(list(X.read(coords=coords).tables()))
             check_values(vals)
-            parts.append(
-                tokenize_segments(
-                    *_segments(ids, rows),
-                    cols,
-                    vals,
-                    ids,
-                    src.feature_tokens,
-                    tok,
-                    cls_id,
-                    stats,
-                )
+            tokenize_segments_into(
+                *_segments(ids, rows),
+                cols,
+                vals,
+                ids,
+                src.feature_tokens,
+                tok,
+                cls_id,
+                stats,
+                starts[lo:hi],
+                genes,
+                values,
+                lengths[lo:hi],
             )
-    return _assemble(parts, joinids, batch, labels, order_key)
+    cell_at = np.empty(n, np.int64)  # cell in each slot
+    cell_at[slot] = np.arange(n)
+    slot_lengths = lengths[cell_at]
+    total = compact_slots(genes, values, stride, slot_lengths)
+    kept = slot_lengths > 0
+    offsets = np.zeros(int(kept.sum()) + 1, np.int64)
+    np.cumsum(slot_lengths[kept], out=offsets[1:])
+    cells = cell_at[kept]
+    return record_table(
+        offsets, genes[:total], values[:total], joinids[cells], batch[cells], labels[cells]
+    )
 
 
 def _coo_arrays(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -107,33 +136,6 @@ def _segments(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray
     ids = np.asarray(ids, np.int64)
     starts = np.flatnonzero(np.diff(ids, prepend=ids[:1] - 2) != 1)
     return coo_segments(rows, ids[starts], np.append(starts, len(ids)).astype(np.int64))
-
-
-def _assemble(
-    parts: list[TokenArrays],
-    joinids: np.ndarray,
-    batch: np.ndarray,
-    labels: np.ndarray,
-    order_key: np.ndarray | None,
-) -> pa.Table:
-    """One table of the parts' records (consecutive blocks of `joinids`), in `order_key` order."""
-    kept = np.flatnonzero(np.concatenate([p.keep for p in parts]))  # cell of each record
-    lengths = np.concatenate([np.diff(p.offsets) for p in parts])
-    out_row = np.arange(len(kept))  # output row of each record
-    if order_key is not None:
-        out_row[np.argsort(np.asarray(order_key)[kept], kind="stable")] = np.arange(len(kept))
-    cell = np.empty_like(kept)
-    cell[out_row] = kept
-    offsets = np.zeros(len(kept) + 1, np.int64)
-    np.cumsum(lengths[np.argsort(out_row)], out=offsets[1:])
-    genes = np.empty(offsets[-1], np.int32)
-    values = np.empty(offsets[-1], np.int16)
-    r = 0
-    for p in parts:
-        m = len(p.offsets) - 1
-        place_rows(p.offsets, p.genes, p.values, out_row[r : r + m], offsets, genes, values)
-        r += m
-    return record_table(offsets, genes, values, joinids[cell], batch[cell], labels[cell])
 
 
 class SomaTokenDatasource(Datasource):

@@ -250,6 +250,52 @@ def tokenize_segments(
     return TokenArrays(keep, offsets, genes, values)
 
 
+def tokenize_segments_into(
+    seg_ptr: np.ndarray,
+    seg_lo: np.ndarray,
+    seg_hi: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+    cell_ids: np.ndarray,
+    feature_tokens: np.ndarray,
+    cfg: TokenizerConfig,
+    cls_id: int,
+    stats: TokenizeStats,
+    starts: np.ndarray,
+    genes: np.ndarray,
+    values: np.ndarray,
+    lengths: np.ndarray,
+) -> None:
+    """`tokenize_segments`, writing cell `i`'s record to `genes` / `values` from `starts[i]` (room for
+    `cfg.max_seq_len` entries) and its length to `lengths[i]` (0: skipped) instead of new arrays."""
+    truncated = tokenize_kernel.tokenize_into(
+        seg_ptr,
+        seg_lo,
+        seg_hi,
+        indices,
+        data,
+        feature_tokens,
+        cell_streams(cfg.seed, cell_ids, SALT_PICK),
+        cell_streams(cfg.seed, cell_ids, SALT_TIE),
+        np.linspace(0.0, 1.0, cfg.n_bins - 1),
+        cfg.max_seq_len - 1,
+        cfg.min_genes,
+        cfg.include_zero_genes,
+        cls_id,
+        keys.PAD_VALUE,
+        64 - PICK_KEY_BITS,
+        starts,
+        genes,
+        values,
+        lengths,
+    )
+    n, nk = len(lengths), int(np.count_nonzero(lengths))
+    stats.cells_in += n
+    stats.cells_out += nk
+    stats.skipped_few_genes += n - nk
+    stats.truncated += int(truncated)
+
+
 def record_table(
     offsets: np.ndarray,
     genes: np.ndarray,

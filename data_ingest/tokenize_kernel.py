@@ -88,13 +88,19 @@ def coo_segments(rows, run_ids, run_pos):
 
 
 @numba.njit(cache=True, nogil=True)
-def place_rows(src_offsets, src_genes, src_values, dst_rows, dst_offsets, dst_genes, dst_values):
-    """Copy record `r` of (src_offsets, src_genes, src_values) to record `dst_rows[r]` of the dst lists."""
-    for r in range(len(dst_rows)):
-        a, b = src_offsets[r], src_offsets[r + 1]
-        d = dst_offsets[dst_rows[r]]
-        dst_genes[d : d + b - a] = src_genes[a:b]
-        dst_values[d : d + b - a] = src_values[a:b]
+def compact_slots(genes, values, stride, slot_lengths):
+    """Move the records written at `s * stride` (`slot_lengths[s]` entries each, 0 for none) down so they
+    follow each other in slot order, in place; return their total length."""
+    d = 0
+    for s in range(len(slot_lengths)):
+        a = s * stride
+        m = slot_lengths[s]
+        if a != d:
+            for j in range(m):  # d < a: each entry is read before anything is written over it
+                genes[d + j] = genes[a + j]
+                values[d + j] = values[a + j]
+        d += m
+    return d
 
 
 @numba.njit(cache=True, nogil=True)
@@ -220,12 +226,11 @@ def tokenize_block(
     `indices[seg_lo[s]:seg_hi[s]]` / `data[...]` for its segments `s` in `seg_ptr[i] .. seg_ptr[i + 1] - 1`
     (CSR rows are one segment each; a COO read is indexed by `coo_segments`).
 
-    Returns (kept cell mask, int32 list offsets over kept cells, genes int32, values int16, truncated cells).
+    Returns (kept cell mask, int32 list offsets over kept cells, genes int32, values int16, truncated cells):
+    a first pass sizes each record exactly, then `tokenize_into` writes them.
     """
     n = len(seg_ptr) - 1
-    nb = len(q)
     n_feat = len(feature_tokens)
-    shift = np.uint64(key_shift)
     # Pass 1: expressed in-vocabulary entries per cell, and each kept cell's record length.
     cnt = np.zeros(n, np.int64)
     for i in range(n):
@@ -242,12 +247,10 @@ def tokenize_block(
     mark = np.zeros(n_feat if zero_fill else 0, np.bool_)
     keep = cnt >= min_genes
     length = np.zeros(n, np.int64)
-    max_c = 0
     for i in range(n):
         if not keep[i]:
             continue
         c = cnt[i]
-        max_c = max(max_c, c)
         extra = 0
         if zero_fill and c < n_keep:
             distinct = 0  # expressed candidate columns (a malformed row may repeat a column)
@@ -274,8 +277,80 @@ def tokenize_block(
             total += length[i]
             offsets[r + 1] = total
             r += 1
-    genes = np.zeros(total, np.int32)
-    values = np.zeros(total, np.int16)
+    genes = np.empty(total, np.int32)
+    values = np.empty(total, np.int16)
+    starts = np.zeros(n, np.int64)
+    r = 0
+    for i in range(n):
+        if keep[i]:
+            starts[i] = offsets[r]
+            r += 1
+    lengths = np.empty(n, np.int64)
+    truncated = tokenize_into(
+        seg_ptr,
+        seg_lo,
+        seg_hi,
+        indices,
+        data,
+        feature_tokens,
+        pick_streams,
+        tie_streams,
+        q,
+        n_keep,
+        min_genes,
+        zero_fill,
+        cls_id,
+        pad_value,
+        key_shift,
+        starts,
+        genes,
+        values,
+        lengths,
+    )
+    return keep, offsets, genes, values, truncated
+
+
+@numba.njit(cache=True, nogil=True)
+def tokenize_into(
+    seg_ptr,
+    seg_lo,
+    seg_hi,
+    indices,
+    data,
+    feature_tokens,
+    pick_streams,
+    tie_streams,
+    q,
+    n_keep,
+    min_genes,
+    zero_fill,
+    cls_id,
+    pad_value,
+    key_shift,
+    starts,
+    genes,
+    values,
+    lengths,
+):
+    """Write cell `i`'s record (same arguments as `tokenize_block`) to `genes` / `values` from `starts[i]`
+    on, set `lengths[i]` (0 for a skipped cell, fewer than `min_genes` genes) and return the number of
+    truncated cells. The caller sizes the room: at most `n_keep + 1` per cell. No pass over the data
+    beforehand, so records can go straight to their final places."""
+    n = len(seg_ptr) - 1
+    nb = len(q)
+    n_feat = len(feature_tokens)
+    shift = np.uint64(key_shift)
+    n_cand = 0
+    for j in range(n_feat):
+        if feature_tokens[j] >= 0:
+            n_cand += 1
+    mark = np.zeros(n_feat if zero_fill else 0, np.bool_)
+    max_c = 0  # entries of the largest cell: a bound on its expressed genes
+    for i in range(n):
+        m = 0
+        for s in range(seg_ptr[i], seg_ptr[i + 1]):
+            m += seg_hi[s] - seg_lo[s]
+        max_c = max(max_c, m)
 
     # Pass 2: one cell at a time, in scratch buffers sized for the largest cell.
     tok = np.empty(max_c, np.int64)
@@ -294,10 +369,7 @@ def tokenize_block(
     bucket_shift = np.uint64(64 - key_shift - 8)
     edges = np.empty(nb, np.float64)
     truncated = 0
-    r = 0
     for i in range(n):
-        if not keep[i]:
-            continue
         c = 0
         vmax = 0.0
         integral = True
@@ -314,12 +386,15 @@ def tokenize_block(
                         vmax = v
                     if v != np.floor(v):
                         integral = False
-        out = offsets[r]
+        if c < min_genes:
+            lengths[i] = 0
+            continue
+        out = starts[i]
         genes[out] = cls_id
         values[out] = pad_value
         out += 1
-        r += 1
         if c == 0:
+            lengths[i] = 1
             continue
         # Quantile edges: small integer counts from a histogram, anything else from a sort.
         _edge_ranks(c, q, ranks)
@@ -390,6 +465,8 @@ def tokenize_block(
             if want > 0:
                 for k in range(m):
                     if flags[k]:
-                        genes[out] = cand[k]  # values stay 0
+                        genes[out] = cand[k]
+                        values[out] = 0
                         out += 1
-    return keep, offsets, genes, values, truncated
+        lengths[i] = out - starts[i]
+    return truncated

@@ -1,6 +1,7 @@
 """The Ray Data datasource against the SOMA experiment: row count, schema, split, content."""
 
 import numpy as np
+import pytest
 import ray
 
 from data_ingest import keys
@@ -98,7 +99,14 @@ def test_coo_segments_index_unordered_chunked_reads():
     assert len(_segments(ids, r0)[1]) == 0 and len(c0) == len(v0) == 0
 
 
-def test_read_token_table_matches_reference_in_any_order(demo_soma):
+@pytest.mark.parametrize(
+    "tok",
+    [
+        TokenizerConfig(max_seq_len=32, min_genes=200),  # truncates every cell, skips a few
+        TokenizerConfig(max_seq_len=900, min_genes=5, include_zero_genes=True),  # pads with zeros
+    ],
+)
+def test_read_token_table_matches_reference_in_any_order(demo_soma, tok):
     import tiledbsoma
 
     from data_ingest.tokenize import TokenizeStats, tokenize_csr_reference
@@ -106,7 +114,6 @@ def test_read_token_table_matches_reference_in_any_order(demo_soma):
     src, vocab = _source(demo_soma)
     res = src.resolve(vocab, ALL)
     ids = res.joinids[::3][:120]
-    tok = TokenizerConfig(max_seq_len=32, min_genes=5)
     stats = TokenizeStats()
     plain = read_token_table(res, ids, tok, vocab.cls_id, stats=stats, io_cells=7)
     with tiledbsoma.Experiment.open(str(demo_soma)) as exp:
@@ -128,7 +135,11 @@ def test_read_token_table_matches_reference_in_any_order(demo_soma):
     )
     got = plain.drop_columns([keys.LABEL])
     assert got.equals(ref.drop_columns([keys.LABEL]))
-    assert stats == ref_stats and stats.truncated > 0
+    assert stats == ref_stats
+    if tok.include_zero_genes:  # short cells were padded with unexpressed genes
+        assert any(0 in v[1:] for v in plain[keys.VALUES].to_pylist())
+    else:
+        assert stats.skipped_few_genes > 0 and stats.truncated > 0
     # With an order key the same records come out in key order (the stream's shuffled positions).
     key = np.random.default_rng(0).permutation(len(ids))
     ordered = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, order_key=key)
