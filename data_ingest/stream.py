@@ -44,6 +44,15 @@ from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
 
 POS_COLUMN = "_pos"
 """Position of a cell in its rank's epoch order; carried from read tasks to the batcher, then dropped."""
+TASK_COLUMN = "_task"
+"""Index of the read task that made a record (carried to the batcher, then dropped)."""
+TASK_ROWS_COLUMN = "_task_rows"
+"""Records that read task made in all: the batcher knows when a task, and so a buffer, is complete even if
+Ray Data splits its output into several blocks."""
+_CARRIED = (POS_COLUMN, TASK_COLUMN, TASK_ROWS_COLUMN)
+_BLOCK_SCHEMA = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64()))
+_BLOCK_SCHEMA = _BLOCK_SCHEMA.append(pa.field(TASK_COLUMN, pa.int32()))
+_BLOCK_SCHEMA = _BLOCK_SCHEMA.append(pa.field(TASK_ROWS_COLUMN, pa.int32()))
 
 READ_TASK_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "16777216",
@@ -269,8 +278,11 @@ def rank_dataset(
     start_batch: int = 0,
     cfg: StreamConfig | None = None,
 ):
-    """The Ray Dataset behind `rank_batches`: one block per read task, in task order, its records sorted by
-    `POS_COLUMN`; a batch's records are one contiguous range of each block (see `_rank_plan`)."""
+    """(the Ray Dataset behind `rank_batches`, the index of each buffer's last read task).
+
+    The dataset has one block per read task (unless Ray Data splits it), in task order, its records sorted
+    by `POS_COLUMN` and tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`; a batch's records are one contiguous
+    range of each block (see `_rank_plan`)."""
     import ray.data
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -303,11 +315,12 @@ def rank_dataset(
     cache = None
     if cfg.token_cache.dir is not None:
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
-    schema = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64()))
     tasks = []
+    last_task: dict[int, int] = {}  # buffer -> its last read task
     for lo, hi in all_tasks:
         keep = pos[lo:hi] >= first  # resuming: cells before `first` were consumed
         if keep.any():
+            last_task[int(pos[lo]) // cfg.buffer_size] = len(tasks)
             tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
 
     class _RankSource(Datasource):
@@ -315,9 +328,12 @@ def rank_dataset(
             return (len(cells) - first) * tok.max_seq_len * 6
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            def make(ids: np.ndarray, positions: np.ndarray) -> ReadTask:
+            def make(t: int, ids: np.ndarray, positions: np.ndarray) -> ReadTask:
                 def read() -> Iterator[pa.Table]:
-                    yield _read_positions(src, ids, positions, tok, cls_id, cache)
+                    table = _read_positions(src, ids, positions, tok, cls_id, cache)
+                    n = table.num_rows
+                    table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
+                    yield table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
 
                 meta = BlockMetadata(
                     num_rows=None,
@@ -325,9 +341,11 @@ def rank_dataset(
                     exec_stats=None,
                     input_files=None,
                 )
-                return ReadTask(read, meta, schema=schema, per_task_row_limit=per_task_row_limit)
+                return ReadTask(
+                    read, meta, schema=_BLOCK_SCHEMA, per_task_row_limit=per_task_row_limit
+                )
 
-            return [make(ids, positions) for ids, positions in tasks]
+            return [make(t, ids, positions) for t, (ids, positions) in enumerate(tasks)]
 
         def get_name(self) -> str:
             return f"SomaTokensRank{rank}"
@@ -342,7 +360,7 @@ def rank_dataset(
         override_num_blocks=max(1, len(tasks)),
     )
     ds.context.execution_options.preserve_order = True
-    return ds
+    return ds, last_task
 
 
 def rank_batches(
@@ -381,7 +399,7 @@ def rank_batches(
     n_batches = batches_per_rank(len(resolved.joinids), world_size, batch_size)
     if start_batch == n_batches > 0:  # resumed exactly at the end of the epoch
         return
-    ds = rank_dataset(
+    ds, last_task = rank_dataset(
         resolved,
         tok,
         cls_id,
@@ -417,7 +435,7 @@ def rank_batches(
                     parts.append(block.slice(a, b - a))
             # Within a batch, positions are grouped by read task, so block order is position order.
             table = pa.concat_tables(parts) if parts else _EMPTY
-            yield emit(table.drop_columns([POS_COLUMN]).combine_chunks())
+            yield emit(table.drop_columns(list(_CARRIED)).combine_chunks())
             k += 1
         rest = []
         for block, pos in zip(held, sorted_pos, strict=True):
@@ -427,6 +445,7 @@ def rank_batches(
         held = rest
 
     current = -1  # buffer of the blocks in `held` beyond the carried records
+    got: dict[int, int] = {}  # records received per read task
     for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
         if not block.num_rows:
             continue
@@ -435,7 +454,13 @@ def rank_batches(
             yield from flush(b * buffer_size)
             current = b
         held.append(block)
+        t = int(block.column(TASK_COLUMN)[0].as_py())
+        got[t] = got.get(t, 0) + block.num_rows
+        if t == last_task[b] and got[t] == block.column(TASK_ROWS_COLUMN)[0].as_py():
+            # The buffer's last task is complete, so is the buffer: release its batches (and then its
+            # blocks) now, not when the next buffer's first task ends.
+            yield from flush(min((b + 1) * buffer_size, n_batches * batch_size))
     yield from flush(n_batches * batch_size)
 
 
-_EMPTY = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64())).empty_table()
+_EMPTY = _BLOCK_SCHEMA.empty_table()

@@ -7,6 +7,11 @@ small integer counts), takes the quantile edges, keeps the `n_keep` genes with t
 (a bucket histogram of the keys), bins the kept values (a per-value lookup table for counts, else binary
 search over the edges) and, if asked, fills the context with the
 unexpressed genes of smallest pick keys. Hash arithmetic is uint64 with wrap-around, as in numpy.
+
+A cell's entries are given as segments of (indices, data), so a SOMA read is tokenized where it lies
+(`coo_segments` indexes it by row; X's gene tiles give each row one segment per tile). `tokenize_into` writes
+records to caller-chosen places (the stream's read tasks: straight into shuffled-position order, closed up
+afterwards by `compact_slots`); `tokenize_block` sizes them exactly first and returns new arrays.
 """
 
 from __future__ import annotations
