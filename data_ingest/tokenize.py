@@ -196,42 +196,9 @@ def tokenize_csr(
     return pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
 
 
-@dataclass
-class TokenArrays:
-    """Token records of a block of cells as flat arrays (before they become an Arrow table)."""
-
-    keep: np.ndarray
-    """Per input cell: True if it became a record (False: skipped, fewer than `min_genes` genes)."""
-    offsets: np.ndarray
-    """int32 list offsets over the records (`keep.sum() + 1` of them)."""
-    genes: np.ndarray
-    """int32 token ids of all records, `<cls>` first in each."""
-    values: np.ndarray
-    """int16 value bins, `PAD_VALUE` at `<cls>`."""
-
-
-def tokenize_segments(
-    seg_ptr: np.ndarray,
-    seg_lo: np.ndarray,
-    seg_hi: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-    cell_ids: np.ndarray,
-    feature_tokens: np.ndarray,
-    cfg: TokenizerConfig,
-    cls_id: int,
-    stats: TokenizeStats,
-) -> TokenArrays:
-    """Tokenize cells whose entries lie in segments of (indices, data): cell `i`'s are
-    `[seg_lo[s], seg_hi[s])` for `s` in `seg_ptr[i] .. seg_ptr[i + 1] - 1` (a CSR row is one segment;
-    `data_ingest.tokenize_kernel.coo_segments` indexes a SOMA read). Records must fit int32 offsets."""
-    keep, offsets, genes, values, truncated = tokenize_kernel.tokenize_block(
-        seg_ptr,
-        seg_lo,
-        seg_hi,
-        indices,
-        data,
-        feature_tokens,
+def _kernel_args(cfg: TokenizerConfig, cls_id: int, cell_ids: np.ndarray) -> tuple:
+    """The tokenizer kernels' arguments after the data: hash streams, quantiles and settings."""
+    return (
         cell_streams(cfg.seed, cell_ids, SALT_PICK),
         cell_streams(cfg.seed, cell_ids, SALT_TIE),
         np.linspace(0.0, 1.0, cfg.n_bins - 1),
@@ -242,12 +209,13 @@ def tokenize_segments(
         keys.PAD_VALUE,
         64 - PICK_KEY_BITS,
     )
-    n, nk = len(keep), int(keep.sum())
+
+
+def _count(stats: TokenizeStats, n: int, n_out: int, truncated: int) -> None:
     stats.cells_in += n
-    stats.cells_out += nk
-    stats.skipped_few_genes += n - nk
+    stats.cells_out += n_out
+    stats.skipped_few_genes += n - n_out
     stats.truncated += int(truncated)
-    return TokenArrays(keep, offsets, genes, values)
 
 
 def tokenize_segments_into(
@@ -266,8 +234,11 @@ def tokenize_segments_into(
     values: np.ndarray,
     lengths: np.ndarray,
 ) -> None:
-    """`tokenize_segments`, writing cell `i`'s record to `genes` / `values` from `starts[i]` (room for
-    `cfg.max_seq_len` entries) and its length to `lengths[i]` (0: skipped) instead of new arrays."""
+    """Tokenize cells whose entries lie in segments of (indices, data) — cell `i`'s are
+    `[seg_lo[s], seg_hi[s])` for `s` in `seg_ptr[i] .. seg_ptr[i + 1] - 1` (a CSR row is one segment;
+    `data_ingest.tokenize_kernel.coo_segments` indexes a SOMA read) — writing cell `i`'s record to `genes` /
+    `values` from `starts[i]` (room for `cfg.max_seq_len` entries) and its length to `lengths[i]` (0:
+    skipped)."""
     truncated = tokenize_kernel.tokenize_into(
         seg_ptr,
         seg_lo,
@@ -275,25 +246,13 @@ def tokenize_segments_into(
         indices,
         data,
         feature_tokens,
-        cell_streams(cfg.seed, cell_ids, SALT_PICK),
-        cell_streams(cfg.seed, cell_ids, SALT_TIE),
-        np.linspace(0.0, 1.0, cfg.n_bins - 1),
-        cfg.max_seq_len - 1,
-        cfg.min_genes,
-        cfg.include_zero_genes,
-        cls_id,
-        keys.PAD_VALUE,
-        64 - PICK_KEY_BITS,
+        *_kernel_args(cfg, cls_id, cell_ids),
         starts,
         genes,
         values,
         lengths,
     )
-    n, nk = len(lengths), int(np.count_nonzero(lengths))
-    stats.cells_in += n
-    stats.cells_out += nk
-    stats.skipped_few_genes += n - nk
-    stats.truncated += int(truncated)
+    _count(stats, len(lengths), int(np.count_nonzero(lengths)), truncated)
 
 
 def record_table(
@@ -344,21 +303,17 @@ def _tokenize_block(
     stats: TokenizeStats,
 ) -> pa.Table:
     n = len(indptr) - 1
-    t = tokenize_segments(
+    keep, offsets, genes, values, truncated = tokenize_kernel.tokenize_block(
         np.arange(n + 1, dtype=np.int64),
         indptr[:-1],
         indptr[1:],
         indices,
         data,
-        cell_ids,
         feature_tokens,
-        cfg,
-        cls_id,
-        stats,
+        *_kernel_args(cfg, cls_id, cell_ids),
     )
-    return record_table(
-        t.offsets, t.genes, t.values, cell_ids[t.keep], batch[t.keep], labels[t.keep], modality
-    )
+    _count(stats, n, int(keep.sum()), truncated)
+    return record_table(offsets, genes, values, cell_ids[keep], batch[keep], labels[keep], modality)
 
 
 def tokenize_csr_reference(
