@@ -64,7 +64,8 @@ READ_TASK_ENV = {
 
 - A fixed 16 MB mmap threshold and Arrow's system pool give large arrays back on free. With glibc's adaptive
   threshold and Arrow's caching pool that memory stayed with the workers and the loader's footprint crept up
-  over a long epoch (peak PSS 2.7 -> 3.4 GB from a 100k- to a 1M-cell epoch, +27%; +14% with this).
+  over a long epoch (measured with 8,192-cell tasks and the earlier Arrow-take read path: peak PSS 2.7 ->
+  3.4 GB from a 100k- to a 1M-cell epoch, +27%; +14% with this).
 - Memory mapped afresh is faulted in page by page: kernel time was 39% of the read tasks' CPU. glibc >= 2.35
   then asks for transparent huge pages (`madvise` mode, the usual default) and takes 512x fewer faults:
   two 8,192-cell tasks side by side take 0.84 s instead of 1.0 s each. Ignored where unsupported.
