@@ -15,8 +15,14 @@ import ray.train
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist import __version__
-from scgpt_dist.checkpoint import CHECKPOINTS_DIR, step_dir_name, write_manifest
+from scgpt_dist.checkpoint import (
+    CHECKPOINTS_DIR,
+    step_dir_name,
+    validate_checkpoint,
+    write_manifest,
+)
 from scgpt_dist.config import ExperimentConfig, dump_config
+from scgpt_dist.storage import Store
 
 
 def git_sha() -> str | None:
@@ -88,7 +94,7 @@ class MlflowCallback:
 class CheckpointCallback:
     """Every rank saves its DeepSpeed shard to a local temp dir; rank 0 adds config, vocab and meta; then
     `ray.train.report` merges all ranks' files into `checkpoints/step_<N>` in the run's storage
-    (`storage_root`: `train.storage_path` or the output directory; a local path or an object-store URI,
+    (`storage`: `train.storage_path` or the output directory; a local path or an object-store URI,
     uploaded by Ray Train through the same `pyarrow.fs` filesystem that `scgpt_dist.storage` reads)."""
 
     def __init__(
@@ -98,9 +104,9 @@ class CheckpointCallback:
         rank: int,
         world_size: int,
         data_info: dict,
-        storage_root: str,
+        storage: Store,
     ):
-        self.storage_root = storage_root
+        self.storage = storage
         self.cfg = cfg
         self.vocab = vocab
         self.rank = rank
@@ -114,7 +120,14 @@ class CheckpointCallback:
         self, module, state: dict, metrics: dict[str, float], pending_metrics: list | None = None
     ) -> str:
         """Write and report the checkpoint (a collective: every rank calls it at the same step); returns
-        the committed checkpoint's path."""
+        the committed checkpoint's path.
+
+        `ray.train.report` returns once this rank's own files are uploaded, not every rank's, and it
+        skips the report silently when a peer died at its barrier. So all ranks meet after it, and rank 0
+        checks the checkpoint is complete in storage before returning: only then may the caller commit
+        anything that depends on it (the MLflow metrics it covers). A rank killed mid-upload makes this
+        raise, the worker group restarts from the previous complete checkpoint, and those steps are
+        logged once, by the rerun."""
         nodes = _gather_node_ids()
         name = step_dir_name(state["step"])
         tmp = tempfile.mkdtemp(prefix=f"scgpt-ckpt-r{self.rank}-")
@@ -146,7 +159,17 @@ class CheckpointCallback:
             )
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        return f"{self.storage_root.rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
+        _barrier()
+        if self.rank == 0:  # raises CheckpointError if a rank's files are missing
+            validate_checkpoint(self.storage / CHECKPOINTS_DIR / name, verify_checksums=False)
+        return f"{self.storage.uri.rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _gather_node_ids() -> list[str]:

@@ -144,7 +144,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> None:
     """The step loop: data -> micro-steps -> counters, logging and checkpoints."""
     storage: Store = loop_config["storage"]
-    ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"], storage.uri)
+    ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"], storage)
     stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
     resolved = loop_config["resolved"]
     stats = StreamStats()
