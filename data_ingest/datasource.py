@@ -23,6 +23,7 @@ from data_ingest.tokenize import (
     TokenizerConfig,
     TokenizeStats,
     check_values,
+    compact_record_schema,
     record_table,
     tokenize_segments_into,
 )
@@ -42,6 +43,7 @@ def read_token_table(
     stats: TokenizeStats | None = None,
     io_cells: int = IO_CELLS,
     order_key: np.ndarray | None = None,
+    compact: bool = False,
 ) -> pa.Table:
     """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time.
 
@@ -50,26 +52,36 @@ def read_token_table(
     the table afterwards. Each cell's record is written straight to a slot of `max_seq_len` entries in
     output order and the slots are closed up at the end, so the records are built once, in place; the
     working memory is `len(joinids) x max_seq_len x 6` bytes (split a long unordered request:
-    `SLOT_CELLS` cells at a time).
+    `SLOT_CELLS` cells at a time). With `compact`, the records have `record_schema(src, tok, cls_id,
+    compact=True)`'s narrower token types (and the working memory shrinks with them).
     """
+    schema = record_schema(src, tok, cls_id, compact)
     joinids = np.asarray(joinids, dtype=np.int64)
     stats = stats if stats is not None else TokenizeStats()
     if order_key is None and len(joinids) > SLOT_CELLS:
         return pa.concat_tables(
             [
-                read_token_table(src, joinids[lo : lo + SLOT_CELLS], tok, cls_id, stats, io_cells)
+                read_token_table(
+                    src,
+                    joinids[lo : lo + SLOT_CELLS],
+                    tok,
+                    cls_id,
+                    stats,
+                    io_cells,
+                    compact=compact,
+                )
                 for lo in range(0, len(joinids), SLOT_CELLS)
             ]
         )
     n, stride = len(joinids), tok.max_seq_len
     if not n:
-        return RECORD_SCHEMA.empty_table()
+        return schema.empty_table()
     slot = np.arange(n)  # output place of each cell
     if order_key is not None:
         slot[np.argsort(np.asarray(order_key), kind="stable")] = np.arange(n)
     starts = slot * stride
-    genes = np.empty(n * stride, np.int32)
-    values = np.empty(n * stride, np.int16)
+    genes = np.empty(n * stride, schema.field(keys.GENES).type.value_type.to_pandas_dtype())
+    values = np.empty(n * stride, schema.field(keys.VALUES).type.value_type.to_pandas_dtype())
     lengths = np.empty(n, np.int64)
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
@@ -115,8 +127,25 @@ def read_token_table(
     np.cumsum(slot_lengths[kept], out=offsets[1:])
     cells = cell_at[kept]
     return record_table(
-        offsets, genes[:total], values[:total], joinids[cells], batch[cells], labels[cells]
+        offsets,
+        genes[:total],
+        values[:total],
+        joinids[cells],
+        batch[cells],
+        labels[cells],
+        schema=schema,
     )
+
+
+def record_schema(
+    src: ResolvedSource, tok: TokenizerConfig, cls_id: int, compact: bool = True
+) -> pa.Schema:
+    """The schema of `read_token_table`'s records: `RECORD_SCHEMA`, or with `compact` the narrowest token
+    types for this vocabulary (every id `src.feature_tokens` maps to, and `cls_id`) and `tok.n_bins`."""
+    if not compact:
+        return RECORD_SCHEMA
+    n_tokens = max(int(np.max(src.feature_tokens, initial=-1)), cls_id) + 1
+    return compact_record_schema(n_tokens, tok.n_bins)
 
 
 def _coo_arrays(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -38,9 +38,9 @@ import pyarrow as pa
 
 from data_ingest import keys
 from data_ingest.cache import CacheEntry, TokenCacheConfig
-from data_ingest.datasource import read_token_table
+from data_ingest.datasource import read_token_table, record_schema
 from data_ingest.source import ResolvedSource
-from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
+from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig, widen
 
 POS_COLUMN = "_pos"
 """Position of a cell in its rank's epoch order; carried from read tasks to the batcher, then dropped."""
@@ -50,9 +50,15 @@ TASK_ROWS_COLUMN = "_task_rows"
 """Records that read task made in all: the batcher knows when a task, and so a buffer, is complete even if
 Ray Data splits its output into several blocks."""
 _CARRIED = (POS_COLUMN, TASK_COLUMN, TASK_ROWS_COLUMN)
-_BLOCK_SCHEMA = RECORD_SCHEMA.append(pa.field(POS_COLUMN, pa.int64()))
-_BLOCK_SCHEMA = _BLOCK_SCHEMA.append(pa.field(TASK_COLUMN, pa.int32()))
-_BLOCK_SCHEMA = _BLOCK_SCHEMA.append(pa.field(TASK_ROWS_COLUMN, pa.int32()))
+TOKEN_COLUMNS = (keys.GENES, keys.VALUES)
+
+
+def _block_schema(records: pa.Schema) -> pa.Schema:
+    """Schema of the stream's blocks: records (compact token types) plus the carried columns."""
+    for name, typ in zip(_CARRIED, (pa.int64(), pa.int32(), pa.int32()), strict=True):
+        records = records.append(pa.field(name, typ))
+    return records
+
 
 READ_TASK_ENV = {
     "MALLOC_MMAP_THRESHOLD_": "16777216",
@@ -225,7 +231,7 @@ def _read_positions(
     cache: CacheEntry | None = None,
 ) -> pa.Table:
     """Token records of the cells `ids` (at `positions` of the rank order), in position order, with
-    `POS_COLUMN`."""
+    `POS_COLUMN`; the token columns have `record_schema(src, tok, cls_id)`'s compact types."""
     order = np.argsort(ids, kind="stable")
     sorted_ids, sorted_pos = ids[order], positions[order]
     if cache is not None:
@@ -235,8 +241,9 @@ def _read_positions(
         pos = sorted_pos[np.searchsorted(sorted_ids, got)]
         take = np.argsort(pos, kind="stable")
         table, pos = table.take(pa.array(take)), pos[take]
+        table = table.cast(record_schema(src, tok, cls_id))
     else:  # the records come out in position order
-        table = read_token_table(src, sorted_ids, tok, cls_id, order_key=sorted_pos)
+        table = read_token_table(src, sorted_ids, tok, cls_id, order_key=sorted_pos, compact=True)
         pos = sorted_pos[np.searchsorted(sorted_ids, table.column(keys.CELL_ID).to_numpy())]
     return table.append_column(POS_COLUMN, pa.array(pos, pa.int64()))
 
@@ -283,7 +290,8 @@ def rank_dataset(
 
     The dataset has one block per read task (unless Ray Data splits it), in task order, its records sorted
     by `POS_COLUMN` and tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`; a batch's records are one contiguous
-    range of each block (see `_rank_plan`)."""
+    range of each block (see `_rank_plan`). Token columns have compact types (`record_schema`): half the
+    bytes in the object store and the batcher's buffer; `rank_batches` widens each batch."""
     import ray.data
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -313,6 +321,8 @@ def rank_dataset(
     src = dataclasses.replace(
         resolved, joinids=np.zeros(0, dtype=np.int64), tiledb_config=tiledb_config
     )
+    block_schema = _block_schema(record_schema(src, tok, cls_id))
+    token_bytes = sum(block_schema.field(k).type.value_type.bit_width // 8 for k in TOKEN_COLUMNS)
     cache = None
     if cfg.token_cache.dir is not None:
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
@@ -326,7 +336,7 @@ def rank_dataset(
 
     class _RankSource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return (len(cells) - first) * tok.max_seq_len * 6
+            return (len(cells) - first) * tok.max_seq_len * token_bytes
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             def make(t: int, ids: np.ndarray, positions: np.ndarray) -> ReadTask:
@@ -338,12 +348,12 @@ def rank_dataset(
 
                 meta = BlockMetadata(
                     num_rows=None,
-                    size_bytes=len(ids) * tok.max_seq_len * 6,
+                    size_bytes=len(ids) * tok.max_seq_len * token_bytes,
                     exec_stats=None,
                     input_files=None,
                 )
                 return ReadTask(
-                    read, meta, schema=_BLOCK_SCHEMA, per_task_row_limit=per_task_row_limit
+                    read, meta, schema=block_schema, per_task_row_limit=per_task_row_limit
                 )
 
             return [make(t, ids, positions) for t, (ids, positions) in enumerate(tasks)]
@@ -435,8 +445,11 @@ def rank_batches(
                 if b > a:
                     parts.append(block.slice(a, b - a))
             # Within a batch, positions are grouped by read task, so block order is position order.
-            table = pa.concat_tables(parts) if parts else _EMPTY
-            yield emit(table.drop_columns(list(_CARRIED)).combine_chunks())
+            if parts:
+                table = widen(pa.concat_tables(parts).drop_columns(list(_CARRIED)).combine_chunks())
+            else:
+                table = RECORD_SCHEMA.empty_table()
+            yield emit(table)
             k += 1
         rest = []
         for block, pos in zip(held, sorted_pos, strict=True):
@@ -462,6 +475,3 @@ def rank_batches(
             # blocks) now, not when the next buffer's first task ends.
             yield from flush(min((b + 1) * buffer_size, n_batches * batch_size))
     yield from flush(n_batches * batch_size)
-
-
-_EMPTY = _BLOCK_SCHEMA.empty_table()

@@ -1,13 +1,20 @@
 """The Ray Data datasource against the SOMA experiment: row count, schema, split, content."""
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
 from data_ingest import keys
-from data_ingest.datasource import SomaTokenDatasource, read_token_table
+from data_ingest.datasource import SomaTokenDatasource, read_token_table, record_schema
 from data_ingest.source import ALL, HOLDOUT, TRAIN, SomaCellSource, SourceConfig
-from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
+from data_ingest.tokenize import (
+    RECORD_SCHEMA,
+    TokenizerConfig,
+    compact_record_schema,
+    record_table,
+    widen,
+)
 from data_ingest.vocab import GeneVocab
 
 
@@ -136,6 +143,12 @@ def test_read_token_table_matches_reference_in_any_order(demo_soma, tok):
     got = plain.drop_columns([keys.LABEL])
     assert got.equals(ref.drop_columns([keys.LABEL]))
     assert stats == ref_stats
+    # The compact records the stream ships hold the same tokens in 3 bytes instead of 6.
+    compact = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, compact=True)
+    assert compact.schema == record_schema(res, tok, vocab.cls_id) != RECORD_SCHEMA
+    assert compact.schema.field(keys.GENES).type == pa.list_(pa.uint16())
+    assert compact.schema.field(keys.VALUES).type == pa.list_(pa.int8())
+    assert widen(compact).equals(plain)
     if tok.include_zero_genes:  # short cells were padded with unexpressed genes
         assert any(0 in v[1:] for v in plain[keys.VALUES].to_pylist())
     else:
@@ -148,3 +161,28 @@ def test_read_token_table_matches_reference_in_any_order(demo_soma, tok):
     assert ordered[keys.CELL_ID].to_numpy().tolist() == want.tolist()
     by_id = {r[keys.CELL_ID]: r for r in plain.to_pylist()}
     assert [by_id[r[keys.CELL_ID]] for r in ordered.to_pylist()] == ordered.to_pylist()
+
+
+def test_compact_record_schema_picks_the_narrowest_types_that_fit():
+    def types(n_tokens, n_bins):
+        schema = compact_record_schema(n_tokens, n_bins)
+        return schema.field(keys.GENES).type.value_type, schema.field(keys.VALUES).type.value_type
+
+    assert types(2**16, 127) == (pa.uint16(), pa.int8())
+    assert types(2**16 + 1, 128) == (pa.int32(), pa.int16())
+    # Ids and values at the edges survive the round trip to RECORD_SCHEMA.
+    genes, values = np.array([0, 2**16 - 1], np.uint16), np.array([keys.PAD_VALUE, 126], np.int8)
+    table = record_table(
+        np.array([0, 2]),
+        genes,
+        values,
+        np.array([7]),
+        np.array([0]),
+        np.array([-1]),
+        schema=compact_record_schema(2**16, 127),
+    )
+    wide = widen(table)
+    assert wide.schema == RECORD_SCHEMA
+    assert wide[keys.GENES].to_pylist() == [[0, 2**16 - 1]]
+    assert wide[keys.VALUES].to_pylist() == [[keys.PAD_VALUE, 126]]
+    assert widen(wide) is wide

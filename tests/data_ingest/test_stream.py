@@ -14,7 +14,7 @@ from data_ingest.stream import (
     rank_batches,
     rank_order,
 )
-from data_ingest.tokenize import TokenizerConfig
+from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
 from data_ingest.vocab import GeneVocab
 
 CFG = StreamConfig(chunk_size=16, buffer_size=128, prefetch=2)
@@ -122,6 +122,7 @@ def test_two_ranks_exact_resume_and_epochs(ray_local, resolved):
     full = {r: _run(resolved, r) for r in (0, 1)}
     for r in (0, 1):
         assert len(full[r]) == n_batches
+        assert all(b.schema == RECORD_SCHEMA for b in full[r])  # read tasks ship compact types
         assert all(b.num_rows == BATCH for b in full[r])  # demo cells all have genes: no skips
     cells = [c for r in (0, 1) for b in _ids(full[r]) for c in b]
     assert len(cells) == len(set(cells)) == 2 * n_batches * BATCH  # none twice, ranks disjoint
