@@ -106,7 +106,8 @@ class StreamConfig:
     at the start of an epoch). A task holds its records (`task_cells x max_seq_len x 6` bytes) and the
     decoded X of 2,048 cells at a time."""
     prefetch: int = 2
-    """Read tasks running at once (bounds what is in flight: about prefetch x task_cells records)."""
+    """Read tasks running at once. Finished blocks waiting for the batcher are capped at about
+    `buffer_size + prefetch x task_cells` records' worth of object store (`rank_dataset`)."""
     read_task_cpus: float = 0.5
     """Logical CPUs reserved by each read task. A task decodes X with TileDB's compute threads capped at
     this (rounded up; a `sm.compute_concurrency_level` in the source's TileDB config wins): read tasks run
@@ -377,6 +378,16 @@ def rank_dataset(
         override_num_blocks=max(1, len(tasks)),
     )
     ds.context.execution_options.preserve_order = True
+    # Read ahead by about one buffer: finished blocks wait in the object store until the batcher takes them,
+    # and with a trainer slower than the readers Ray Data's default budget (a share of the whole object
+    # store) let ~15 blocks pile up. The blocks the batcher holds are no longer Ray Data's, so this bounds
+    # only what waits; Ray Data still runs one task when the budget is spent.
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=(cfg.buffer_size + cfg.prefetch * cfg.task_cells)
+        * tok.max_seq_len
+        * token_bytes
+    )
     return ds, last_task
 
 

@@ -12,6 +12,7 @@ from data_ingest.stream import (
     _read_tasks,
     batches_per_rank,
     rank_batches,
+    rank_dataset,
     rank_order,
 )
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
@@ -166,3 +167,14 @@ def test_skipped_cells_are_counted_and_batches_stay_aligned(ray_local, resolved)
     assert stats.as_dict()["data/skipped_cells"] == stats.skipped_cells
     resumed = _run(resolved, 1, tok=tok, start=9)
     assert all(a.equals(b) for a, b in zip(resumed, out[9:], strict=True))
+
+
+def test_read_ahead_is_capped_at_a_buffer_and_the_tasks_in_flight(ray_local, resolved):
+    res, vocab = resolved
+    tok = TokenizerConfig(max_seq_len=32)
+    ds, _ = rank_dataset(
+        res, tok, vocab.cls_id, seed=0, epoch=0, rank=0, world_size=2, batch_size=BATCH, cfg=CFG
+    )
+    # Compact records: uint16 gene ids + int8 bins = 3 bytes per token.
+    want = (CFG.buffer_size + CFG.prefetch * CFG.task_cells) * 32 * 3
+    assert ds.context.execution_options.resource_limits.object_store_memory == want
