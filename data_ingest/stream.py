@@ -40,7 +40,7 @@ from data_ingest import keys
 from data_ingest.cache import CacheEntry, TokenCacheConfig
 from data_ingest.datasource import read_token_table, record_schema
 from data_ingest.source import ResolvedSource
-from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig, widen
+from data_ingest.tokenize import RECORD_SCHEMA, TOKEN_COLUMNS, TokenizerConfig, widen
 
 POS_COLUMN = "_pos"
 """Position of a cell in its rank's epoch order; carried from read tasks to the batcher, then dropped."""
@@ -50,7 +50,6 @@ TASK_ROWS_COLUMN = "_task_rows"
 """Records that read task made in all: the batcher knows when a task, and so a buffer, is complete even if
 Ray Data splits its output into several blocks."""
 _CARRIED = (POS_COLUMN, TASK_COLUMN, TASK_ROWS_COLUMN)
-TOKEN_COLUMNS = (keys.GENES, keys.VALUES)
 
 
 def _block_schema(records: pa.Schema) -> pa.Schema:

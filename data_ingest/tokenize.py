@@ -37,6 +37,9 @@ RECORD_SCHEMA = pa.schema(
     ]
 )
 
+TOKEN_COLUMNS = (keys.GENES, keys.VALUES)
+"""The record columns holding one entry per token."""
+
 
 def compact_record_schema(n_tokens: int, n_bins: int) -> pa.Schema:
     """`RECORD_SCHEMA` with the narrowest token types that hold every id below `n_tokens` (uint16 up to
@@ -52,15 +55,10 @@ def compact_record_schema(n_tokens: int, n_bins: int) -> pa.Schema:
 
 def widen(table: pa.Table) -> pa.Table:
     """`table` (records in a `compact_record_schema`) with `RECORD_SCHEMA`'s token types."""
-    if table.schema.field(keys.GENES).type == RECORD_SCHEMA.field(keys.GENES).type and (
-        table.schema.field(keys.VALUES).type == RECORD_SCHEMA.field(keys.VALUES).type
-    ):
-        return table
-    for name in (keys.GENES, keys.VALUES):
-        i = table.schema.get_field_index(name)
-        table = table.set_column(
-            i, RECORD_SCHEMA.field(name), table.column(i).cast(RECORD_SCHEMA.field(name).type)
-        )
+    for name in TOKEN_COLUMNS:
+        i, wide = table.schema.get_field_index(name), RECORD_SCHEMA.field(name)
+        if table.schema.field(i).type != wide.type:
+            table = table.set_column(i, wide, table.column(i).cast(wide.type))
     return table
 
 
@@ -295,7 +293,7 @@ def record_table(
     """A `schema` table (`RECORD_SCHEMA` or a `compact_record_schema`) of records given as list offsets
     (any int type) over flat genes / values, with per-record cell ids, batch and label ids (no copy of the
     token arrays where offsets fit int32 and their types match the schema)."""
-    gene_type, value_type = (schema.field(k).type.value_type for k in (keys.GENES, keys.VALUES))
+    gene_type, value_type = (schema.field(k).type.value_type for k in TOKEN_COLUMNS)
     n = len(offsets) - 1
     step = max(1, (2**31 - 1) // max(1, int(np.diff(offsets).max(initial=1))))
     batches = []
