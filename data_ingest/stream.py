@@ -82,6 +82,17 @@ READ_TASK_ENV = {
   13.9k -> 16.9k cells/s.
 """
 
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's `malloc_trim`; a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 _STREAM_SALT = 0x5C6E7  # separates the stream's generators from other users of the same seed
 
 
@@ -339,10 +350,15 @@ def rank_dataset(
         if keep.any():
             last_task[int(pos[lo]) // cfg.buffer_size] = len(tasks)
             tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
+    in_memory = (len(cells) - first) * tok.max_seq_len * token_bytes
+    # The plan's arrays (several int64 per cell of the rank) are garbage now; only `tasks` is kept. Give
+    # the freed heap back: without this a 1M-cell rank kept ~30 MB more than a 100k-cell one.
+    del cells, pos, all_tasks
+    _trim_heap()
 
     class _RankSource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return (len(cells) - first) * tok.max_seq_len * token_bytes
+            return in_memory
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             def make(t: int, ids: np.ndarray, positions: np.ndarray) -> ReadTask:
@@ -476,7 +492,12 @@ def rank_batches(
 
     current = -1  # buffer of the blocks in `held` beyond the carried records
     got: dict[int, int] = {}  # records received per read task
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
+    # No prefetch: Ray Data would fetch blocks through a prefetcher actor (one more process mapping every
+    # block) and format them in a thread pool, while this loop already takes blocks as soon as they are
+    # done (they wait in the object store, bounded by the read-ahead cap). 1M-cell epoch, one node: peak
+    # PSS 2,439 / 2,452 -> 2,276 / 2,318 MB, RSS 3,995 / 4,074 -> 3,535 / 3,549 MB, same cells/s. A block
+    # read on another node is pulled when the batcher reaches it (a few per buffer of ~1,000 batches).
+    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
         if not block.num_rows:
             continue
         b = int(block.column(POS_COLUMN)[0].as_py()) // buffer_size
