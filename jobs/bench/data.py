@@ -1,7 +1,7 @@
 """`python -m jobs.bench data`: loader throughput and memory, side by side on one synthetic census.
 
 Readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak memory
-(the process tree's summed PSS, its physical memory, sampled every 0.5 s, and summed RSS, which counts pages
+(the process tree's summed PSS, its physical memory, sampled every 0.1 s, and summed RSS, which counts pages
 shared between processes such as Ray's object store once per process, every 50 ms) is separate:
 
 - `raw`: SOMA X rows read in contiguous 8192-row blocks (`X.read(coords=(rows,)).tables()`) into Arrow and
@@ -63,7 +63,7 @@ def _tree_memory(proc, pss: bool) -> tuple[int, int]:
 class PeakMemory:
     """Peak summed RSS (every `every_s`) and PSS (every `pss_every` samples) of this process tree."""
 
-    def __init__(self, every_s: float = 0.05, pss_every: int = 10):
+    def __init__(self, every_s: float = 0.05, pss_every: int = 2):
         import psutil
 
         self.proc, self.every, self.pss_every, self._stop = (
