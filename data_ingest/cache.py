@@ -122,9 +122,17 @@ class CacheEntry:
         """Shards written so far."""
         return sorted(int(p.stem.split("_")[1]) for p in Path(self.path).glob("shard_*.parquet"))
 
-    def read(self, src: ResolvedSource, joinids: np.ndarray, tok: TokenizerConfig, cls_id: int):
+    def read(
+        self,
+        src: ResolvedSource,
+        joinids: np.ndarray,
+        tok: TokenizerConfig,
+        cls_id: int,
+        readers: int = 1,
+    ):
         """Token records of the cells `joinids` (sorted), in that order, skipped cells absent: the same
-        table `read_token_table` returns. Builds the shards it needs that are missing."""
+        table `read_token_table` returns. Builds the shards it needs that are missing (with `readers` X
+        query threads)."""
         joinids = np.asarray(joinids, np.int64)
         shard_of = joinids // self.cfg.shard_cells
         parts = []
@@ -132,7 +140,7 @@ class CacheEntry:
             ids = joinids[shard_of == shard]
             path = self.shard_path(int(shard))
             if not path.exists():
-                self._build(src, int(shard), tok, cls_id)
+                self._build(src, int(shard), tok, cls_id, readers)
             parts.append(self._read_rows(path, ids))
         if not parts:
             return RECORD_SCHEMA.empty_table()
@@ -156,7 +164,9 @@ class CacheEntry:
         local = before[rows // per_group] + rows % per_group
         return table.take(pa.array(local)).cast(RECORD_SCHEMA)
 
-    def _build(self, src: ResolvedSource, shard: int, tok: TokenizerConfig, cls_id: int) -> None:
+    def _build(
+        self, src: ResolvedSource, shard: int, tok: TokenizerConfig, cls_id: int, readers: int
+    ) -> None:
         from data_ingest.datasource import read_token_table
         from data_ingest.source import open_experiment
 
@@ -169,7 +179,7 @@ class CacheEntry:
                 .column(0)
                 .to_numpy()
             )
-        table = read_token_table(src, np.sort(present), tok, cls_id)
+        table = read_token_table(src, np.sort(present), tok, cls_id, readers=readers)
         order = pc.sort_indices(table, [(keys.CELL_ID, "ascending")])
         table = table.take(order)
         path = self.shard_path(shard)

@@ -7,8 +7,11 @@ the training workers).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -44,8 +47,10 @@ def read_token_table(
     io_cells: int = IO_CELLS,
     order_key: np.ndarray | None = None,
     compact: bool = False,
+    readers: int = 1,
 ) -> pa.Table:
-    """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time.
+    """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time, the X queries on
+    `readers` threads ahead of the tokenizer.
 
     Records come in `joinids` order, or with `order_key` (one number per cell) in increasing key order
     (ties keep `joinids` order): the stream asks for its shuffled positions this way instead of reordering
@@ -69,6 +74,7 @@ def read_token_table(
                     stats,
                     io_cells,
                     compact=compact,
+                    readers=readers,
                 )
                 for lo in range(0, len(joinids), SLOT_CELLS)
             ]
@@ -95,29 +101,50 @@ def read_token_table(
             labels = pd.Categorical(
                 obs[src.label_key].astype(str), categories=src.label_categories
             ).codes.astype(np.int32)
-        X = exp.ms[src.measurement].X[src.layer]
-        for lo in range(0, n, io_cells):
-            hi = min(lo + io_cells, n)
-            ids = joinids[lo:hi]
+        # X queries run on `readers` threads, each with its own handle, `readers` queries ahead of this
+        # thread's tokenizing: TileDB's decoding and the tokenizer both let go of the GIL, so one read task
+        # keeps several cores busy and holds `readers + 1` queries' COO data at most.
+        local, handles = threading.local(), []
+
+        def read_x(lo: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            if not hasattr(local, "X"):
+                local.exp = open_experiment(src.soma_uri, src.tiledb_config)
+                handles.append(local.exp)
+                local.X = local.exp.ms[src.measurement].X[src.layer]
+            ids = joinids[lo : lo + io_cells]
             # A run of consecutive ids is read as a range: TileDB decodes it ~4% cheaper than points.
             run = ids[-1] - ids[0] == len(ids) - 1
             coords = (slice(int(ids[0]), int(ids[-1])),) if run else (ids,)
-            rows, cols, vals = _coo_arrays(list(X.read(coords=coords).tables()))
-            check_values(vals)
-            tokenize_segments_into(
-                *_segments(ids, rows),
-                cols,
-                vals,
-                ids,
-                src.feature_tokens,
-                tok,
-                cls_id,
-                stats,
-                starts[lo:hi],
-                genes,
-                values,
-                lengths[lo:hi],
-            )
+            return _coo_arrays(list(local.X.read(coords=coords).tables()))
+
+        try:
+            with ThreadPoolExecutor(readers, thread_name_prefix="soma-x") as pool:
+                ahead = range(0, n, io_cells)
+                pending = collections.deque(pool.submit(read_x, lo) for lo in ahead[:readers])
+                for k, lo in enumerate(ahead):
+                    hi = min(lo + io_cells, n)
+                    ids = joinids[lo:hi]
+                    rows, cols, vals = pending.popleft().result()
+                    if k + readers < len(ahead):
+                        pending.append(pool.submit(read_x, ahead[k + readers]))
+                    check_values(vals)
+                    tokenize_segments_into(
+                        *_segments(ids, rows),
+                        cols,
+                        vals,
+                        ids,
+                        src.feature_tokens,
+                        tok,
+                        cls_id,
+                        stats,
+                        starts[lo:hi],
+                        genes,
+                        values,
+                        lengths[lo:hi],
+                    )
+        finally:
+            for h in handles:
+                h.close()
     cell_at = np.empty(n, np.int64)  # cell in each slot
     cell_at[slot] = np.arange(n)
     slot_lengths = lengths[cell_at]

@@ -1,8 +1,8 @@
 """`python -m jobs.bench data`: loader throughput and memory, side by side on one synthetic census.
 
 Readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak memory
-(the process tree's summed PSS, its physical memory, sampled every 0.1 s, and summed RSS, which counts pages
-shared between processes such as Ray's object store once per process, every 50 ms) is separate:
+(the process tree's summed PSS, its physical memory, and summed RSS, which counts pages shared between
+processes such as Ray's object store once per process; see `PeakMemory`) is separate:
 
 - `raw`: SOMA X rows read in contiguous 8192-row blocks (`X.read(coords=(rows,)).tables()`) into Arrow and
   dropped: the limit.
@@ -61,28 +61,39 @@ def _tree_memory(proc, pss: bool) -> tuple[int, int]:
 
 
 class PeakMemory:
-    """Peak summed RSS (every `every_s`) and PSS (every `pss_every` samples) of this process tree."""
+    """Peak summed RSS (every `every_s`) and PSS of this process tree.
 
-    def __init__(self, every_s: float = 0.05, pss_every: int = 2):
+    PSS costs a walk of every process's page tables: at 0.1 s it took ~12% of the 2 cores from a 1M-cell
+    run of our stream (perf: `smaps_account`), slowing what it measured. So PSS is read every `pss_every`
+    samples and, in between, whenever the summed RSS is within `near` of its peak so far (at most every
+    other sample): the PSS peak comes with the RSS highs (the read workers' transient arrays count fully
+    in both), and a short epoch still gets its peaks sampled. `pss_samples` says how often it was read.
+    """
+
+    def __init__(self, every_s: float = 0.05, pss_every: int = 10, near: float = 0.97):
         import psutil
 
-        self.proc, self.every, self.pss_every, self._stop = (
-            psutil.Process(),
-            every_s,
-            pss_every,
-            False,
-        )
-        self.peak_rss = self.peak_pss = 0
+        self.proc, self.every, self.pss_every, self.near = psutil.Process(), every_s, pss_every, near
+        self.peak_rss = self.peak_pss = self.pss_samples = 0
+        self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self, pss: bool) -> None:
+    def _sample(self, pss: bool) -> int:
         rss, p = _tree_memory(self.proc, pss)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
+        self.pss_samples += pss
+        return rss
 
     def _run(self) -> None:
-        i = 0
+        i, last_pss = 0, -2
         while not self._stop:
-            self._sample(pss=i % self.pss_every == 0)
+            pss = i % self.pss_every == 0
+            rss = self._sample(pss)
+            if pss:
+                last_pss = i
+            elif rss >= self.near * self.peak_rss and i - last_pss >= 2:
+                self._sample(pss=True)
+                last_pss = i
             i += 1
             time.sleep(self.every)
 
@@ -171,6 +182,7 @@ def run_ours(
     object_store_mb: int = 0,
     prefetch: int = 0,
     task_cells: int = 0,
+    read_threads: int = 0,
 ) -> dict:
     """Our stream, timed over epoch 0; with `cache_dir`, epoch 0 fills the token cache (timed as
     `fill_seconds`) and the result is epoch 1, served from the cache."""
@@ -198,8 +210,12 @@ def run_ours(
     vocab = GeneVocab.from_genes(src.gene_names())
     resolved = src.resolve(vocab, ALL)
     tok = TokenizerConfig(max_seq_len=max_seq_len)
-    prefetch = prefetch or cpus
-    cfg = StreamConfig(prefetch=prefetch, read_task_cpus=cpus / prefetch)
+    prefetch = prefetch or StreamConfig.prefetch
+    cfg = StreamConfig(
+        prefetch=prefetch,
+        read_task_cpus=cpus / prefetch,
+        read_threads=read_threads or max(1, cpus // prefetch),
+    )
     cfg.chunk_size = chunk_size or cfg.chunk_size
     cfg.buffer_size = buffer_size or cfg.buffer_size
     cfg.task_cells = task_cells or cfg.task_cells
@@ -398,6 +414,7 @@ def _worker(a: argparse.Namespace) -> int:
                     a.object_store_mb,
                     a.prefetch,
                     a.task_cells,
+                    a.read_threads,
                 )
                 if cache:
                     out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*")) / 2**20
@@ -406,6 +423,7 @@ def _worker(a: argparse.Namespace) -> int:
                     shutil.rmtree(cache, ignore_errors=True)
     out["peak_rss_mb"] = mem.peak_rss / 2**20
     out["peak_pss_mb"] = mem.peak_pss / 2**20
+    out["pss_samples"] = mem.pss_samples
     print("RESULT " + json.dumps(out), flush=True)
     if a.worker.startswith("ours"):
         import ray
@@ -441,7 +459,13 @@ def main(argv: list[str]) -> int:
         "--prefetch",
         type=int,
         default=0,
-        help="our read tasks running at once, sharing --cpus (0 = --cpus, one CPU each)",
+        help="our read tasks running at once, sharing --cpus (0 = StreamConfig default)",
+    )
+    p.add_argument(
+        "--read-threads",
+        type=int,
+        default=0,
+        help="X query threads per read task (0 = --cpus / --prefetch, one TileDB thread each)",
     )
     p.add_argument(
         "--object-store-mb",
@@ -496,7 +520,7 @@ def main(argv: list[str]) -> int:
         cmd += ["--max-batches", str(a.max_batches)]
         cmd += ["--chunk-size", str(a.chunk_size), "--buffer-size", str(a.buffer_size)]
         cmd += ["--object-store-mb", str(a.object_store_mb), "--prefetch", str(a.prefetch)]
-        cmd += ["--task-cells", str(a.task_cells)]
+        cmd += ["--task-cells", str(a.task_cells), "--read-threads", str(a.read_threads)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:

@@ -143,8 +143,9 @@ def test_read_token_table_matches_reference_in_any_order(demo_soma, tok):
     got = plain.drop_columns([keys.LABEL])
     assert got.equals(ref.drop_columns([keys.LABEL]))
     assert stats == ref_stats
-    # The compact records the stream ships hold the same tokens in 3 bytes instead of 6.
-    compact = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, compact=True)
+    # The compact records the stream ships hold the same tokens in 3 bytes instead of 6; X queries on three
+    # threads (18 queries of 7 cells, three in flight at once) change nothing.
+    compact = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, compact=True, readers=3)
     assert compact.schema == record_schema(res, tok, vocab.cls_id) != RECORD_SCHEMA
     assert compact.schema.field(keys.GENES).type == pa.list_(pa.uint16())
     assert compact.schema.field(keys.VALUES).type == pa.list_(pa.int8())
@@ -155,7 +156,7 @@ def test_read_token_table_matches_reference_in_any_order(demo_soma, tok):
         assert stats.skipped_few_genes > 0 and stats.truncated > 0
     # With an order key the same records come out in key order (the stream's shuffled positions).
     key = np.random.default_rng(0).permutation(len(ids))
-    ordered = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, order_key=key)
+    ordered = read_token_table(res, ids, tok, vocab.cls_id, io_cells=7, order_key=key, readers=2)
     kept = np.isin(ids, plain[keys.CELL_ID].to_numpy())
     want = ids[np.argsort(np.where(kept, key, len(ids)))][: kept.sum()]
     assert ordered[keys.CELL_ID].to_numpy().tolist() == want.tolist()
