@@ -26,6 +26,7 @@ import json
 import os
 import tempfile
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,17 +132,19 @@ class CacheEntry:
         readers: int = 1,
     ):
         """Token records of the cells `joinids` (sorted), in that order, skipped cells absent: the same
-        table `read_token_table` returns. Builds the shards it needs that are missing (with `readers` X
-        query threads)."""
+        table `read_token_table` returns. Builds the shards it needs that are missing. Shards are read (and
+        built) `readers` at once on threads: Parquet decoding, X reads and tokenizing release the GIL."""
         joinids = np.asarray(joinids, np.int64)
         shard_of = joinids // self.cfg.shard_cells
-        parts = []
-        for shard in np.unique(shard_of):
-            ids = joinids[shard_of == shard]
-            path = self.shard_path(int(shard))
+
+        def part(shard: int) -> pa.Table:
+            path = self.shard_path(shard)
             if not path.exists():
-                self._build(src, int(shard), tok, cls_id, readers)
-            parts.append(self._read_rows(path, ids))
+                self._build(src, shard, tok, cls_id)
+            return self._read_rows(path, joinids[shard_of == shard])
+
+        with ThreadPoolExecutor(max(1, readers), thread_name_prefix="token-cache") as pool:
+            parts = list(pool.map(part, [int(s) for s in np.unique(shard_of)]))
         if not parts:
             return RECORD_SCHEMA.empty_table()
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
@@ -164,9 +167,7 @@ class CacheEntry:
         local = before[rows // per_group] + rows % per_group
         return table.take(pa.array(local)).cast(RECORD_SCHEMA)
 
-    def _build(
-        self, src: ResolvedSource, shard: int, tok: TokenizerConfig, cls_id: int, readers: int
-    ) -> None:
+    def _build(self, src: ResolvedSource, shard: int, tok: TokenizerConfig, cls_id: int) -> None:
         from data_ingest.datasource import read_token_table
         from data_ingest.source import open_experiment
 
@@ -179,7 +180,7 @@ class CacheEntry:
                 .column(0)
                 .to_numpy()
             )
-        table = read_token_table(src, np.sort(present), tok, cls_id, readers=readers)
+        table = read_token_table(src, np.sort(present), tok, cls_id)
         order = pc.sort_indices(table, [(keys.CELL_ID, "ascending")])
         table = table.take(order)
         path = self.shard_path(shard)

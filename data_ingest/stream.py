@@ -133,7 +133,13 @@ class StreamConfig:
     """Parquet cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 
     def __post_init__(self) -> None:
-        sizes = (self.chunk_size, self.buffer_size, self.task_cells, self.prefetch, self.read_threads)
+        sizes = (
+            self.chunk_size,
+            self.buffer_size,
+            self.task_cells,
+            self.prefetch,
+            self.read_threads,
+        )
         if min(sizes) < 1:
             raise ValueError(
                 f"stream chunk_size={self.chunk_size}, buffer_size={self.buffer_size}, "
@@ -247,6 +253,13 @@ def rank_order(
     return out
 
 
+def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict[str, str]:
+    """The TileDB config of a read task's X queries: `read_task_cpus / read_threads` compute threads each
+    (rounded up), unless the source's own config sets `sm.compute_concurrency_level`."""
+    threads = max(1, math.ceil(cfg.read_task_cpus / cfg.read_threads))
+    return {"sm.compute_concurrency_level": str(threads), **(resolved.tiledb_config or {})}
+
+
 def _read_positions(
     src: ResolvedSource,
     ids: np.ndarray,
@@ -343,12 +356,10 @@ def rank_dataset(
             "world size and batch size?)"
         )
     first = start_batch * batch_size
-    tiledb_config = {
-        "sm.compute_concurrency_level": str(max(1, math.ceil(cfg.read_task_cpus / cfg.read_threads))),
-        **(resolved.tiledb_config or {}),
-    }
     src = dataclasses.replace(
-        resolved, joinids=np.zeros(0, dtype=np.int64), tiledb_config=tiledb_config
+        resolved,
+        joinids=np.zeros(0, dtype=np.int64),
+        tiledb_config=read_task_tiledb_config(resolved, cfg),
     )
     block_schema = _block_schema(record_schema(src, tok, cls_id))
     token_bytes = sum(block_schema.field(k).type.value_type.bit_width // 8 for k in TOKEN_COLUMNS)
@@ -375,7 +386,9 @@ def rank_dataset(
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             def make(t: int, ids: np.ndarray, positions: np.ndarray) -> ReadTask:
                 def read() -> Iterator[pa.Table]:
-                    table = _read_positions(src, ids, positions, tok, cls_id, cache, cfg.read_threads)
+                    table = _read_positions(
+                        src, ids, positions, tok, cls_id, cache, cfg.read_threads
+                    )
                     n = table.num_rows
                     table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
                     yield table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))

@@ -73,7 +73,12 @@ class PeakMemory:
     def __init__(self, every_s: float = 0.05, pss_every: int = 10, near: float = 0.97):
         import psutil
 
-        self.proc, self.every, self.pss_every, self.near = psutil.Process(), every_s, pss_every, near
+        self.proc, self.every, self.pss_every, self.near = (
+            psutil.Process(),
+            every_s,
+            pss_every,
+            near,
+        )
         self.peak_rss = self.peak_pss = self.pss_samples = 0
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)

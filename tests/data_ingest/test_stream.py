@@ -1,5 +1,7 @@
 """Per-rank streams: equal work, disjoint ranks, determinism, a new order per epoch, exact resume, skips."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from data_ingest.stream import (
     rank_batches,
     rank_dataset,
     rank_order,
+    read_task_tiledb_config,
 )
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
 from data_ingest.vocab import GeneVocab
@@ -178,3 +181,17 @@ def test_read_ahead_is_capped_at_a_buffer_and_the_tasks_in_flight(ray_local, res
     # Compact records: uint16 gene ids + int8 bins = 3 bytes per token.
     want = (CFG.buffer_size + CFG.prefetch * CFG.task_cells) * 32 * 3
     assert ds.context.execution_options.resource_limits.object_store_memory == want
+
+
+def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(resolved):
+    with pytest.raises(ValueError, match="read_threads=0"):
+        StreamConfig(read_threads=0)
+    with pytest.raises(ValueError, match="less than two chunks"):
+        StreamConfig(chunk_size=64, buffer_size=100)
+    res, _ = resolved
+    four_cpus = StreamConfig(read_task_cpus=4, read_threads=2)
+    assert read_task_tiledb_config(res, four_cpus) == {"sm.compute_concurrency_level": "2"}
+    assert read_task_tiledb_config(res, StreamConfig()) == {"sm.compute_concurrency_level": "1"}
+    # The source's own TileDB setting wins.
+    pinned = dataclasses.replace(res, tiledb_config={"sm.compute_concurrency_level": "8"})
+    assert read_task_tiledb_config(pinned, four_cpus)["sm.compute_concurrency_level"] == "8"
