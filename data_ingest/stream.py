@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,13 +115,14 @@ class StreamConfig:
     task costs a fixed ~0.2 s (dispatch, opening the experiment, handing its block to the object store):
     16,384 read 300k cells 10% faster than 8,192 on 2 cores, 32,768 again slower (fewer tasks to overlap
     at the start of an epoch). A task holds its records (`task_cells x max_seq_len x 6` bytes) and the
-    decoded X of 2,048 cells at a time."""
+    decoded X of up to `read_threads + 1` queries of 2,048 cells."""
     prefetch: int = 1
     """Read tasks running at once. Finished blocks waiting for the batcher are capped at about
     `buffer_size + prefetch x task_cells` records' worth of object store (`rank_dataset`). One task with
-    `read_threads` X readers uses the cores as well as two single-threaded tasks (1M cells on 2 cores:
-    14.2k against 15.2k cells/s) with one worker process fewer (peak PSS 1.9 against 2.2 GB), and its
-    memory does not grow with the epoch: two workers' transient peaks line up more often in a long one."""
+    `read_threads` X readers keeps 2 cores about as busy as two single-threaded tasks (1M cells: 14.2-14.8k
+    against 15.2k cells/s) with one worker process fewer (peak PSS 1.9 against 2.2 GB), and its peak grows
+    less from a short epoch to a long one (+11-15% from 100k to 1M cells against +14-20%: two workers'
+    transient peaks line up more often in a long epoch)."""
     read_threads: int = 2
     """X queries a read task runs at once, on threads ahead of its tokenizer (`read_token_table`)."""
     read_task_cpus: float = 1.0
@@ -260,6 +262,17 @@ def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict
     return {"sm.compute_concurrency_level": str(threads), **(resolved.tiledb_config or {})}
 
 
+def _take_rows(table: pa.Table, rows: np.ndarray, threads: int) -> pa.Table:
+    """`table.take(rows)`, one contiguous copy first (a take from the cache's per-shard chunks is ~2x
+    slower) and the rows split over `threads` (Arrow's take lets go of the GIL)."""
+    table = table.combine_chunks()
+    if threads <= 1 or len(rows) < 2 * threads:
+        return table.take(pa.array(rows))
+    with ThreadPoolExecutor(threads, thread_name_prefix="take") as pool:
+        parts = pool.map(lambda r: table.take(pa.array(r)), np.array_split(rows, threads))
+        return pa.concat_tables(list(parts))
+
+
 def _read_positions(
     src: ResolvedSource,
     ids: np.ndarray,
@@ -280,7 +293,7 @@ def _read_positions(
         # Map each yielded record back to its position; a cell id appears once in an epoch.
         pos = sorted_pos[np.searchsorted(sorted_ids, got)]
         take = np.argsort(pos, kind="stable")
-        table, pos = table.take(pa.array(take)), pos[take]
+        table, pos = _take_rows(table, take, readers), pos[take]
         table = table.cast(record_schema(src, tok, cls_id))
     else:  # the records come out in position order
         table = read_token_table(
