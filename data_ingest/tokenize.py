@@ -1,15 +1,16 @@
 """Cells -> scGPT token records (DESIGN.md "Token record").
 
 A record holds `<cls>` first, then the selected genes' vocabulary ids and their per-cell bins. Selection keeps
-the cell's expressed genes in column order (a uniformly random subset when there are more than
-`max_seq_len - 1`) and, if `include_zero_genes`, fills the rest of the context with uniformly chosen
+the cell's expressed genes in column order (when there are more than `max_seq_len - 1`, a uniformly random
+subset or its most highly expressed ones, `gene_selection`) and, if `include_zero_genes`, fills the rest of the context with uniformly chosen
 unexpressed genes (also in column order).
 
 Randomness is counter-based: every random number is a hash of `(seed, cell_id, gene token, purpose)`, so a
 cell tokenizes the same way wherever it is read and whatever cells it is read with (exact resume, any read
 task size), and a block of cells is tokenized by compiled per-cell loops (`data_ingest.tokenize_kernel`):
 
-- gene sub-sampling keeps the `max_seq_len - 1` genes with the smallest hash keys: a uniform random subset;
+- gene sub-sampling keeps the `max_seq_len - 1` genes with the smallest hash keys: a uniform random subset
+  (or, selecting the top, the hash keys break ties among equal values at the cut);
 - a value on a quantile edge goes between its left and right bin by a hashed uniform draw (the scGPT
   reference draws it from `np.random`).
 
@@ -74,6 +75,10 @@ _U64_MASK = (1 << 64) - 1
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+TIE_BREAKS = ("random", "mid")
+GENE_SELECTIONS = ("random", "top")
+
+
 @dataclass
 class TokenizerConfig:
     """How a cell becomes a token record."""
@@ -88,8 +93,23 @@ class TokenizerConfig:
     """Cells with fewer expressed (in-vocabulary) genes are skipped and counted."""
     seed: int = 0
     """Seed for gene sub-sampling and tie-breaking in binning."""
+    tie_break: str = "random"
+    """A value on one or more quantile edges (in count data, most 1s and 2s): `random` puts it uniformly
+    between its left and right bin (the scGPT reference), `mid` in the middle bin, so equal counts of a
+    cell get equal bins."""
+
+    gene_selection: str = "random"
+    """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
+    the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
+    at the cut are chosen at random). Bins are always computed over all of the cell's expressed genes."""
 
     def __post_init__(self) -> None:
+        if self.gene_selection not in GENE_SELECTIONS:
+            raise ValueError(
+                f"tokenizer.gene_selection={self.gene_selection!r}; choose one of {GENE_SELECTIONS}"
+            )
+        if self.tie_break not in TIE_BREAKS:
+            raise ValueError(f"tokenizer.tie_break={self.tie_break!r}; choose one of {TIE_BREAKS}")
         if self.n_bins < 3:
             raise ValueError(
                 f"tokenizer.n_bins={self.n_bins}; it needs at least 3 (0 plus two bins)"
@@ -226,6 +246,8 @@ def _kernel_args(cfg: TokenizerConfig, cls_id: int, cell_ids: np.ndarray) -> tup
     return (
         cell_streams(cfg.seed, cell_ids, SALT_PICK),
         cell_streams(cfg.seed, cell_ids, SALT_TIE),
+        cfg.tie_break == "mid",
+        cfg.gene_selection == "top",
         np.linspace(0.0, 1.0, cfg.n_bins - 1),
         cfg.max_seq_len - 1,
         cfg.min_genes,
@@ -382,10 +404,19 @@ def tokenize_csr_reference(
             stats.skipped_few_genes += 1
             continue
         cid = np.full(len(tok), cell_ids[i], np.int64)
-        bins = bin_nonzero(vals.astype(np.float64), cfg.n_bins, tie_uniforms(cfg.seed, cid, tok))
+        ties = (
+            tie_uniforms(cfg.seed, cid, tok)
+            if cfg.tie_break == "random"
+            else np.full(len(tok), 0.5)
+        )
+        bins = bin_nonzero(vals.astype(np.float64), cfg.n_bins, ties)
         if len(tok) > n_keep:
-            smallest = np.argsort(pick_keys(cfg.seed, cid, tok), kind="stable")[:n_keep]
-            pick = np.sort(smallest)
+            order = (
+                np.lexsort((pick_keys(cfg.seed, cid, tok), -vals))
+                if cfg.gene_selection == "top"
+                else np.argsort(pick_keys(cfg.seed, cid, tok), kind="stable")
+            )
+            pick = np.sort(order[:n_keep])
             tok, bins = tok[pick], bins[pick]
             stats.truncated += 1
         elif cfg.include_zero_genes and len(tok) < n_keep:

@@ -4,7 +4,7 @@
 same quantile edges, same tie rule); `tests/data_ingest/test_tokenize_vectorized.py` checks it record for
 record. Per cell it gathers the expressed in-vocabulary entries, sorts their values (a counting sort for
 small integer counts), takes the quantile edges, keeps the `n_keep` genes with the smallest pick keys
-(a bucket histogram of the keys), bins the kept values (a per-value lookup table for counts, else binary
+(a bucket histogram of the keys) or, with `select_top`, the `n_keep` largest values (pick keys break ties), bins the kept values (a per-value lookup table for counts, else binary
 search over the edges) and, if asked, fills the context with the
 unexpressed genes of smallest pick keys. Hash arithmetic is uint64 with wrap-around, as in numpy.
 
@@ -210,6 +210,44 @@ def _select_smallest(keys, m, k, bucket_shift, flags, hist):
 
 
 @numba.njit(cache=True, nogil=True)
+def _select_largest_values(x, keys, m, k, flags):
+    """flags[i] = value i is among the `k` largest of x[:m], for 0 < k < m; among equal values at the
+    cut, the smallest keys win (ties of keys: the earlier index), as `np.lexsort((keys, -x))[:k]`."""
+    s = np.sort(x[:m])
+    thr = s[m - k]
+    above = 0
+    n_tied = 0
+    for i in range(m):
+        if x[i] > thr:
+            above += 1
+        elif x[i] == thr:
+            n_tied += 1
+    tied = np.empty(n_tied, np.uint64)
+    t = 0
+    for i in range(m):
+        if x[i] == thr:
+            tied[t] = keys[i]
+            t += 1
+    tied.sort()
+    need = k - above
+    kthr = tied[need - 1]
+    eq_left = need
+    for v in tied:
+        if v < kthr:
+            eq_left -= 1
+    for i in range(m):
+        if x[i] > thr:
+            flags[i] = True
+        elif x[i] == thr and keys[i] < kthr:
+            flags[i] = True
+        elif x[i] == thr and keys[i] == kthr and eq_left > 0:
+            flags[i] = True
+            eq_left -= 1
+        else:
+            flags[i] = False
+
+
+@numba.njit(cache=True, nogil=True)
 def tokenize_block(
     seg_ptr,
     seg_lo,
@@ -219,6 +257,8 @@ def tokenize_block(
     feature_tokens,
     pick_streams,
     tie_streams,
+    tie_mid,
+    select_top,
     q,
     n_keep,
     min_genes,
@@ -300,6 +340,8 @@ def tokenize_block(
         feature_tokens,
         pick_streams,
         tie_streams,
+        tie_mid,
+        select_top,
         q,
         n_keep,
         min_genes,
@@ -325,6 +367,8 @@ def tokenize_into(
     feature_tokens,
     pick_streams,
     tie_streams,
+    tie_mid,
+    select_top,
     q,
     n_keep,
     min_genes,
@@ -428,7 +472,10 @@ def tokenize_into(
             stream = pick_streams[i]
             for k in range(c):
                 keys[k] = _gene_hash(stream, tok[k]) >> shift
-            _select_smallest(keys, c, n_keep, bucket_shift, flags, bucket_hist)
+            if select_top:
+                _select_largest_values(x, keys, c, n_keep, flags)
+            else:
+                _select_smallest(keys, c, n_keep, bucket_shift, flags, bucket_hist)
         tstream = tie_streams[i]
         for k in range(c):
             if trunc and not flags[k]:
@@ -441,7 +488,10 @@ def tokenize_into(
                 left = np.searchsorted(edges, v, side="right")  # edges <= v (np.digitize default)
                 right = np.searchsorted(edges, v, side="left")  # edges < v (np.digitize right=True)
             if right != left:
-                u = np.float64(_gene_hash(tstream, tok[k]) >> _S11) * 2.0**-53
+                if tie_mid:
+                    u = 0.5
+                else:
+                    u = np.float64(_gene_hash(tstream, tok[k]) >> _S11) * 2.0**-53
                 d = np.int64(np.ceil(u * (right - left) + left))
             else:
                 d = left

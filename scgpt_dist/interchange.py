@@ -178,6 +178,7 @@ def model_config_from_reference(
         n_cls=n_cls,
         nlayers_cls=nlayers_cls if n_cls else 3,
         do_dab=do_dab,
+        init="reference",
     )
 
 
@@ -332,6 +333,7 @@ def export_reference(model_dir: str | Path, out_dir: str | Path, style: str = "f
         for name, on in (
             ("use_modality", cfg.model.use_modality),
             ("use_perturbation", cfg.model.use_perturbation),
+            ("norm_first (pre-norm blocks)", cfg.model.norm_first),
         )
         if on
     ]

@@ -155,7 +155,8 @@ class SelfAttention(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm transformer block (the reference's layer: attention, add & norm, ReLU MLP, add & norm)."""
+    """Transformer block: post-norm as the reference's layer (attention, add & norm, ReLU MLP, add & norm),
+    or pre-norm with `norm_first` (x + attention(norm(x)), then x + MLP(norm(x)))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -168,8 +169,13 @@ class EncoderLayer(nn.Module):
         self.dropout = Dropout(cfg.dropout)
         self.dropout1 = Dropout(cfg.dropout)
         self.dropout2 = Dropout(cfg.dropout)
+        self.norm_first = cfg.norm_first
 
     def forward(self, x: torch.Tensor, packing: Packing, gen: torch.Tensor | None) -> torch.Tensor:
+        if self.norm_first:
+            x = x + self.dropout1(self.self_attn(self.norm1(x), packing, gen))  # (T, D)
+            ff = self.linear2(self.dropout(F.relu(self.linear1(self.norm2(x)))))  # (T, D)
+            return x + self.dropout2(ff)
         x = self.norm1(x + self.dropout1(self.self_attn(x, packing, gen)))  # (T, D)
         ff = self.linear2(self.dropout(F.relu(self.linear1(x))))  # (T, D)
         return self.norm2(x + self.dropout2(ff))
@@ -182,6 +188,7 @@ class TransformerEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.n_layers)])
+        self.final_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else None
         self.gradient_checkpointing = False
 
     def forward(
@@ -192,7 +199,7 @@ class TransformerEncoder(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(layer, x, packing, gen, use_reentrant=False)
             else:
                 x = layer(x, packing, gen)
-        return x  # (T, D)
+        return x if self.final_norm is None else self.final_norm(x)  # (T, D)
 
 
 # ----------------------------------------------------------------------------------------------- heads
@@ -329,6 +336,24 @@ class ScGPT(nn.Module):
             self.mvc_decoder = MVCDecoder(d, d_cell, cfg.explicit_zero_prob)
         if cfg.do_dab:
             self.grad_reverse_discriminator = AdversarialDiscriminator(d, cfg.n_batches)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initial weights in the configured `init` style (see `ModelConfig.init`)."""
+        style = self.cfg.init
+        if style == "torch":
+            return
+        normed = (GeneEncoder, CategoryValueEncoder, BatchLabelEncoder)  # a LayerNorm follows
+        tables = (
+            [m.embedding for m in self.modules() if isinstance(m, normed)]
+            if style == "small"
+            else [self.encoder.embedding]
+        )
+        with torch.no_grad():
+            for table in tables:
+                table.weight.uniform_(-0.1, 0.1)
+                if table.padding_idx is not None:
+                    table.weight[table.padding_idx].zero_()
 
     # ------------------------------------------------------------------------------------------- encoding
 

@@ -62,15 +62,38 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, n_params: int | None = N
 
 
 def lr_lambda(cfg: TrainConfig):
-    """Linear warmup to `lr`, then cosine decay to 10% of it at `max_steps`."""
+    """Multiplier of `lr` at a step: linear warmup, then `cfg.lr_schedule` (cosine / constant / wsd)."""
+    floor = cfg.min_lr_ratio
 
     def fn(step: int) -> float:
         if step < cfg.warmup_steps:
             return (step + 1) / max(1, cfg.warmup_steps)
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        if cfg.lr_schedule == "wsd":
+            decay_steps = max(1, round(cfg.decay_fraction * cfg.max_steps))
+            start = max(cfg.warmup_steps, cfg.max_steps - decay_steps)
+            progress = min(1.0, max(0, step - start) / max(1, cfg.max_steps - start))
+            return 1.0 - (1.0 - floor) * progress
         progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return fn
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Optimizer parameter groups: weight decay on linear-layer matrices only, unless
+    `cfg.weight_decay_all` (LayerNorm weights, biases and embedding tables are not decayed)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.weight_decay_all:
+        return [{"params": [p for _, p in params], "weight_decay": cfg.weight_decay}]
+    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay = [p for _, p in params if p.dim() >= 2 and id(p) not in embedding_params]
+    keep = [p for _, p in params if not (p.dim() >= 2 and id(p) not in embedding_params)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if keep:
+        groups.append({"params": keep, "weight_decay": 0.0})
+    return groups
 
 
 def cell_prompt_inputs(
@@ -160,7 +183,7 @@ class TrainModule:
         self.pad_id = vocab.pad_id
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=param_groups(model, cfg.train),
             config=deepspeed_config(
                 cfg.train, world_size, sum(p.numel() for p in model.parameters())
             ),

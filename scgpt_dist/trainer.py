@@ -28,7 +28,12 @@ from data_ingest.source import TRAIN, SomaCellSource
 from data_ingest.stream import StreamStats, rank_batches
 from data_ingest.tokenize import RECORD_SCHEMA
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.callbacks import CheckpointCallback, MlflowCallback, write_worker_info
+from scgpt_dist.callbacks import (
+    CheckpointCallback,
+    EvalCallback,
+    MlflowCallback,
+    write_worker_info,
+)
 from scgpt_dist.checkpoint import (
     CHECKPOINTS_DIR,
     CheckpointError,
@@ -149,6 +154,11 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
     resolved = loop_config["resolved"]
     stats = StreamStats()
     win = _Window()
+    eval_cb = None
+    if loop_config.get("eval_set") is not None:
+        eval_cb = EvalCallback(cfg, loop_config["eval_set"], rank, world, vocab.pad_id)
+        if state.step == 0:  # the model at initialisation: what training has to beat
+            eval_cb.run(module.engine.module, 0, mlflow_cb)
 
     while state.step < stop_at:
         # Each rank's stream is a pure function of (seed, epoch, rank, world): resuming passes the data
@@ -186,6 +196,8 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
             if out.boundary:
                 state.step += 1
                 save = ckpt_cb.due(state.step) or state.step == stop_at
+                if eval_cb is not None and eval_cb.due(state.step, stop_at):
+                    eval_cb.run(module.engine.module, state.step, mlflow_cb)
                 if save or state.step % cfg.train.log_every == 0:
                     window_loss = _flush_window(cfg, state, win, module, mlflow_cb, world)
                     stats.skipped_cells = 0
@@ -380,6 +392,12 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     if replay_counts is not None:
         data_info["replay"] = replay_counts
 
+    eval_set = None
+    if cfg.eval.every > 0:
+        from scgpt_dist.evaluate import prepare_eval_set
+
+        eval_set = prepare_eval_set(cfg, source, vocab, cfg.train.num_workers)
+
     init_ray(cfg)
     uri = tracking_uri(cfg.mlflow.tracking_uri, out)
     run_id = start_or_resume_run(uri, cfg.mlflow.experiment, cfg.name, out)
@@ -403,6 +421,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             "data_info": data_info,
             "resolved": resolved,
             "storage": storage,
+            "eval_set": eval_set,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from data_ingest import keys
@@ -111,3 +112,26 @@ def test_unknown_genes_are_dropped():
     )
     for rec in tab.to_pylist():
         assert all(vocab.token(t) in genes[:5] for t in rec[keys.GENES][1:])
+
+
+def test_mid_tie_break_gives_equal_counts_equal_bins():
+    # 30 ones, 10 twos, 5 fives in one cell: "random" spreads the ones over many bins, "mid" gives each
+    # count one bin, halfway along the bins its quantile edges span.
+    counts = np.array([1.0] * 30 + [2.0] * 10 + [5.0] * 5)
+    X = sp.csr_matrix(counts[None, :])
+    tokens = np.arange(len(counts)) + 3
+    bins = {}
+    for tie in ("random", "mid"):
+        cfg = TokenizerConfig(n_bins=51, max_seq_len=64, tie_break=tie)
+        table = tokenize_csr(X.indptr, X.indices, X.data, np.array([0]), tokens, cfg, 1)
+        bins[tie] = np.asarray(table["values"][0].as_py()[1:])
+    ones_random, ones_mid = bins["random"][:30], bins["mid"][:30]
+    assert len(np.unique(ones_random)) > 10
+    assert len(np.unique(ones_mid)) == 1 and len(np.unique(bins["mid"][30:40])) == 1
+    assert ones_random.min() <= ones_mid[0] <= ones_random.max()
+    assert ones_mid[0] < bins["mid"][30] < bins["mid"][40]
+
+
+def test_unknown_tie_break_is_named():
+    with pytest.raises(ValueError, match="tokenizer.tie_break"):
+        TokenizerConfig(tie_break="median")

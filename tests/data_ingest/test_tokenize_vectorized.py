@@ -41,6 +41,10 @@ def _data(seed, n=60, g=300, kind="counts"):
         TokenizerConfig(n_bins=11, max_seq_len=64, include_zero_genes=True, seed=3),
         TokenizerConfig(n_bins=51, max_seq_len=32, min_genes=0, seed=4),
         TokenizerConfig(n_bins=51, max_seq_len=40, min_genes=25, seed=5),
+        TokenizerConfig(n_bins=51, max_seq_len=40, seed=6, tie_break="mid"),
+        TokenizerConfig(n_bins=11, max_seq_len=512, seed=7, tie_break="mid"),
+        TokenizerConfig(n_bins=51, max_seq_len=24, seed=8, gene_selection="top"),
+        TokenizerConfig(n_bins=51, max_seq_len=60, seed=9, gene_selection="top", tie_break="mid"),
     ],
 )
 def test_matches_reference(kind, cfg):

@@ -370,3 +370,46 @@ def test_cpu_attention_dropout_is_inverted_dropout_on_the_weights():
     torch.testing.assert_close(out, (weights * keep * scale) @ v)
     no_drop = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(sdpa(q, k, v, mask, 0.0), no_drop)
+
+
+@pytest.mark.parametrize("init", ["small", "reference", "torch"])
+def test_init_styles(init):
+    model = _model(init=init, input_emb_style="category")
+    gene = model.encoder.embedding.weight
+    value = model.value_encoder.embedding.weight
+    if init == "torch":
+        assert gene.abs().max() > 1.0  # N(0, 1)
+        return
+    assert gene.abs().max() <= 0.1 and gene[PAD].abs().sum() == 0
+    if init == "small":  # every table, pad rows zero
+        assert value.abs().max() <= 0.1 and model.batch_encoder.embedding.weight.abs().max() <= 0.1
+        assert value[model.value_encoder.n_bins].abs().sum() == 0
+    else:  # the reference touches the gene embedding only
+        assert value.abs().max() > 1.0
+
+
+def test_pre_norm_blocks():
+    genes, values, padding, batch = _batch()
+    post, pre = _model(), _model(norm_first=True)
+    assert post.transformer_encoder.final_norm is None
+    assert pre.transformer_encoder.final_norm is not None
+    out = pre(genes, values, padding, batch)
+    assert out["cell_emb"].shape == (3, 16) and torch.isfinite(out["gep"]).all()
+    # Same weights, other block order: other outputs; padding still changes nothing.
+    shared = {k: v for k, v in post.state_dict().items()}
+    pre.load_state_dict({**pre.state_dict(), **shared})
+    assert not torch.allclose(
+        post(genes, values, padding, batch)["gep"], pre(genes, values, padding, batch)["gep"]
+    )
+    short = pre(genes[1:2, :8], values[1:2, :8], padding[1:2, :8], batch[1:2])
+    torch.testing.assert_close(
+        short["gep"],
+        pre(genes[1:2], values[1:2], padding[1:2], batch[1:2])["gep"][:, :8],
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+def test_model_config_rejects_unknown_init():
+    with pytest.raises(ValueError, match="model.init"):
+        ModelConfig(init="xavier")
