@@ -314,6 +314,21 @@ def _sample_block(
     return X, ctype[perm]
 
 
+def sample_census(cfg: CensusSynthConfig) -> tuple[sp.csr_matrix, np.ndarray, np.ndarray]:
+    """The cells of a synthetic census in memory, without SOMA: (counts CSR, cell-type index, dataset
+    index), rows grouped by dataset. Same truth and distribution as `write_synthetic_census` (not the same
+    random draws); for single-process experiments (`python -m jobs.bench lab`)."""
+    truth = CensusTruth(cfg)
+    rng = np.random.default_rng([cfg.seed, 2])
+    blocks, types, datasets = [], [], []
+    for d, info in enumerate(truth.datasets):
+        X, ctype = _sample_block(truth, d, info["n_cells"], rng)
+        blocks.append(X)
+        types.append(ctype)
+        datasets.append(np.full(len(ctype), d))
+    return sp.vstack(blocks).tocsr(), np.concatenate(types), np.concatenate(datasets)
+
+
 def write_synthetic_census(
     uri: str | Path, cfg: CensusSynthConfig, overwrite: bool = False, progress: bool = True
 ) -> Path:
@@ -473,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", type=int, default=CensusSynthConfig.n_datasets)
     p.add_argument("--tissues", type=int, default=CensusSynthConfig.n_tissues)
     p.add_argument("--cell-types", type=int, default=CensusSynthConfig.n_cell_types)
+    p.add_argument("--types-per-tissue", type=int, default=CensusSynthConfig.types_per_tissue)
     p.add_argument("--library-size", type=float, default=CensusSynthConfig.mean_library_size)
     p.add_argument("--block-cells", type=int, default=CensusSynthConfig.block_cells)
     p.add_argument("--organism", default=CensusSynthConfig.organism)
@@ -486,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
         n_datasets=a.datasets,
         n_tissues=a.tissues,
         n_cell_types=a.cell_types,
+        types_per_tissue=a.types_per_tissue,
         mean_library_size=a.library_size,
         block_cells=a.block_cells,
         organism=a.organism,

@@ -234,14 +234,20 @@ def heldout_gep_loss(
 
 
 def knn_accuracy(
-    X: np.ndarray, labels: np.ndarray, k: int = 10, folds: int = 5, seed: int = 0
+    X: np.ndarray,
+    labels: np.ndarray,
+    k: int = 10,
+    folds: int = 5,
+    seed: int = 0,
+    metric: str = "euclidean",
 ) -> float:
-    """Mean k-fold cross-validated kNN accuracy of predicting `labels` from `X`."""
+    """Mean k-fold cross-validated kNN accuracy of predicting `labels` from `X` (`metric`: euclidean, as
+    scanpy's neighbours, or cosine)."""
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
     labels = np.asarray(labels)
-    clf = KNeighborsClassifier(n_neighbors=min(k, len(labels) - 1))
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(labels) - 1), metric=metric)
     return float(cross_val_score(clf, X, labels, cv=_cv(labels, folds, seed)).mean())
 
 
@@ -298,14 +304,19 @@ def prepare_eval_set(cfg, source, vocab, world_size: int) -> dict:
 
 
 def embedding_scores(
-    emb: np.ndarray, labels: np.ndarray | None, batches: np.ndarray, k: int = 10, seed: int = 0
+    emb: np.ndarray,
+    labels: np.ndarray | None,
+    batches: np.ndarray,
+    k: int = 10,
+    seed: int = 0,
+    metric: str = "euclidean",
 ) -> dict[str, float]:
     """kNN cell-type accuracy (when labels are given), kNN batch accuracy and mean pairwise cosine of `emb`."""
     out = {"mean_cosine": mean_pairwise_cosine(emb, seed=seed)}
     if labels is not None and len(np.unique(labels)) > 1:
-        out["knn_type"] = knn_accuracy(emb, labels, k=k, seed=seed)
+        out["knn_type"] = knn_accuracy(emb, labels, k=k, seed=seed, metric=metric)
     if len(np.unique(batches)) > 1:
-        out["knn_batch"] = knn_accuracy(emb, batches, k=k, seed=seed)
+        out["knn_batch"] = knn_accuracy(emb, batches, k=k, seed=seed, metric=metric)
     return out
 
 
