@@ -93,15 +93,16 @@ class TokenizerConfig:
     """Cells with fewer expressed (in-vocabulary) genes are skipped and counted."""
     seed: int = 0
     """Seed for gene sub-sampling and tie-breaking in binning."""
-    tie_break: str = "random"
+    tie_break: str = "mid"
     """A value on one or more quantile edges (in count data, most 1s and 2s): `random` puts it uniformly
     between its left and right bin (the scGPT reference), `mid` in the middle bin, so equal counts of a
-    cell get equal bins."""
+    cell get equal bins (the default: random ties add noise the model cannot predict, docs/learning.md)."""
 
-    gene_selection: str = "random"
+    gene_selection: str = "top"
     """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
     the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
-    at the cut are chosen at random). Bins are always computed over all of the cell's expressed genes."""
+    at the cut are chosen at random; the default: the kept genes then say which cell type it is, docs/learning.md).
+    Bins are always computed over all of the cell's expressed genes."""
 
     def __post_init__(self) -> None:
         if self.gene_selection not in GENE_SELECTIONS:

@@ -81,7 +81,7 @@ class ModelConfig:
     """Value bins (must equal data.tokenizer.n_bins)."""
     max_value: float = 512.0
     """Continuous value encoder clamps inputs at this value (scGPT reference)."""
-    input_emb_style: str = "continuous"
+    input_emb_style: str = "category"
     """Value embedding: `continuous` (MLP on the bin id), `category` (one embedding per bin; the pad and mask
     codes get their own rows n_bins and n_bins+1) or `scaling` (gene embedding times the value)."""
     init: str = "small"
@@ -196,7 +196,7 @@ class TrainConfig:
     biases and embedding tables are not decayed (decaying them shrinks the gene and value embeddings that
     the model is slowest to learn)."""
     warmup_steps: int = 30
-    lr_schedule: str = "cosine"
+    lr_schedule: str = "wsd"
     """After the linear warmup: `cosine` (decay to `min_lr_ratio` x lr at max_steps), `constant`, or `wsd`
     (warmup-stable-decay: constant, then linear decay to `min_lr_ratio` x lr over the last
     `decay_fraction` of the steps)."""

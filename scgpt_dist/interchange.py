@@ -186,6 +186,9 @@ def experiment_config_from_reference(args: dict[str, Any], model: ModelConfig) -
     """An experiment config around an imported model (tokenizer and objectives from `args.json`)."""
     cfg = ExperimentConfig(model=model)
     cfg.data.tokenizer.n_bins = model.n_bins
+    # The reference tokenizes a random subset of a cell's genes and breaks ties in binning at random.
+    cfg.data.tokenizer.gene_selection = "random"
+    cfg.data.tokenizer.tie_break = "random"
     if _get(args, "max_seq_len") is not None:
         cfg.data.tokenizer.max_seq_len = int(args["max_seq_len"])
     mask_ratio = _get(args, "mask_ratio")

@@ -199,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     from scgpt_dist.model import build_model
     from scgpt_dist.preprocess import is_count_matrix
 
+    ours = not ray.is_initialized()
     summary, cfg = pretrain(args, out)
-    ray.shutdown()
+    if ours:
+        ray.shutdown()  # training is done; the rest runs in this process
     train_minutes = summary["train_wall_s"] / 60
     loaded = load_consolidated(summary["model_dir"])
     held, train, held_src = heldout_cells(cfg, loaded, args.eval_cells, cfg.eval.seed)
