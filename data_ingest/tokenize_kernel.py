@@ -210,41 +210,33 @@ def _select_smallest(keys, m, k, bucket_shift, flags, hist):
 
 
 @numba.njit(cache=True, nogil=True)
-def _select_largest_values(x, keys, m, k, flags):
-    """flags[i] = value i is among the `k` largest of x[:m], for 0 < k < m; among equal values at the
-    cut, the smallest keys win (ties of keys: the earlier index), as `np.lexsort((keys, -x))[:k]`."""
-    s = np.sort(x[:m])
-    thr = s[m - k]
+def _select_largest_values(
+    x, tok, stream, shift, m, k, thr, flags, keys, tied, tied_flags, bucket_shift, hist
+):
+    """flags[i] = value i is among the `k` largest of x[:m], for 0 < k < m, given `thr`, the k-th largest
+    value. Among values equal to `thr` the smallest pick keys win (ties of keys: the earlier index), as
+    `np.lexsort((keys, -x))[:k]`; only those tied genes are hashed. `keys`, `tied`, `tied_flags`: scratch."""
     above = 0
     n_tied = 0
     for i in range(m):
         if x[i] > thr:
             above += 1
-        elif x[i] == thr:
-            n_tied += 1
-    tied = np.empty(n_tied, np.uint64)
-    t = 0
-    for i in range(m):
-        if x[i] == thr:
-            tied[t] = keys[i]
-            t += 1
-    tied.sort()
-    need = k - above
-    kthr = tied[need - 1]
-    eq_left = need
-    for v in tied:
-        if v < kthr:
-            eq_left -= 1
-    for i in range(m):
-        if x[i] > thr:
             flags[i] = True
-        elif x[i] == thr and keys[i] < kthr:
-            flags[i] = True
-        elif x[i] == thr and keys[i] == kthr and eq_left > 0:
-            flags[i] = True
-            eq_left -= 1
         else:
             flags[i] = False
+            if x[i] == thr:
+                tied[n_tied] = i
+                keys[n_tied] = _gene_hash(stream, tok[i]) >> shift
+                n_tied += 1
+    need = k - above
+    if need >= n_tied:
+        for t in range(n_tied):
+            flags[tied[t]] = True
+        return
+    _select_smallest(keys, n_tied, need, bucket_shift, tied_flags, hist)
+    for t in range(n_tied):
+        if tied_flags[t]:
+            flags[tied[t]] = True
 
 
 @numba.njit(cache=True, nogil=True)
@@ -408,6 +400,8 @@ def tokenize_into(
     sv = np.empty(max_c, np.float64)
     keys = np.empty(max(max_c, n_cand if zero_fill else 0), np.uint64)
     flags = np.empty(max(max_c, n_cand if zero_fill else 0), np.bool_)
+    tied = np.empty(max_c if select_top else 0, np.int64)
+    tied_flags = np.empty(max_c if select_top else 0, np.bool_)
     cand = np.empty(n_cand if zero_fill else 0, np.int64)
     hist = np.zeros(_COUNT_SORT_SLACK, np.int64)
     lut_left = np.empty(_COUNT_SORT_SLACK, np.int64)
@@ -421,6 +415,7 @@ def tokenize_into(
     for i in range(n):
         c = 0
         vmax = 0.0
+        thr_top = 0.0
         integral = True
         for s in range(seg_ptr[i], seg_ptr[i + 1]):
             for e in range(seg_lo[s], seg_hi[s]):
@@ -458,11 +453,20 @@ def tokenize_into(
                 hist[int(x[k])] += 1
             _value_at_ranks(hist, top, ranks[:nb], rank_vals[:nb])
             _value_at_ranks(hist, top, ranks[nb:], rank_vals[nb:])
+            if select_top and c > n_keep:  # the n_keep-th largest value, from the histogram
+                acc = 0
+                v = top
+                while acc + hist[v] < n_keep:
+                    acc += hist[v]
+                    v -= 1
+                thr_top = np.float64(v)
             hist[: top + 1] = 0
         else:
             sv[:c] = np.sort(x[:c])
             for j in range(2 * nb):
                 rank_vals[j] = sv[ranks[j]]
+            if select_top and c > n_keep:
+                thr_top = sv[c - n_keep]
         _edges(c, q, rank_vals, edges)
         if counted:
             _digitize_table(edges, top, lut_left, lut_right)
@@ -470,11 +474,14 @@ def tokenize_into(
         if trunc:
             truncated += 1
             stream = pick_streams[i]
-            for k in range(c):
-                keys[k] = _gene_hash(stream, tok[k]) >> shift
             if select_top:
-                _select_largest_values(x, keys, c, n_keep, flags)
+                _select_largest_values(
+                    x, tok, stream, shift, c, n_keep, thr_top, flags, keys, tied, tied_flags,
+                    bucket_shift, bucket_hist,
+                )  # fmt: skip
             else:
+                for k in range(c):
+                    keys[k] = _gene_hash(stream, tok[k]) >> shift
                 _select_smallest(keys, c, n_keep, bucket_shift, flags, bucket_hist)
         tstream = tie_streams[i]
         for k in range(c):

@@ -41,7 +41,9 @@ from scgpt_dist.train_module import compute_loss, lr_lambda, param_groups
 PAD_ID, CLS_ID, N_SPECIAL = 0, 1, 3
 
 
-def exact_cells(n_cells: int, n_genes: int, n_types: int, n_datasets: int, seed: int = 0, n_expr: int = 200):
+def exact_cells(
+    n_cells: int, n_genes: int, n_types: int, n_datasets: int, seed: int = 0, n_expr: int = 200
+):
     """Every cell expresses the same `n_expr` genes; a gene's count is its rank in a fixed per-type order."""
     rng = np.random.default_rng(seed)
     genes = np.sort(rng.choice(n_genes, n_expr, replace=False))
@@ -89,7 +91,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--heads", type=int, default=4)
     add("--dropout", type=float, default=0.1)
     add("--model", default="{}", help="extra ModelConfig fields as JSON")
-    add("--value-gain", type=float, default=1.0, help="initial gain of the value embedding's LayerNorm")
+    add(
+        "--value-gain",
+        type=float,
+        default=1.0,
+        help="initial gain of the value embedding's LayerNorm",
+    )
     add("--objectives", default="{}", help="extra ObjectiveConfig fields as JSON")
     add("--mask", type=float, default=0.4)
     add("--lr", type=float, default=3e-3)
@@ -157,7 +164,9 @@ def main(argv: list[str]) -> int:
         row = {"step": step, "gep": se / n, **running, "s": round(time.perf_counter() - t1)}
         row.update(embedding_scores(emb, labels, batches, seed=a.seed, metric="cosine"))
         print(
-            " ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+            " ".join(
+                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            ),
             flush=True,
         )
         return row

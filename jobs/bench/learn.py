@@ -31,7 +31,9 @@ DEFAULT_CONFIG = str(Path(CONFIG_DIR) / "learn.yaml")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.bench learn", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.bench learn", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--soma-uri", required=True, help="census-layout experiment or collection")
     p.add_argument("--obs-filter", default=None, help="SOMA obs filter of the cells to use")
     p.add_argument("--label-key", default="cell_type", help="obs column of the cell-type labels")
@@ -89,8 +91,9 @@ def learning_curve(summary: dict) -> dict:
     ):
         rows = sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)
         hist[key] = [(m.step, m.value, m.timestamp) for m in rows]
-    gep, batch_mean = hist["eval/gep_mse"], dict(
-        (s, v) for s, v, _ in hist["eval/baseline_per_gene_batch_mean"]
+    gep, batch_mean = (
+        hist["eval/gep_mse"],
+        dict((s, v) for s, v, _ in hist["eval/baseline_per_gene_batch_mean"]),
     )
     t0 = gep[0][2] if gep else None
     learned = next(
@@ -190,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     from scgpt_dist.evaluate import (
         gap_closed,
         gep_baselines,
-        linear_probe_accuracy,
         knn_accuracy,
+        linear_probe_accuracy,
         model_scores,
         pca_embedding,
     )
@@ -337,9 +340,13 @@ def write_report(out: Path, r: dict, hist: dict, adata, labels_key: str) -> None
         f"| per-gene x batch mean | {b['per_gene_batch_mean']:.2f} |",
     ]
     if "per_gene_type_mean" in b:
-        lines.append(f"| per-gene x cell-type mean (context ceiling) | {b['per_gene_type_mean']:.2f} |")
+        lines.append(
+            f"| per-gene x cell-type mean (context ceiling) | {b['per_gene_type_mean']:.2f} |"
+        )
     if r["gep_gap_closed"] is not None:
-        lines.append(f"| share of the per-gene -> per-gene x type gap closed | {r['gep_gap_closed']:.2f} |")
+        lines.append(
+            f"| share of the per-gene -> per-gene x type gap closed | {r['gep_gap_closed']:.2f} |"
+        )
     lines += [
         "",
         "| cell embedding | kNN cell type | linear probe | batch kNN | mean cosine |",

@@ -17,7 +17,7 @@ def _cells(n=20, g=40, seed=0):
 def test_round_trip_genes_and_values():
     X, genes = _cells()
     vocab = GeneVocab.from_genes(genes)
-    cfg = TokenizerConfig(n_bins=11, max_seq_len=100, seed=7)
+    cfg = TokenizerConfig(n_bins=11, max_seq_len=100, seed=7, tie_break="random")
     tab = tokenize_csr(
         X.indptr,
         X.indices,
@@ -135,3 +135,22 @@ def test_mid_tie_break_gives_equal_counts_equal_bins():
 def test_unknown_tie_break_is_named():
     with pytest.raises(ValueError, match="tokenizer.tie_break"):
         TokenizerConfig(tie_break="median")
+
+
+def test_top_selection_keeps_the_most_expressed_genes():
+    # 50 genes with counts 1..50 (shuffled columns) keep the 20 highest; 30 genes all at count 3 with
+    # max 10 kept choose their 10 by the hashed keys: different cells keep different subsets.
+    rng = np.random.default_rng(0)
+    counts = rng.permutation(np.arange(1, 51)).astype(float)
+    X = sp.csr_matrix(counts[None, :])
+    cfg = TokenizerConfig(max_seq_len=21, gene_selection="top")
+    genes = tokenize_csr(X.indptr, X.indices, X.data, np.array([0]), np.arange(50) + 3, cfg, 1)
+    kept = np.asarray(genes[keys.GENES][0].as_py()[1:]) - 3
+    assert sorted(counts[kept]) == list(range(31, 51))
+    flat = sp.csr_matrix(np.full((40, 30), 3.0))
+    cfg = TokenizerConfig(max_seq_len=11, gene_selection="top")
+    tab = tokenize_csr(
+        flat.indptr, flat.indices, flat.data, np.arange(40), np.arange(30) + 3, cfg, 1
+    )
+    subsets = {tuple(g[1:]) for g in tab[keys.GENES].to_pylist()}
+    assert all(len(s) == 10 for s in subsets) and len(subsets) > 30

@@ -8,6 +8,8 @@ from data_ingest import keys
 from data_ingest.tokenize import TokenizerConfig, tie_uniforms, tokenize_csr
 
 N_GENES = 40
+REFERENCE = {"gene_selection": "random", "tie_break": "random"}
+"""The scGPT reference's tokenizer choices (the defaults keep the top genes and give ties the middle bin)."""
 
 
 def _tokenize(X, ids, cfg, tokens=None):
@@ -24,7 +26,11 @@ def test_sub_sampling_is_uniform():
     # must be kept as often as a uniform 10-of-40 sample keeps it.
     n, keep = 4000, 10
     X = sp.csr_matrix(np.tile(np.arange(1.0, N_GENES + 1), (n, 1)))
-    tab = _tokenize(X, np.arange(n) * 3 + 11, TokenizerConfig(max_seq_len=keep + 1, seed=5))
+    tab = _tokenize(
+        X,
+        np.arange(n) * 3 + 11,
+        TokenizerConfig(max_seq_len=keep + 1, seed=5, gene_selection="random"),
+    )
     kept = np.zeros((n, N_GENES), bool)
     for i, genes in enumerate(tab[keys.GENES].to_pylist()):
         assert len(genes) == keep + 1 and genes == [1, *sorted(genes[1:])]  # column order
@@ -47,7 +53,7 @@ def test_choices_depend_on_seed_and_cell_only():
     dense = np.where(rng.random((30, 200)) < 0.4, rng.poisson(3.0, (30, 200)) + 1.0, 0.0)
     X = sp.csr_matrix(dense)
     ids = rng.choice(10**9, 30, replace=False)
-    cfg = TokenizerConfig(max_seq_len=40, seed=2)
+    cfg = TokenizerConfig(max_seq_len=40, seed=2, **REFERENCE)
     together = _by_cell(_tokenize(X, ids, cfg))
     # Same records when each cell is tokenized alone, or with other cells in another order.
     for i in range(0, 30, 7):
@@ -56,7 +62,7 @@ def test_choices_depend_on_seed_and_cell_only():
     perm = rng.permutation(30)
     assert _by_cell(_tokenize(X[perm], ids[perm], cfg)) == together
     # Another seed or another cell id changes the sample.
-    other_seed = _by_cell(_tokenize(X, ids, TokenizerConfig(max_seq_len=40, seed=3)))
+    other_seed = _by_cell(_tokenize(X, ids, TokenizerConfig(max_seq_len=40, seed=3, **REFERENCE)))
     assert all(other_seed[c][0] != together[c][0] for c in ids)
     moved = _by_cell(_tokenize(X, ids + 1, cfg))
     assert all(moved[c + 1][0] != together[c][0] for c in ids)
@@ -71,7 +77,7 @@ def test_bins_follow_the_scgpt_reference_formula():
         dense = np.where(rng.random((25, 300)) < 0.5, values, 0.0).astype(np.float32)
         X = sp.csr_matrix(dense)
         ids = np.arange(25) + 1000
-        tab = _tokenize(X, ids, TokenizerConfig(max_seq_len=301, n_bins=51, seed=9))
+        tab = _tokenize(X, ids, TokenizerConfig(max_seq_len=301, n_bins=51, seed=9, **REFERENCE))
         for i, (genes, vals) in enumerate(
             zip(tab[keys.GENES].to_pylist(), tab[keys.VALUES].to_pylist(), strict=True)
         ):
