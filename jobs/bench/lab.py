@@ -46,6 +46,7 @@ def exact_cells(
 ):
     """Every cell expresses the same `n_expr` genes; a gene's count is its rank in a fixed per-type order."""
     rng = np.random.default_rng(seed)
+    n_expr = min(n_expr, n_genes)
     genes = np.sort(rng.choice(n_genes, n_expr, replace=False))
     levels = np.stack([rng.permutation(n_expr) + 1 for _ in range(n_types)]).astype(np.float32)
     types = rng.integers(0, n_types, n_cells)

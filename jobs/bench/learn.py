@@ -50,6 +50,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.seeds < 1 or args.eval_cells < 50 or args.finetune_cells < 10:
         raise ValueError("--seeds >= 1, --eval-cells >= 50 and --finetune-cells >= 10, please")
+    if "://" not in args.soma_uri and not Path(args.soma_uri).exists():
+        raise FileNotFoundError(
+            f"--soma-uri {args.soma_uri} does not exist; pass a census-layout SOMA experiment or collection "
+            "(e.g. one written by python -m data_ingest.synth --out DIR)"
+        )
     return args
 
 

@@ -79,3 +79,10 @@ def test_outputs_a_user_can_open(learned):
     client = MlflowClient(r["mlflow"]["tracking_uri"])
     steps = [m.step for m in client.get_metric_history(r["mlflow"]["run_id"], "eval/gep_mse")]
     assert steps[0] == 0 and steps[-1] == r["steps"] and len(steps) >= 5
+
+
+def test_bad_input_names_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--soma-uri .* does not exist"):
+        learn.parse_args(["--soma-uri", str(tmp_path / "nope"), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--seeds"):
+        learn.parse_args(["--soma-uri", str(tmp_path), "--out", str(tmp_path), "--seeds", "0"])
