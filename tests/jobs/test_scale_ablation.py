@@ -40,8 +40,8 @@ def test_cpu_preset_grid_has_sizes_x_data_plus_the_context_arm():
     from jobs.scale_ablation import sweep_config
 
     assert len(expand_cells(sweep_config(cfg))) == 10
-    # One epoch-based step count per D (1 epoch, global batch 16 x 2 workers).
-    assert [cell_steps(vars(cfg.steps), d, 32) for d in cfg.n_cells] == [32, 94, 282]
+    # One epoch-based step count per D (3 epochs, global batch 16 x 2 workers).
+    assert [cell_steps(vars(cfg.steps), d, 32) for d in cfg.n_cells] == [94, 282, 844]
 
 
 def test_cluster_preset_loads():
