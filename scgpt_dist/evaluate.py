@@ -34,9 +34,10 @@ def _tokens(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return g[keep].astype(np.int64), v[keep], cell[keep]
 
 
-def _group_means(train: pa.Table, group_col: str | None):
-    """Sorted (group, gene) keys and their mean values over `train`'s tokens; group 0 when None."""
-    g, v, cell = _tokens(train)
+def _group_means(train: pa.Table, tokens: tuple, group_col: str | None):
+    """Sorted (group, gene) keys and their mean values over `train`'s `tokens` (`_tokens(train)`); group 0
+    when `group_col` is None."""
+    g, v, cell = tokens
     groups = (
         np.zeros(len(g), np.int64)
         if group_col is None
@@ -91,13 +92,15 @@ def gep_baselines(train: pa.Table, held: pa.Table, pad_id: int) -> dict[str, flo
     """MSE of each of `GEP_BASELINES` on the masked positions of `held` (a `with_fixed_masks` table). Means come from
     `train`'s records; a (gene, group) never seen falls back to the gene's mean, then the global mean.
     `per_gene_type_mean` is left out when the held-out records carry no labels."""
-    gene_keys, gene_means = _group_means(train, None)
-    glob = float(np.mean(_tokens(train)[1])) if train.num_rows else 0.0
-    tables = {"per_gene_batch_mean": (keys.BATCH, _group_means(train, keys.BATCH))}
+    tokens = _tokens(train)
+    gene_keys, gene_means = _group_means(train, tokens, None)
+    glob = float(np.mean(tokens[1])) if len(tokens[1]) else 0.0
+    per_gene, per_batch, per_type = GEP_BASELINES
+    tables = {per_batch: (keys.BATCH, _group_means(train, tokens, keys.BATCH))}
     has_labels = keys.LABEL in held.column_names and bool((held[keys.LABEL].to_numpy() >= 0).any())
     if has_labels:
-        tables["per_gene_type_mean"] = (keys.LABEL, _group_means(train, keys.LABEL))
-    se = dict.fromkeys(["per_gene_mean", *tables], 0.0)
+        tables[per_type] = (keys.LABEL, _group_means(train, tokens, keys.LABEL))
+    se = dict.fromkeys([per_gene, *tables], 0.0)
     n = 0
     for b, _, mask in masked_batches(held, pad_id):
         rows, _cols = mask.nonzero(as_tuple=True)
@@ -105,7 +108,7 @@ def gep_baselines(train: pa.Table, held: pa.Table, pad_id: int) -> dict[str, flo
         target = b.values[mask].numpy().astype(np.float64)
         base = _lookup(gene_keys, gene_means, genes)
         base = np.where(np.isnan(base), glob, base)
-        se["per_gene_mean"] += float(((base - target) ** 2).sum())
+        se[per_gene] += float(((base - target) ** 2).sum())
         for name, (col, (uniq, means)) in tables.items():
             per_cell = b.batch if col == keys.BATCH else b.label
             key = per_cell[rows].numpy().astype(np.int64) * (1 << 32) + genes
@@ -273,29 +276,38 @@ def sample_joinids(joinids: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(joinids, n, replace=False))
 
 
-def prepare_eval_set(cfg, source, vocab, world_size: int) -> dict:
-    """The fixed held-out sample of a run's in-training evaluation (`EvalConfig`), built on the driver:
-    the held-out cells' records with their GEP masks, and the baselines' MSE on those masks (from
-    `baseline_cells` training cells). The sample is cut to a multiple of `world_size` so every rank
-    scores as many cells (with ZeRO-3 every forward pass is a collective)."""
+def heldout_tables(cfg, source, vocab, n_cells: int, seed: int, multiple_of: int = 1):
+    """(fixed sample of at most `n_cells` held-out records with their GEP masks, a sample of
+    `cfg.eval.baseline_cells` training records for the baselines, the resolved held-out source). The
+    held-out sample is cut to a multiple of `multiple_of` cells."""
     from data_ingest.datasource import read_token_table
     from data_ingest.source import HOLDOUT, TRAIN
 
-    ev = cfg.eval
     tok = cfg.data.tokenizer
     held_src = source.resolve(vocab, HOLDOUT)
-    ids = sample_joinids(held_src.joinids, ev.cells, ev.seed)
-    ids = ids[: len(ids) - len(ids) % world_size]
-    if len(ids) < 2 * world_size:
+    ids = sample_joinids(held_src.joinids, n_cells, seed)
+    ids = ids[: len(ids) - len(ids) % multiple_of]
+    mask_ratio = (
+        cfg.eval.mask_ratio if cfg.eval.mask_ratio is not None else cfg.objectives.mask_ratio
+    )
+    held = with_fixed_masks(read_token_table(held_src, ids, tok, vocab.cls_id), mask_ratio, seed)
+    train_src = source.resolve(vocab, TRAIN)
+    train_ids = sample_joinids(train_src.joinids, cfg.eval.baseline_cells, seed + 1)
+    return held, read_token_table(train_src, train_ids, tok, vocab.cls_id), held_src
+
+
+def prepare_eval_set(cfg, source, vocab, world_size: int) -> dict:
+    """The fixed held-out sample of a run's in-training evaluation (`EvalConfig`), built on the driver:
+    the held-out cells' records with their GEP masks, and the baselines' MSE on those masks. The sample
+    is a multiple of `world_size` cells so every rank scores as many (with ZeRO-3 every forward pass is a
+    collective)."""
+    ev = cfg.eval
+    held, train, _ = heldout_tables(cfg, source, vocab, ev.cells, ev.seed, world_size)
+    if held.num_rows < 2 * world_size:
         raise ValueError(
-            f"eval.every={ev.every} but only {len(held_src.joinids)} cells are held out; raise "
+            f"eval.every={ev.every} but only {held.num_rows} held-out cells could be scored; raise "
             "data.source.holdout_fraction or set eval.every=0"
         )
-    mask_ratio = ev.mask_ratio if ev.mask_ratio is not None else cfg.objectives.mask_ratio
-    held = with_fixed_masks(read_token_table(held_src, ids, tok, vocab.cls_id), mask_ratio, ev.seed)
-    train_src = source.resolve(vocab, TRAIN)
-    train_ids = sample_joinids(train_src.joinids, ev.baseline_cells, ev.seed + 1)
-    train = read_token_table(train_src, train_ids, tok, vocab.cls_id)
     return {
         "table": held,
         "baselines": gep_baselines(train, held, vocab.pad_id),

@@ -84,12 +84,13 @@ def lr_lambda(cfg: TrainConfig):
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Optimizer parameter groups: weight decay on linear-layer matrices only, unless
     `cfg.weight_decay_all` (LayerNorm weights, biases and embedding tables are not decayed)."""
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.weight_decay_all:
-        return [{"params": [p for _, p in params], "weight_decay": cfg.weight_decay}]
-    embedding_params = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay = [p for _, p in params if p.dim() >= 2 and id(p) not in embedding_params]
-    keep = [p for _, p in params if not (p.dim() >= 2 and id(p) not in embedding_params)]
+        return [{"params": params, "weight_decay": cfg.weight_decay}]
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, keep = [], []
+    for p in params:
+        (decay if p.dim() >= 2 and id(p) not in tables else keep).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
     if keep:
         groups.append({"params": keep, "weight_decay": 0.0})

@@ -108,24 +108,6 @@ def learning_curve(summary: dict) -> dict:
     return {"history": hist, "steps_to_learning": learned[0], "minutes_to_learning": learned[1]}
 
 
-def heldout_cells(cfg, loaded, n_cells: int, seed: int):
-    """(held-out records with fixed GEP masks, training records for the baselines, source)."""
-    from data_ingest.datasource import read_token_table
-    from data_ingest.source import HOLDOUT, TRAIN, SomaCellSource
-    from scgpt_dist.evaluate import sample_joinids, with_fixed_masks
-
-    source = SomaCellSource(cfg.data.source)
-    tok = cfg.data.tokenizer
-    held_src = source.resolve(loaded.vocab, HOLDOUT)
-    ids = sample_joinids(held_src.joinids, n_cells, seed)
-    held = read_token_table(held_src, ids, tok, loaded.vocab.cls_id)
-    held = with_fixed_masks(held, cfg.objectives.mask_ratio, seed)
-    train_src = source.resolve(loaded.vocab, TRAIN)
-    train_ids = sample_joinids(train_src.joinids, cfg.eval.baseline_cells, seed + 1)
-    train = read_token_table(train_src, train_ids, tok, loaded.vocab.cls_id)
-    return held, train, held_src
-
-
 def embedding_metrics(emb, labels, batches, seed: int) -> dict[str, float]:
     from scgpt_dist.evaluate import embedding_scores, linear_probe_accuracy
 
@@ -193,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from data_ingest import keys
+    from data_ingest.source import SomaCellSource
     from jobs.demo import export_cells
     from scgpt_dist.checkpoint import load_consolidated
     from scgpt_dist.evaluate import (
         gap_closed,
         gep_baselines,
+        heldout_tables,
         knn_accuracy,
         linear_probe_accuracy,
         model_scores,
@@ -213,7 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()  # training is done; the rest runs in this process
     train_minutes = summary["train_wall_s"] / 60
     loaded = load_consolidated(summary["model_dir"])
-    held, train, held_src = heldout_cells(cfg, loaded, args.eval_cells, cfg.eval.seed)
+    source = SomaCellSource(cfg.data.source)
+    held, train, held_src = heldout_tables(
+        cfg, source, loaded.vocab, args.eval_cells, cfg.eval.seed
+    )
     baselines = gep_baselines(train, held, loaded.vocab.pad_id)
     labels = held[keys.LABEL].to_numpy()
     batches = held[keys.BATCH].to_numpy()
