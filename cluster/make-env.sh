@@ -6,8 +6,19 @@
 #   export MLFLOW_TRACKING_URI=https://mlflow.example.org   # MLflow server every run logs to
 #   export SCGPT_CHECKPOINT_URI=s3://YOUR-BUCKET/scgpt     # or gs://...: durable copies of checkpoints
 #   export SCGPT_SHARED_NFS=fs-0123.efs.us-west-2.amazonaws.com:/   # or <filestore-ip>:/<share>
-#   cluster/make-env.sh
+#   cluster/make-env.sh                  # PYTHON=/path/to/python: the environment whose `ray` to use
 set -euo pipefail
+
+# The ray CLI: next to $PYTHON when given (no PATH assumption), else the one on PATH.
+if [ -n "${PYTHON:-}" ]; then
+    RAY="$("$PYTHON" -c 'import os, sys; print(os.path.dirname(sys.executable))')/ray"
+else
+    RAY=$(command -v ray || true)
+fi
+if [ -z "$RAY" ] || [ ! -x "$RAY" ]; then
+    echo "error: no ray CLI found; pass PYTHON=/path/to/python of the environment ray is installed in" >&2
+    exit 2
+fi
 
 missing=()
 for name in MLFLOW_TRACKING_URI SCGPT_CHECKPOINT_URI SCGPT_SHARED_NFS; do
@@ -26,7 +37,7 @@ case "$SCGPT_CHECKPOINT_URI" in
 esac
 
 # The same token on every node and in this machine's ~/.ray/auth_token, which `ray job submit` reads.
-token="$(RAY_AUTH_MODE=token ray get-auth-token --generate)"
+token="$(RAY_AUTH_MODE=token "$RAY" get-auth-token --generate)"
 
 out="$(dirname "$0")/scgpt.env"
 umask 077

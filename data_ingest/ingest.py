@@ -119,6 +119,31 @@ def _conform(adata: ad.AnnData, dataset_id: str, obs_schema: pa.Schema) -> ad.An
     return ad.AnnData(X=X, obs=obs, var=var)
 
 
+def _create_experiment(uri: str, first: Path, dataset_id: str, layer: str) -> IngestEntry:
+    """A new census-layout experiment holding `first` (its cell types in obs `cell_type` if it has them).
+
+    Written whole under a temporary path and renamed into place; the file is then recorded in the ingest log
+    like any other, so `ingest_h5ads` skips it and appends the rest."""
+    from data_ingest.soma_store import to_census_layout, write_experiment
+
+    adata = read_h5ad_checked(first)
+    check_counts(adata, str(first))
+    cell_type = keys.OBS_CELL_TYPE if keys.OBS_CELL_TYPE in adata.obs else None
+    census = to_census_layout(adata, dataset_id, cell_type, "counts")
+    write_experiment(uri, [census], layer=layer)
+    entry = IngestEntry(
+        file=str(first.resolve()),
+        sha256=file_sha256(first),
+        dataset_id=dataset_id,
+        n_cells=adata.n_obs,
+        n_genes=adata.n_vars,
+        new_genes=adata.n_vars,
+        added_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    )
+    write_text_atomic(log_path(uri), json.dumps([asdict(entry)], indent=1))
+    return entry
+
+
 def ingest_h5ads(
     experiment_uri: str | Path,
     files: list[str | Path],
@@ -127,18 +152,32 @@ def ingest_h5ads(
     dataset_ids: list[str] | None = None,
     layer: str = keys.RAW_LAYER,
     measurement: str = keys.MEASUREMENT_RNA,
+    create: bool = False,
 ) -> IngestReport:
-    """Append each new file to the experiment; extend `vocab_path` (if given); record it in the log."""
+    """Append each new file to the experiment; extend `vocab_path` (if given); record it in the log.
+
+    With `create`, a missing experiment is first written (atomically, census columns) from the first file;
+    the other files are then appended."""
     import tiledbsoma
     import tiledbsoma.io
 
     uri = str(experiment_uri)
     report = IngestReport()
-    logged = read_log(uri)
-    seen = {e["sha256"] for e in logged}
     ids = dataset_ids or [Path(f).stem for f in files]
     if len(ids) != len(files):
         raise ValueError(f"{len(files)} files but {len(ids)} dataset ids; give one per file")
+    missing = [str(f) for f in files if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no .h5ad file at {', '.join(missing)}; check the paths")
+    if not tiledbsoma.Experiment.exists(uri):
+        if not create:
+            raise FileNotFoundError(
+                f"no SOMA experiment at {uri}; pass --create to make a new one from these files, "
+                "or check --experiment"
+            )
+        report.added.append(_create_experiment(uri, Path(files[0]), ids[0], layer))
+    logged = read_log(uri)
+    seen = {e["sha256"] for e in logged}
     with tiledbsoma.Experiment.open(uri) as exp:
         obs_schema = exp.obs.schema
         existing = set(
@@ -154,7 +193,8 @@ def ingest_h5ads(
         path = Path(path)
         digest = file_sha256(path)
         if digest in seen:
-            report.skipped.append(str(path))
+            if not any(e.sha256 == digest for e in report.added):  # not the file --create wrote
+                report.skipped.append(str(path))
             continue
         if dataset_id in existing:
             raise ValueError(
@@ -219,9 +259,19 @@ def main(argv: list[str] | None = None) -> int:
         "--dataset-id", action="append", default=None, help="one per file (default: stem)"
     )
     p.add_argument("--layer", default=keys.RAW_LAYER)
+    p.add_argument(
+        "--create",
+        action="store_true",
+        help="make the experiment from the files if it does not exist",
+    )
     a = p.parse_args(argv)
     rep = ingest_h5ads(
-        a.experiment, a.files, vocab_path=a.vocab, dataset_ids=a.dataset_id, layer=a.layer
+        a.experiment,
+        a.files,
+        vocab_path=a.vocab,
+        dataset_ids=a.dataset_id,
+        layer=a.layer,
+        create=a.create,
     )
     for e in rep.added:
         print(f"added {e.dataset_id}: {e.n_cells} cells, {e.new_genes} new genes ({e.file})")
@@ -233,4 +283,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from data_ingest.cli import run_main
+
+    run_main(main)

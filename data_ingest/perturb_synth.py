@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
     if Path(a.out).exists() and not a.overwrite:
-        raise SystemExit(f"{a.out} exists; pass --overwrite or another --out")
+        raise FileExistsError(f"{a.out} exists; pass --overwrite or another --out")
     if a.census_truth:
         census = census_config_from_truth(a.census_truth)
     else:
@@ -471,4 +471,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from data_ingest.cli import run_main
+
+    run_main(main)

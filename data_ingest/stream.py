@@ -424,10 +424,8 @@ def rank_dataset(
     ds = ray.data.read_datasource(
         _RankSource(),
         concurrency=cfg.prefetch,
-        ray_remote_args={
-            "num_cpus": cfg.read_task_cpus,
-            "runtime_env": {"env_vars": READ_TASK_ENV},
-        },
+        num_cpus=cfg.read_task_cpus,
+        runtime_env={"env_vars": READ_TASK_ENV},
         override_num_blocks=max(1, len(tasks)),
     )
     ds.context.execution_options.preserve_order = True

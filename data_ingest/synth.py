@@ -338,10 +338,10 @@ def write_synthetic_census(
     Written under a temporary sibling and renamed into place; memory is bounded by `cfg.block_cells`.
     """
     import tiledbsoma
-    from tqdm import tqdm
 
     from data_ingest import keys
     from data_ingest.atomic import atomic_directory, write_text_atomic
+    from data_ingest.progress import progress as progress_bar
 
     uri = Path(uri).resolve()
     if uri.exists() and not overwrite:
@@ -387,7 +387,9 @@ def write_synthetic_census(
                 type=pa.float32(),
                 shape=(cfg.n_cells, g),
             )
-            bar = tqdm(total=cfg.n_cells, unit="cells", disable=not progress, desc="synth census")
+            bar = progress_bar(
+                total=cfg.n_cells, unit="cells", enabled=progress, desc="synth census"
+            )
             row0 = 0
             for d, dinfo in enumerate(truth.datasets):
                 left = dinfo["n_cells"]
@@ -518,4 +520,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from data_ingest.cli import run_main
+
+    run_main(main)

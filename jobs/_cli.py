@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -28,14 +27,9 @@ def quiet_ray_data() -> None:
 
 
 def run_main(fn: Callable[[], int | None]) -> None:
-    """Run `fn`; a user error (bad input, config, path) exits 2 with one clear line instead of a traceback."""
+    """Run `fn`; a user error (bad input, config, path) exits 2 with one clear line instead of a traceback
+    (`data_ingest.cli.run_main`; `SCGPT_TRACEBACK=1` shows the traceback)."""
+    from data_ingest.cli import run_main as _run_main
     from scgpt_dist.config import ConfigError
 
-    try:
-        code = fn()
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as err:
-        if os.environ.get("SCGPT_TRACEBACK"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(code or 0)
+    _run_main(fn, extra_errors=(ConfigError,))

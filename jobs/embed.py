@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         adata.var_names = adata.var[args.gene_column].astype(str).values
     adata.obsm[EMBEDDING_KEY] = embed_anndata(
-        loaded, adata, args.batch_size, args.max_unknown_fraction
+        loaded, adata, args.batch_size, args.max_unknown_fraction, show_progress=True
     )
     out = Path(args.out or str(Path(args.h5ad).with_suffix("")) + "_scgpt.h5ad")
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"

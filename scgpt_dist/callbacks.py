@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -198,6 +199,74 @@ def write_worker_info(output_dir: str, rank: int) -> None:
     write_text_atomic(Path(output_dir) / "workers" / f"rank_{rank}.json", json.dumps(info))
 
 
+def _console(line: str) -> None:
+    """One line on the process's real stdout. Ray Train patches `print` in its workers to log through the
+    root logger and, when something has wrapped `sys.stdout`, to also print: every line twice. Writing to
+    `sys.__stdout__` directly reaches the driver's console (and `ray job logs`) once."""
+    print(line, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class ProgressCallback:
+    """A compact console line on rank 0 at log points, at most every `train.progress_every_s` seconds:
+
+        step 300/1500 (20%) | loss 24.1 (gep 19.6, gepc 4.5) | lr 3.0e-03 | 9.8k tok/s | data wait 2% | 1m04s, ETA 4m16s
+
+    Printed (not logged) so it reaches the driver's console, and `ray job logs`, from the Ray Train worker."""
+
+    def __init__(self, total_steps: int, start_step: int, every_s: float):
+        self.total = total_steps
+        self.start_step = start_step
+        self.every_s = every_s
+        self.t0 = time.perf_counter()
+        self._last = -float("inf")
+
+    def update(self, step: int, metrics: dict[str, float]) -> None:
+        now = time.perf_counter()
+        if now - self._last < self.every_s and step < self.total:
+            return
+        self._last = now
+        elapsed = now - self.t0
+        done = step - self.start_step
+        eta = elapsed / done * (self.total - step) if done > 0 else float("nan")
+        parts = ", ".join(
+            f"{k[len('loss_') :]} {v:.4g}"
+            for k, v in sorted(metrics.items())
+            if k.startswith("loss_")
+        )
+        _console(
+            f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"
+            f" | loss {metrics['loss']:.4g}"
+            + (f" ({parts})" if parts else "")
+            + f" | lr {metrics['lr']:.1e} | {metrics['tokens_per_s'] / 1e3:.1f}k tok/s"
+            f" | data wait {100 * metrics['data_wait_fraction']:.0f}%"
+            f" | {_duration(elapsed)}" + (f", ETA {_duration(eta)}" if done > 0 else "")
+        )
+
+    @staticmethod
+    def evaluation(step: int, metrics: dict[str, float]) -> None:
+        """One line per in-training evaluation: held-out GEP against its baselines, embedding scores."""
+        base = ", ".join(
+            f"{k[len('eval/baseline_') :]} {v:.4g}"
+            for k, v in metrics.items()
+            if k.startswith("eval/baseline_")
+        )
+        line = f"eval step {step} | held-out GEP {metrics['eval/gep_mse']:.4g}"
+        if base:
+            line += f" (baselines: {base})"
+        for key, name in (("eval/knn_type", "kNN type"), ("eval/knn_batch", "kNN batch")):
+            if key in metrics:
+                line += f" | {name} {metrics[key]:.3f}"
+        if "eval/mean_cosine" in metrics:
+            line += f" | mean cosine {metrics['eval/mean_cosine']:.3f}"
+        _console(line)
+
+
 class EvalCallback:
     """Scores the model on a fixed held-out sample every `eval.every` steps (`EvalConfig`).
 
@@ -257,4 +326,5 @@ class EvalCallback:
         metrics.update({f"eval/{k}": v for k, v in scores.items()})
         if mlflow_cb is not None:
             mlflow_cb.log(step, metrics)
+        ProgressCallback.evaluation(step, metrics)
         return metrics

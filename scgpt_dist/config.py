@@ -212,6 +212,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     """Steps between checkpoints (one is always written at the end)."""
     log_every: int = 10
+    """Steps between metric log points (MLflow; the console progress line prints at log points)."""
+    progress_every_s: float = 15.0
+    """Least seconds between two console progress lines on rank 0 (0 = one at every log point)."""
     seed: int = 0
     torch_threads: int = 1
     """Intra-op threads per worker (CPU)."""

@@ -10,6 +10,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import torch
 
+from data_ingest.progress import progress
 from data_ingest.soma_store import validate_anndata
 from data_ingest.tokenize import TokenizerConfig, TokenizeStats, tokenize_csr
 from data_ingest.vocab import GeneVocab
@@ -65,12 +66,15 @@ def tokenize_anndata(
 
 
 @torch.no_grad()
-def embed_table(loaded: LoadedModel, table: pa.Table, batch_size: int = 64) -> np.ndarray:
+def embed_table(
+    loaded: LoadedModel, table: pa.Table, batch_size: int = 64, show_progress: bool = False
+) -> np.ndarray:
     """L2-normalized `<cls>` embeddings, (n_cells, D), in table row order."""
     model = loaded.model
     model.eval()
     out = []
-    for start in range(0, table.num_rows, batch_size):
+    starts = range(0, table.num_rows, batch_size)
+    for start in progress(starts, desc="embed", unit="batch", enabled=show_progress):
         b = collate(table.slice(start, batch_size), loaded.vocab.pad_id)
         h, _ = model.encode(b.genes, b.values, b.padding)  # (B, L, D)
         out.append(model.cell_embedding(h, b.values, b.padding).float().numpy())
@@ -80,8 +84,12 @@ def embed_table(loaded: LoadedModel, table: pa.Table, batch_size: int = 64) -> n
 
 
 def embed_anndata(
-    loaded: LoadedModel, adata: ad.AnnData, batch_size: int = 64, max_unknown_fraction: float = 0.5
+    loaded: LoadedModel,
+    adata: ad.AnnData,
+    batch_size: int = 64,
+    max_unknown_fraction: float = 0.5,
+    show_progress: bool = False,
 ) -> np.ndarray:
     tok = loaded.config.data.tokenizer
     table = tokenize_anndata(adata, loaded.vocab, tok, max_unknown_fraction)
-    return embed_table(loaded, table, batch_size)
+    return embed_table(loaded, table, batch_size, show_progress)

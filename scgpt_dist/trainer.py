@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from scgpt_dist.callbacks import (
     CheckpointCallback,
     EvalCallback,
     MlflowCallback,
+    ProgressCallback,
     write_worker_info,
 )
 from scgpt_dist.checkpoint import (
@@ -47,6 +49,7 @@ from scgpt_dist.checkpoint import (
 )
 from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
+from scgpt_dist.lineage import joinid_digest, log_lineage
 from scgpt_dist.storage import Store
 from scgpt_dist.storage import resolve as resolve_storage
 from scgpt_dist.tracking import start_or_resume_run, tracking_uri
@@ -109,6 +112,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.set_num_threads(cfg.train.torch_threads)
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # one line per stream buffer otherwise
+    # We turned Ray Data's bars off on purpose (the progress line says what happens): no notice each epoch.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # DeepSpeed's ZeRO calls a torch collective torch has renamed; one warning per rank and step otherwise.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     write_worker_info(cfg.output_dir, rank)
 
     module = TrainModule(cfg, vocab, world, rank)
@@ -154,6 +161,9 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
     resolved = loop_config["resolved"]
     stats = StreamStats()
     win = _Window()
+    progress = (
+        ProgressCallback(stop_at, state.step, cfg.train.progress_every_s) if rank == 0 else None
+    )
     eval_cb = None
     if loop_config.get("eval_set") is not None:
         eval_cb = EvalCallback(cfg, loop_config["eval_set"], rank, world, vocab.pad_id)
@@ -199,7 +209,7 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
                 if eval_cb is not None and eval_cb.due(state.step, stop_at):
                     eval_cb.run(module.engine.module, state.step, mlflow_cb)
                 if save or state.step % cfg.train.log_every == 0:
-                    window_loss = _flush_window(cfg, state, win, module, mlflow_cb, world)
+                    window_loss = _flush_window(cfg, state, win, module, mlflow_cb, world, progress)
                     stats.skipped_cells = 0
                     win = _Window()
                 if save:
@@ -265,9 +275,12 @@ def _meta(path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
-def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int) -> float:
+def _flush_window(
+    cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int, progress=None
+) -> float:
     """Sum the window's counters over ranks (a collective: every rank calls it at the same steps), add them
-    to the global counters, and on rank 0 log the window to MLflow. Returns the window's mean loss."""
+    to the global counters, and on rank 0 log the window to MLflow and the console. Returns the window's
+    mean loss."""
     names = sorted(win.parts)
     elapsed = time.perf_counter() - win.t0
     summed = _all_reduce_sum(
@@ -299,6 +312,8 @@ def _flush_window(cfg, state: TrainState, win: _Window, module, mlflow_cb, world
         achieved = module.engine.module.flops_per_token(seq) * metrics["tokens_per_s"]
         metrics["mfu"] = achieved / (cfg.train.peak_tflops_per_worker * 1e12 * world)
     mlflow_cb.log(state.step, metrics)
+    if progress is not None:
+        progress.update(state.step, metrics)
     return metrics["loss"]
 
 
@@ -314,10 +329,22 @@ def init_ray(cfg: ExperimentConfig) -> None:
         ray.init(address=address, log_to_driver=True)
         return
     num_cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + cfg.train.num_workers
+    start_local_ray(num_cpus)
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """A single-node Ray instance on loopback, with the dashboard (the state API) on 127.0.0.1.
+
+    Ray Train's placement-group cleaner asks the state API every few seconds whether the train controller is
+    alive; without a dashboard every query fails and it logs a warning each time, for the whole run. On one
+    node there is no node to drain, so Ray Train's preemption watcher (an actor per worker group that polls
+    for node drains) is switched off; on a real cluster (`ray.address`, `ray job submit`) it stays on."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",
         num_cpus=num_cpus,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=True,
         _node_ip_address="127.0.0.1",  # a local cluster stays on loopback
     )
@@ -383,6 +410,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         cfg.model.n_batches = len(resolved.batch_categories)
     data_info = {
         "soma_uri": cfg.data.source.soma_uri,
+        "census_version": cfg.data.source.census_version,
+        "joinid_digest": joinid_digest(resolved.joinids),
         "layer": cfg.data.source.layer,
         "value_filter": cfg.data.source.value_filter,
         "n_train_cells": int(len(resolved.joinids)),
@@ -408,6 +437,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         params = flatten(to_dict(cfg))
         client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
         client.log_text(run_id, dump_config(cfg), "config.yaml")
+        log_lineage(client, run_id, cfg.data.source, resolved.joinids, len(vocab))
     else:
         client.set_tag(run_id, "resumed_from", str(resume_from))
 
@@ -499,6 +529,8 @@ def register_model(client, name: str, run_id: str, data_info: dict, meta: dict) 
         tags={
             "data_version": str(data_info.get("census_version") or data_info["soma_uri"]),
             "soma_uri": data_info["soma_uri"],
+            "train_cells": str(data_info["n_train_cells"]),
+            "train_cells_digest": data_info["joinid_digest"],
             "step": str(meta["step"]),
             "vocab_fingerprint": meta["vocab_fingerprint"],
         },

@@ -3,12 +3,26 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "jobs" / "configs" / "tiny.yaml"
+BIN = Path(sys.executable).parent
+"""The environment's bin directory: subprocesses use its `ray` and `python`, never whatever PATH has."""
+RAY_CLI = str(BIN / "ray")
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """os.environ with this environment's bin directory first on PATH (for processes, such as Ray nodes
+    and the jobs they run, that start `python` themselves), plus `extra`."""
+    env = {**os.environ, **extra}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("RAY_ADDRESS", None)
+    return env
+
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")

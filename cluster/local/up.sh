@@ -4,8 +4,13 @@
 # placement, cross-node data and checkpoints) without a cloud. Stop it with cluster/local/down.sh.
 #
 #   STATE_DIR=/tmp/scgpt-local cluster/local/up.sh      # prints the job-submission address
-#   RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 -- python -m jobs.pretrain ...
+#   RAY_AUTH_MODE=token .venv/bin/ray job submit --address http://127.0.0.1:8265 -- python -m jobs.pretrain ...
+#
+# PYTHON=/path/to/python picks the environment the nodes run in (default: the one the project is installed
+# in: the repository's .venv, else python3 on PATH); `ray` is the CLI next to it. See cluster/python-env.sh.
 set -euo pipefail
+NEEDS="ray, scgpt_dist"
+source "$(dirname "$0")/../python-env.sh"
 
 STATE_DIR=${STATE_DIR:-/tmp/scgpt-local}
 HEAD_PORT=${HEAD_PORT:-6390}
@@ -20,12 +25,12 @@ if [ -f "$STATE_DIR/pids" ]; then
   echo "error: $STATE_DIR/pids exists; a local cluster may be running (run cluster/local/down.sh first)" >&2
   exit 2
 fi
-ray get-auth-token --generate >/dev/null
+"$RAY" get-auth-token --generate >/dev/null
 
 start_node() {  # name, extra args...
   local name=$1 base=$2
   shift 2
-  setsid ray start --block --node-ip-address=127.0.0.1 --num-cpus="$CPUS_PER_NODE" \
+  setsid "$RAY" start --block --node-ip-address=127.0.0.1 --num-cpus="$CPUS_PER_NODE" \
     --temp-dir="$STATE_DIR/ray" --disable-usage-stats \
     --dashboard-agent-listen-port=$((base)) --dashboard-agent-grpc-port=$((base + 1)) \
     --metrics-export-port=$((base + 2)) --runtime-env-agent-port=$((base + 3)) \
@@ -40,14 +45,14 @@ start_node head "$PORT_BASE" --head --port="$HEAD_PORT" --include-dashboard=true
 
 address="http://127.0.0.1:$DASHBOARD_PORT"
 for _ in $(seq 60); do
-  if ray job list --address "$address" >/dev/null 2>&1; then break; fi
+  if "$RAY" job list --address "$address" >/dev/null 2>&1; then break; fi
   sleep 2
 done
-ray job list --address "$address" >/dev/null || { echo "error: head did not start; see $STATE_DIR/head.log" >&2; exit 1; }
+"$RAY" job list --address "$address" >/dev/null || { echo "error: head did not start; see $STATE_DIR/head.log" >&2; exit 1; }
 
 start_node worker $((PORT_BASE + 10)) --address="127.0.0.1:$HEAD_PORT"
 for _ in $(seq 60); do
-  nodes=$(python -c "import ray; ray.init(address='127.0.0.1:$HEAD_PORT', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))" 2>/dev/null || echo 0)
+  nodes=$("$PYTHON" -c "import ray; ray.init(address='127.0.0.1:$HEAD_PORT', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))" 2>/dev/null || echo 0)
   if [ "$nodes" = "2" ]; then break; fi
   sleep 2
 done

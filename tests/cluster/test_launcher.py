@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,8 +154,8 @@ def _make_env(tmp_path: Path, **values: str) -> subprocess.CompletedProcess:
     """Run a copy of cluster/make-env.sh in tmp_path (it writes next to itself) with only `values` set."""
     script = tmp_path / "make-env.sh"
     script.write_text((REPO / "cluster" / "make-env.sh").read_text())
-    ray_bin = Path(shutil.which("ray") or sys.executable).parent  # where the `ray` CLI is installed
-    env = {"PATH": f"{ray_bin}:/usr/bin:/bin", "HOME": str(tmp_path), **values}
+    # No PATH assumption: the script finds `ray` next to the Python it is given.
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, **values}
     return subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
 
 

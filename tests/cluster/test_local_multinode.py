@@ -5,6 +5,7 @@ exactly that cluster."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.conftest import REPO
@@ -29,8 +30,11 @@ def _alive(pid: int) -> bool:
 def test_two_node_cluster_runs_workers_on_both_nodes(demo_soma, tmp_path):
     state = Path("/tmp") / f"scgpt-mn-{os.getpid()}"  # short: Ray socket paths have a length limit
     dash = _free_port()
+    # Only system directories on PATH: up.sh must find Ray through PYTHON, not PATH.
     env = {
         **os.environ,
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PYTHON": sys.executable,
         "STATE_DIR": str(state),
         "HEAD_PORT": str(_free_port()),
         "DASHBOARD_PORT": str(dash),

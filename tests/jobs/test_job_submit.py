@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY_CONFIG
+from tests.conftest import RAY_CLI, TINY_CONFIG, project_env
 
 
 def _free_port() -> int:
@@ -26,16 +26,15 @@ def ray_head():
     port, dash = _free_port(), _free_port()
     # Short: Ray's socket paths have a length limit.
     temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")
-    env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    env.pop("RAY_ADDRESS", None)
+    env = project_env(RAY_AUTH_MODE="token")
     subprocess.run(
-        ["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True
+        [RAY_CLI, "get-auth-token", "--generate"], env=env, capture_output=True, check=True
     )
     log_path = Path(temp) / "head.log"
     with open(log_path, "w") as log:
         head = subprocess.Popen(
             [
-                "ray",
+                RAY_CLI,
                 "start",
                 "--head",
                 "--block",
@@ -69,7 +68,7 @@ def ray_head():
         deadline = time.time() + 120
         while True:
             ok = subprocess.run(
-                ["ray", "job", "list", "--address", address], capture_output=True, env=env
+                [RAY_CLI, "job", "list", "--address", address], capture_output=True, env=env
             )
             if ok.returncode == 0:
                 break
@@ -94,7 +93,7 @@ def submit_pretrain(address: str, env: dict, overrides: list[str]) -> subprocess
 
     The job server can answer before the head's agent takes jobs: retry that one error for up to 2 minutes.
     """
-    cmd = ["ray", "job", "submit", "--address", address, "--", "python", "-m", "jobs.pretrain",
+    cmd = [RAY_CLI, "job", "submit", "--address", address, "--", "python", "-m", "jobs.pretrain",
            "--config", str(TINY_CONFIG), *overrides]  # fmt: skip
     deadline = time.time() + 120
     while True:

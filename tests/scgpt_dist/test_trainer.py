@@ -3,6 +3,8 @@ checkpoints, consolidation and the MLflow run."""
 
 import json
 import shutil
+import subprocess
+from importlib import metadata
 
 import numpy as np
 import pytest
@@ -17,8 +19,9 @@ from scgpt_dist.checkpoint import (
     validate_checkpoint,
 )
 from scgpt_dist.config import load_config
+from scgpt_dist.lineage import GIT_COMMIT_TAG, GIT_DIRTY_TAG
 from scgpt_dist.train_module import lr_lambda
-from tests.conftest import TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG
 
 
 def _history(pretrained, key):
@@ -85,6 +88,31 @@ def test_mlflow_run_contents(pretrained):
     assert version.run_id == run.info.run_id and str(version.version) == "1"
     assert version.tags["step"] == "12" and version.tags["soma_uri"].endswith("demo")
     assert pretrained["second"]["model_version"] == "1"
+
+
+def test_mlflow_lineage(pretrained):
+    """Which code and which cells made the run: git commit, package versions, a dataset input."""
+    client = MlflowClient(pretrained["second"]["tracking_uri"])
+    run = client.get_run(pretrained["second"]["run_id"])
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    if head.returncode == 0:  # a git checkout (CI's clone is one)
+        assert run.data.tags[GIT_COMMIT_TAG] == head.stdout.strip()
+        assert run.data.tags[GIT_DIRTY_TAG] in ("true", "false")
+    for name in ("torch", "ray", "deepspeed", "tiledbsoma", "cellxgene-census"):
+        assert run.data.tags[f"version.{name}"] == metadata.version(name)
+    (data_input,) = run.inputs.dataset_inputs  # logged once, not again by the resumed invocation
+    source = json.loads(data_input.dataset.source)
+    profile = json.loads(data_input.dataset.profile)
+    assert source["uri"].endswith("demo") and source["split"] == "train"
+    n_train = int(version_tags(client)["train_cells"])
+    assert profile["n_cells"] == n_train > 0
+    assert data_input.dataset.digest == version_tags(client)["train_cells_digest"]
+    assert {t.key: t.value for t in data_input.tags}["mlflow.data.context"] == "training"
+
+
+def version_tags(client) -> dict:
+    (version,) = client.search_model_versions("name='scgpt-tiny'")
+    return version.tags
 
 
 def test_sharded_checkpoint_layout_and_partial_detection(pretrained, tmp_path):
