@@ -1,6 +1,6 @@
 """Learning lab: one process, the project's tokenizer, model, masking, losses and evaluation, in-memory data.
 
-    python -m jobs.bench lab [--data census|exact] [--cells 20000] [--genes 2000] [recipe options] [--out f.json]
+    python -m jobs.bench lab [--data census|exact|splat] [--cells 20000] [--genes 2000] [recipe options] [--out f.json]
 
 For finding out *why* a recipe learns or not, cheaply and with nothing between the model and the data (no
 Ray, DeepSpeed or SOMA; `python -m jobs.bench learn` measures the real pipeline). Two data sets:
@@ -10,7 +10,9 @@ Ray, DeepSpeed or SOMA; `python -m jobs.bench learn` measures the real pipeline)
   every dataset holds every type;
 - `exact`: every cell expresses the same genes and each gene's count is a fixed function of the cell type,
   so a masked value is exactly predictable from the visible ones (the per-gene x type mean scores 0): a model
-  that uses context must get close to zero; the gene set says nothing about the type, only the values do.
+  that uses context must get close to zero; the gene set says nothing about the type, only the values do;
+- `splat`: an independent simulator (`data_ingest.splat`, the Splat model of Splatter), to check that a
+  recipe is not tuned to our own generator (`--synth` then takes SplatConfig fields).
 
 Every `--eval-every` steps it prints held-out GEP MSE (fixed masks) next to the per-gene, per-gene x batch and
 per-gene x type means, and the `<cls>` embedding's cosine kNN cell-type and batch accuracy and mean pairwise
@@ -76,7 +78,7 @@ def token_table(X: sp.csr_matrix, types, datasets, tok: TokenizerConfig) -> pa.T
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.bench lab", description=__doc__.split("\n")[0])
     add = p.add_argument
-    add("--data", choices=("census", "exact"), default="census")
+    add("--data", choices=("census", "exact", "splat"), default="census")
     add("--cells", type=int, default=20000)
     add("--genes", type=int, default=2000)
     add("--types", type=int, default=12)
@@ -85,6 +87,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--max-len", type=int, default=256)
     add("--select", choices=("random", "top"), default="top", help="tokenizer.gene_selection")
     add("--tie", choices=("random", "mid"), default="mid", help="tokenizer.tie_break")
+    add("--zeros", action="store_true", help="tokenizer.include_zero_genes")
     add("--style", default="category", help="model.input_emb_style")
     add("--init", default="small", help="model.init")
     add("--d", type=int, default=64)
@@ -125,9 +128,26 @@ def main(argv: list[str]) -> int:
             n_cell_types=a.types, types_per_tissue=a.types, seed=a.seed, **json.loads(a.synth),
         )  # fmt: skip
         X, types, datasets = sample_census(synth)
+    elif a.data == "splat":
+        from data_ingest.splat import SplatConfig, simulate
+
+        sim = simulate(
+            SplatConfig(
+                n_cells=a.cells, n_genes=a.genes, n_groups=a.types, n_batches=a.datasets,
+                seed=a.seed, **json.loads(a.synth),
+            )
+        )  # fmt: skip
+        X = sp.csr_matrix(sim.X)
+        types = sim.obs[keys.OBS_CELL_TYPE].astype("category").cat.codes.to_numpy()
+        datasets = sim.obs[keys.OBS_DATASET].astype("category").cat.codes.to_numpy()
     else:
         X, types, datasets = exact_cells(a.cells, a.genes, a.types, a.datasets, a.seed)
-    tok = TokenizerConfig(max_seq_len=a.max_len, gene_selection=a.select, tie_break=a.tie)
+    tok = TokenizerConfig(
+        max_seq_len=a.max_len,
+        gene_selection=a.select,
+        tie_break=a.tie,
+        include_zero_genes=a.zeros,
+    )
     table = token_table(X, types, datasets, tok)
     rng = np.random.default_rng(a.seed)
     perm = rng.permutation(table.num_rows)
