@@ -138,7 +138,7 @@ def test_deterministic_and_cli(screen, tmp_path):
     assert main(argv) == 0
     cli = ad.read_h5ad(out)
     assert cli.n_obs == screen.n_obs and (cli.X != screen.X).nnz == 0
-    with pytest.raises(SystemExit, match="exists"):
+    with pytest.raises(FileExistsError, match="exists; pass --overwrite"):  # exit 2 via run_main
         main(argv)
 
 
