@@ -23,7 +23,7 @@ from scgpt_dist.checkpoint import (
     write_manifest,
 )
 from scgpt_dist.config import ExperimentConfig, dump_config
-from scgpt_dist.storage import Store
+from scgpt_dist.storage import Store, upload_dir
 
 
 def git_sha() -> str | None:
@@ -93,10 +93,13 @@ class MlflowCallback:
 
 
 class CheckpointCallback:
-    """Every rank saves its DeepSpeed shard to a local temp dir; rank 0 adds config, vocab and meta; then
-    `ray.train.report` merges all ranks' files into `checkpoints/step_<N>` in the run's storage
-    (`storage`: `train.storage_path` or the output directory; a local path or an object-store URI,
-    uploaded by Ray Train through the same `pyarrow.fs` filesystem that `scgpt_dist.storage` reads)."""
+    """Every rank saves its DeepSpeed shard to a local temp dir (rank 0 adds config, vocab and meta) and
+    uploads it to `checkpoints/step_<N>` in the run's storage itself (`storage`: `train.storage_path` or the
+    output directory; a local path or an object-store URI, through `scgpt_dist.storage`).
+
+    Ray Train is told the metrics, never the checkpoint: our manifests are the one record of which
+    checkpoints exist and are complete. (Reporting them made Ray Train list every checkpoint in its run
+    snapshot; once our retention deleted one, a restarted driver refused to start.)"""
 
     def __init__(
         self,
@@ -123,14 +126,18 @@ class CheckpointCallback:
         """Write and report the checkpoint (a collective: every rank calls it at the same step); returns
         the committed checkpoint's path.
 
-        `ray.train.report` returns once this rank's own files are uploaded, not every rank's, and it
-        skips the report silently when a peer died at its barrier. So all ranks meet after it, and rank 0
-        checks the checkpoint is complete in storage before returning: only then may the caller commit
-        anything that depends on it (the MLflow metrics it covers). A rank killed mid-upload makes this
-        raise, the worker group restarts from the previous complete checkpoint, and those steps are
-        logged once, by the rerun."""
+        A directory left at this step by an interrupted attempt is removed first. Each rank uploads its
+        files, its manifest last (rank 0's meta.json just before it); all ranks meet, and rank 0 checks the
+        checkpoint is complete in storage before returning: only then may the caller commit anything that
+        depends on it (the MLflow metrics it covers). A rank killed mid-upload makes this raise, the worker
+        group restarts from the previous complete checkpoint, and those steps are logged once, by the
+        rerun."""
         nodes = _gather_node_ids()
         name = step_dir_name(state["step"])
+        target = self.storage / CHECKPOINTS_DIR / name
+        if self.rank == 0:
+            target.delete()
+        _barrier()
         tmp = tempfile.mkdtemp(prefix=f"scgpt-ckpt-r{self.rank}-")
         try:
             module.save(tmp, client_state={"train_state": dict(state)})
@@ -152,18 +159,15 @@ class CheckpointCallback:
                 }
                 # meta.json is the completion marker: written last, after the shards.
                 write_text_atomic(Path(tmp) / keys.META_FILE, json.dumps(meta, indent=1))
-            write_manifest(tmp, self.rank)  # last: marks this rank's files complete
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=name,
-            )
+            manifest = write_manifest(tmp, self.rank)  # marks this rank's files complete
+            upload_dir(tmp, target, last=(keys.META_FILE, manifest.name))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
         if self.rank == 0:  # raises CheckpointError if a rank's files are missing
-            validate_checkpoint(self.storage / CHECKPOINTS_DIR / name, verify_checksums=False)
-        return f"{self.storage.uri.rstrip('/')}/{CHECKPOINTS_DIR}/{name}"
+            validate_checkpoint(target, verify_checksums=False)
+        ray.train.report({"step": state["step"], **metrics})
+        return target.uri
 
 
 def _barrier() -> None:

@@ -183,7 +183,10 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (ranks)."""
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 0.5
+    """Logical CPUs each worker reserves (its torch threads are `torch_threads`). With the read tasks'
+    `data.stream.read_task_cpus` the defaults fit a 2-CPU Ray node: 2 x 0.5 + 2 x 0.5. GPU presets set more
+    (e.g. 8 per GPU worker) so the rest of a node feeds Ray Data."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage (1, 2 or 3)."""
     micro_batch_size: int = 16
@@ -218,6 +221,12 @@ class TrainConfig:
     seed: int = 0
     torch_threads: int = 1
     """Intra-op threads per worker (CPU)."""
+    stop_poll_s: float = 2.0
+    """Seconds between checks for a stop request (SIGTERM to the job, a draining node); when one comes the
+    workers checkpoint after the current step and the job exits with 75 (`scgpt_dist.preemption`)."""
+    stall_timeout_s: float = 1800.0
+    """A worker that makes no progress (no batch, no finished step, checkpoint or evaluation) for this long
+    says what it is stuck in and exits (code 76), so the run fails or restarts instead of hanging; 0 = off."""
     stop_after_steps: int | None = None
     """Stop this invocation after reaching this step (testing / pre-emption); None runs to max_steps."""
     global_batch_size: int | None = None
@@ -307,6 +316,11 @@ class RayConfig:
     """Ray cluster address; None uses $RAY_ADDRESS (as under `ray job submit`) or starts a local one."""
     num_cpus: int | None = None
     """Logical CPUs of a local cluster; None = cores + workers, so read tasks never starve."""
+    resource_check: str = "auto"
+    """Before training, compare what the run needs (workers x `train.cpus_per_worker` + one read task of
+    `data.stream.read_task_cpus`; GPUs) with the cluster's resources: `error` stops with one line giving the
+    numbers and the knobs, `warn` logs that line and goes on (an autoscaler may still add nodes), `off`
+    skips it. `auto`: `error` on a local instance, `warn` on a cluster you connect to."""
 
 
 @dataclass

@@ -136,6 +136,26 @@ class Store:
         return dest
 
 
+def upload_dir(src: str | os.PathLike, dest: Store, last: tuple[str, ...] = ()) -> None:
+    """Copy every file below the local directory `src` to `dest`, the names in `last` after all others
+    (completion markers: a reader that sees them sees every other file). Each file is one object on an
+    object store (a single PUT when small), so a reader never sees a partial file."""
+    src = Path(src)
+    files = sorted(p for p in src.rglob("*") if p.is_file())
+    files.sort(key=lambda p: p.name in last)
+    dest.fs.create_dir(dest.path, recursive=True)
+    for path in files:
+        rel = path.relative_to(src).as_posix()
+        if "/" in rel:
+            dest.fs.create_dir(dest._key(rel.rsplit("/", 1)[0]), recursive=True)
+        pafs.copy_files(
+            str(path),
+            dest._key(rel),
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=dest.fs,
+        )
+
+
 def resolve(location: str | os.PathLike | Store) -> Store:
     """Open a local path or an object-store URI as a `Store` (a `Store` is returned as is).
 

@@ -38,18 +38,24 @@ from scgpt_dist.callbacks import (
 )
 from scgpt_dist.checkpoint import (
     CHECKPOINTS_DIR,
-    CheckpointError,
     consolidate,
     find_latest_checkpoint,
     open_checkpoint,
     prune_checkpoints,
     read_meta,
     read_vocab,
-    validate_checkpoint,
 )
 from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
 from scgpt_dist.lineage import joinid_digest, log_lineage
+from scgpt_dist.preemption import (
+    SigtermRelay,
+    StallWatchdog,
+    StopFlag,
+    StopWatcher,
+    clear_stall_reports,
+    stall_reports,
+)
 from scgpt_dist.storage import Store
 from scgpt_dist.storage import resolve as resolve_storage
 from scgpt_dist.tracking import start_or_resume_run, tracking_uri
@@ -154,7 +160,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> None:
-    """The step loop: data -> micro-steps -> counters, logging and checkpoints."""
+    """The step loop, watched for stalls (`train.stall_timeout_s`)."""
+    watchdog = StallWatchdog(cfg.train.stall_timeout_s, rank, str(Path(cfg.output_dir) / "workers"))
+    watchdog.start()
+    try:
+        _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchdog)
+    finally:
+        watchdog.stop()
+
+
+def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchdog) -> None:
+    """data -> micro-steps -> counters, logging and checkpoints; stops early on a stop request."""
     storage: Store = loop_config["storage"]
     ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"], storage)
     stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
@@ -164,10 +180,12 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
     progress = (
         ProgressCallback(stop_at, state.step, cfg.train.progress_every_s) if rank == 0 else None
     )
+    stopper = StopWatcher(loop_config.get("stop_flag"), rank, cfg.train.stop_poll_s)
     eval_cb = None
     if loop_config.get("eval_set") is not None:
         eval_cb = EvalCallback(cfg, loop_config["eval_set"], rank, world, vocab.pad_id)
         if state.step == 0:  # the model at initialisation: what training has to beat
+            watchdog.beat("eval", state.step)
             eval_cb.run(module.engine.module, 0, mlflow_cb)
 
     while state.step < stop_at:
@@ -186,9 +204,11 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
             cfg=cfg.data.stream,
             stats=stats,
         )
+        watchdog.beat("data", state.step)
         t_wait = time.perf_counter()
         for table in batches:
             win.wait += time.perf_counter() - t_wait
+            watchdog.beat("step", state.step)
             if table.num_rows == 0:  # every cell skipped: a no-op step keeps the ranks in lockstep
                 table = _cls_only_table(vocab.cls_id)
             # The mask seed is the data position, so a resumed run masks exactly as an uninterrupted one.
@@ -205,19 +225,24 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
                 win.parts[k] = win.parts.get(k, 0.0) + v
             if out.boundary:
                 state.step += 1
-                save = ckpt_cb.due(state.step) or state.step == stop_at
-                if eval_cb is not None and eval_cb.due(state.step, stop_at):
+                preempted = stopper.should_stop()  # a collective: every rank, every step
+                save = ckpt_cb.due(state.step) or state.step == stop_at or preempted
+                if preempted and rank == 0:
+                    log.warning("stopping after step %d (%s)", state.step, stopper.reason)
+                if eval_cb is not None and not preempted and eval_cb.due(state.step, stop_at):
+                    watchdog.beat("eval", state.step)
                     eval_cb.run(module.engine.module, state.step, mlflow_cb)
                 if save or state.step % cfg.train.log_every == 0:
                     window_loss = _flush_window(cfg, state, win, module, mlflow_cb, world, progress)
                     stats.skipped_cells = 0
                     win = _Window()
                 if save:
+                    watchdog.beat("checkpoint", state.step)
                     pending = mlflow_cb.pending() if mlflow_cb is not None else []
                     path = ckpt_cb.save(
                         module,
                         state.state_dict(),
-                        {"step": state.step, "loss": window_loss},
+                        {"step": state.step, "loss": window_loss, "preempted": int(preempted)},
                         pending,
                     )
                     if rank == 0:
@@ -227,8 +252,9 @@ def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> No
                             cfg.train.keep_checkpoints,
                             cfg.train.keep_best_checkpoint,
                         )
-                if state.step >= stop_at:
+                if state.step >= stop_at or preempted:
                     break
+            watchdog.beat("data", state.step)
             t_wait = time.perf_counter()
         else:
             state.epoch += 1
@@ -247,23 +273,11 @@ def _cls_only_table(cls_id: int) -> pa.Table:
 
 @contextlib.contextmanager
 def _resume_dir(storage: Store):
-    """The checkpoint to resume from, as a local directory: the newer of Ray Train's latest reported
-    checkpoint (after a worker failure, or restored from the run's storage) and the newest complete one in
-    the storage. A checkpoint can be complete in storage before Ray's controller has registered it (a
-    worker died in between); resuming from it avoids redoing, and double-logging, steps that were already
-    committed. A checkpoint on an object store is downloaded to a temporary directory for the block."""
+    """The newest complete checkpoint in the storage (by our manifests: the only record of checkpoints;
+    Ray Train is never told about them), as a local directory, or None. An incomplete or corrupt newest one
+    is skipped for the previous complete one. A checkpoint on an object store is downloaded to a temporary
+    directory for the block."""
     on_disk = find_latest_checkpoint(storage)
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            try:
-                ray_step = validate_checkpoint(d)["step"]
-            except CheckpointError as err:
-                log.warning("Ray's latest checkpoint is unusable (%s); using %s", err, on_disk)
-                ray_step = -1
-            if ray_step >= 0 and (on_disk is None or read_meta(on_disk)["step"] <= ray_step):
-                yield d
-                return
     if on_disk is None:
         yield None
         return
@@ -320,16 +334,18 @@ def _flush_window(
 # ------------------------------------------------------------------------------------------------ driver
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Connect to the configured cluster, to $RAY_ADDRESS (set by `ray job submit`), or start a local one."""
+def init_ray(cfg: ExperimentConfig) -> bool:
+    """Connect to the configured cluster, to $RAY_ADDRESS (set by `ray job submit`), or start a local one.
+    Returns whether the cluster is one this process connected to (not a local instance it started)."""
     if ray.is_initialized():
-        return
+        return True
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return True
     num_cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + cfg.train.num_workers
     start_local_ray(num_cpus)
+    return False
 
 
 def start_local_ray(num_cpus: int) -> None:
@@ -348,6 +364,44 @@ def start_local_ray(num_cpus: int) -> None:
         log_to_driver=True,
         _node_ip_address="127.0.0.1",  # a local cluster stays on loopback
     )
+
+
+def check_cluster_resources(cfg: ExperimentConfig, local: bool) -> str | None:
+    """What the run needs against what the cluster has (`ray.resource_check`); returns the problem or None.
+
+    Training workers hold their CPUs for the whole run and each rank's stream needs read tasks beside them:
+    with no CPU left for one read task the run waits forever (Ray logs "cluster resources are not enough"
+    and nothing fails)."""
+    mode = cfg.ray.resource_check
+    if mode == "auto":
+        mode = "error" if local else "warn"
+    if mode == "ignore":
+        return None
+    if mode not in ("error", "warn"):
+        raise ValueError(f"ray.resource_check={mode!r}; use auto, error, warn or ignore")
+    have = ray.cluster_resources()
+    w, per_worker = cfg.train.num_workers, cfg.train.cpus_per_worker
+    read = cfg.data.stream.read_task_cpus
+    need_cpu = w * per_worker + read
+    problem = None
+    if cfg.train.use_gpu and have.get("GPU", 0.0) < w:
+        problem = (
+            f"the cluster has {have.get('GPU', 0.0):g} GPUs and training needs {w} "
+            f"(train.num_workers={w}); lower train.num_workers or add GPU nodes"
+        )
+    elif have.get("CPU", 0.0) < need_cpu:
+        problem = (
+            f"the cluster has {have.get('CPU', 0.0):g} CPUs and training needs {need_cpu:g}: "
+            f"{w} workers x {per_worker:g} (train.num_workers x train.cpus_per_worker) + {read:g} for a "
+            f"read task (data.stream.read_task_cpus); lower those (e.g. train.cpus_per_worker="
+            f"{max(0.25, (have.get('CPU', 0.0) - read) / max(w, 1)):.2g}) or add nodes, else the run "
+            "waits forever for its data"
+        )
+    if problem and mode == "error":
+        raise ValueError(problem)
+    if problem:
+        log.warning("%s (ray.resource_check=warn: going on, an autoscaler may add nodes)", problem)
+    return problem
 
 
 def resolve_vocab(
@@ -427,7 +481,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
 
         eval_set = prepare_eval_set(cfg, source, vocab, cfg.train.num_workers)
 
-    init_ray(cfg)
+    connected = init_ray(cfg)
+    check_cluster_resources(cfg, local=not connected)
     uri = tracking_uri(cfg.mlflow.tracking_uri, out)
     run_id = start_or_resume_run(uri, cfg.mlflow.experiment, cfg.name, out)
     from mlflow.tracking import MlflowClient
@@ -441,6 +496,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
     else:
         client.set_tag(run_id, "resumed_from", str(resume_from))
 
+    stop_flag = StopFlag.remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -452,6 +508,7 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             "resolved": resolved,
             "storage": storage,
             "eval_set": eval_set,
+            "stop_flag": stop_flag,
         },
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -464,16 +521,21 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             storage_path=storage.path,
             storage_filesystem=None if storage.is_local else storage.fs,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            # Retention is ours (rank 0 prunes after each commit, see prune_checkpoints): Ray does not know
-            # checkpoints that completed on disk just before a failure.
+            # Checkpoints are ours alone (written, listed, pruned: scgpt_dist.checkpoint); Ray Train only
+            # gets metrics, so its run snapshot never names a checkpoint that retention has deleted.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
     t0 = time.perf_counter()
+    clear_stall_reports(out / "workers")
     try:
-        result = trainer.fit()
-    except Exception:
+        with SigtermRelay(stop_flag) as relay:
+            result = trainer.fit()
+    except Exception as err:
         client.set_terminated(run_id, status="FAILED")
+        stalled = stall_reports(out / "workers")
+        if stalled:  # say what was stuck, not only that a worker died
+            raise RuntimeError(stalled[0]) from err
         raise
     wall = time.perf_counter() - t0
     latest = find_latest_checkpoint(storage)
@@ -493,6 +555,12 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         "result_metrics": result.metrics,
     }
     client.set_tag(run_id, "checkpoint", str(latest))
+    preempted = bool((result.metrics or {}).get("preempted")) or relay.requested.is_set()
+    if preempted and meta["step"] < cfg.train.max_steps:
+        summary["preempted"] = True
+        client.set_tag(run_id, "preempted_at_step", str(meta["step"]))
+        client.set_terminated(run_id, status="KILLED")
+        return summary
     if meta["step"] >= cfg.train.max_steps:
         model_dir = consolidate(latest, out / "model")
         client.log_artifacts(run_id, str(model_dir), "model")

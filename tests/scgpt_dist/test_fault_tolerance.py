@@ -74,3 +74,129 @@ def test_worker_killed_mid_run_resumes(demo_soma, tmp_path):
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert steps == list(range(2, 41, 2))  # each step once: no duplicate, no gap across the restart
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_driver_restart_after_retention_deleted_checkpoints(ray_local, tiny_overrides, tmp_path):
+    """Issue 19's repro: retention deletes checkpoints, then the same command with a larger max_steps (a
+    driver restart) must resume from the newest complete checkpoint instead of refusing to start."""
+    from scgpt_dist.config import load_config
+    from scgpt_dist.trainer import run_pretraining
+
+    common = tiny_overrides + [
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+        "train.keep_best_checkpoint=false",
+    ]
+    first = run_pretraining(load_config(TINY_CONFIG, common + ["train.max_steps=8"]))
+    out = tmp_path / "run"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [
+        "step_00000006",
+        "step_00000008",
+    ]  # steps 2 and 4 were deleted by retention
+    second = run_pretraining(load_config(TINY_CONFIG, common + ["train.max_steps=12"]))
+    assert second["step"] == 12 and second["run_id"] == first["run_id"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [
+        "step_00000010",
+        "step_00000012",
+    ]
+    client = MlflowClient(second["tracking_uri"])
+    steps = [m.step for m in client.get_metric_history(second["run_id"], "loss")]
+    assert sorted(steps) == list(range(2, 13, 2))  # each step once across the restart
+
+
+def test_resource_check_names_the_numbers_and_the_knobs(ray_local, tiny_overrides):
+    """A cluster too small for the workers plus a read task stops with one line instead of waiting forever."""
+    import pytest
+
+    from scgpt_dist.config import load_config
+    from scgpt_dist.trainer import check_cluster_resources
+
+    fits = load_config(
+        TINY_CONFIG, tiny_overrides
+    )  # 2 x 1 CPU + 1 read task on the session's 4 CPUs
+    assert check_cluster_resources(fits, local=True) is None
+    big = tiny_overrides + ["train.num_workers=8"]  # 8 x 0.5 + 0.5 > 4
+    with pytest.raises(ValueError) as err:
+        check_cluster_resources(load_config(TINY_CONFIG, big), local=True)
+    message = str(err.value)
+    assert "has 4 CPUs and training needs 4.5" in message
+    for knob in ("train.num_workers", "train.cpus_per_worker", "data.stream.read_task_cpus"):
+        assert knob in message
+    # On a cluster we connected to, an autoscaler may add nodes: a warning, and the run goes on.
+    assert "needs 4.5" in check_cluster_resources(load_config(TINY_CONFIG, big), local=False)
+    off = load_config(TINY_CONFIG, big + ["ray.resource_check=ignore"])
+    assert check_cluster_resources(off, local=True) is None
+
+
+def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
+    """Preemption: SIGTERM to the job's entry point makes the workers checkpoint after the current step and
+    the job exit with 75; the same command again continues to the end with every step logged once."""
+    from scgpt_dist.checkpoint import find_latest_checkpoint, read_meta
+    from scgpt_dist.preemption import EXIT_PREEMPTED
+
+    out = tmp_path / "run"
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        sys.executable, "-m", "jobs.pretrain", "--config", str(TINY_CONFIG),
+        f"output_dir={out}", f"data.source.soma_uri={demo_soma}", "data.build_demo=false",
+        f"mlflow.tracking_uri={db}", "train.max_steps=400", "train.checkpoint_every=20",
+        "train.stop_poll_s=0.5", "ray.num_cpus=4",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while find_latest_checkpoint(out) is None:
+            assert proc.poll() is None, proc.stdout.read()[-5000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == EXIT_PREEMPTED, output[-5000:]
+    stopped = read_meta(find_latest_checkpoint(out))["step"]
+    assert 20 <= stopped < 400, output[-3000:]
+    assert not (out / "model").exists()  # not finished: nothing consolidated
+    client = MlflowClient(db)
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(run_id).data.tags["preempted_at_step"] == str(stopped)
+
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert read_meta(find_latest_checkpoint(out))["step"] == 400
+    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+    assert len(steps) == len(set(steps))  # each step once
+    # Every log point, none lost at the stop (which flushes its window even at an odd step).
+    assert set(range(2, 401, 2)) <= set(steps) <= set(range(2, 401, 2)) | {stopped}
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_stall_watchdog_names_the_data_stream(ray_local, tiny_overrides, tmp_path):
+    """Read tasks that can never get their CPUs (the README's hang on a small cluster, with the resource
+    check off): instead of waiting forever, the workers stop after train.stall_timeout_s and the run fails
+    with one line that says the data stream is what is stuck."""
+    import pytest
+
+    from scgpt_dist.config import load_config
+    from scgpt_dist.trainer import run_pretraining
+
+    cfg = load_config(
+        TINY_CONFIG,
+        tiny_overrides
+        + [
+            "data.stream.read_task_cpus=3.5",  # 4 CPUs, the 2 workers hold 1: no read task ever runs
+            "ray.resource_check=ignore",
+            "train.stall_timeout_s=15",
+            "eval.every=0",
+        ],
+    )
+    t0 = time.time()
+    with pytest.raises(RuntimeError, match="waiting for the next batch from the data stream"):
+        run_pretraining(cfg)
+    assert time.time() - t0 < 240
