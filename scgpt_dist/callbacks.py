@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,21 +22,8 @@ from scgpt_dist.checkpoint import (
     write_manifest,
 )
 from scgpt_dist.config import ExperimentConfig, dump_config
+from scgpt_dist.lineage import git_info
 from scgpt_dist.storage import Store, upload_dir
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 class MlflowCallback:
@@ -154,7 +140,7 @@ class CheckpointCallback:
                     "vocab_fingerprint": self.vocab.fingerprint(),
                     "pending_metrics": pending_metrics or [],
                     "package_version": __version__,
-                    "git_sha": git_sha(),
+                    "git_sha": git_info().get("commit"),
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
                 # meta.json is the completion marker: written last, after the shards.
