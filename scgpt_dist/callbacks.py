@@ -102,6 +102,7 @@ class CheckpointCallback:
         self.rank = rank
         self.world_size = world_size
         self.data_info = data_info
+        self.git_commit = git_info().get("commit")  # once, not a `git` call per checkpoint
 
     def due(self, step: int) -> bool:
         return step % self.cfg.train.checkpoint_every == 0
@@ -140,7 +141,7 @@ class CheckpointCallback:
                     "vocab_fingerprint": self.vocab.fingerprint(),
                     "pending_metrics": pending_metrics or [],
                     "package_version": __version__,
-                    "git_sha": git_info().get("commit"),
+                    "git_sha": self.git_commit,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 }
                 # meta.json is the completion marker: written last, after the shards.

@@ -73,7 +73,7 @@ def joinid_digest(joinids: np.ndarray) -> str:
     return hashlib.sha256(ids.tobytes()).hexdigest()[:16]
 
 
-def dataset_entity(source_cfg, joinids: np.ndarray, n_genes: int, split: str = "train"):
+def dataset_entity(source_cfg, digest: str, n_cells: int, n_genes: int, split: str = "train"):
     """The MLflow `Dataset` of a run's cells: its source (URI, census version, layer, filters) and profile."""
     from mlflow.entities import Dataset
 
@@ -94,14 +94,14 @@ def dataset_entity(source_cfg, joinids: np.ndarray, n_genes: int, split: str = "
     name = source_cfg.census_version and f"census-{source_cfg.census_version}"
     return Dataset(
         name=f"{name or Path(str(source_cfg.soma_uri).rstrip('/')).name}:{split}",
-        digest=joinid_digest(joinids),
+        digest=digest,
         source_type="soma",
         source=json.dumps(source, sort_keys=True),
-        profile=json.dumps({"n_cells": int(len(joinids)), "n_genes": int(n_genes)}),
+        profile=json.dumps({"n_cells": int(n_cells), "n_genes": int(n_genes)}),
     )
 
 
-def log_lineage(client, run_id: str, source_cfg, joinids: np.ndarray, n_genes: int) -> None:
+def log_lineage(client, run_id: str, source_cfg, digest: str, n_cells: int, n_genes: int) -> None:
     """Tag the run with its code and log its training cells as a dataset input."""
     from mlflow.entities import DatasetInput, InputTag, RunTag
 
@@ -111,7 +111,7 @@ def log_lineage(client, run_id: str, source_cfg, joinids: np.ndarray, n_genes: i
         tags[GIT_COMMIT_TAG] = git["commit"]
         tags[GIT_DIRTY_TAG] = git["dirty"]
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    dataset = dataset_entity(source_cfg, joinids, n_genes)
+    dataset = dataset_entity(source_cfg, digest, n_cells, n_genes)
     client.log_inputs(
         run_id,
         datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", DATASET_CONTEXT)])],

@@ -14,9 +14,12 @@ step, so they all stop after the same step.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
 
 import ray
 import torch
@@ -173,10 +176,6 @@ class StallWatchdog:
         self.phase, self.step, self._beat = phase, step, time.monotonic()
 
     def _watch(self) -> None:
-        import os
-        import sys
-        from pathlib import Path
-
         while not self._stop.wait(min(10.0, self.timeout_s / 4)):
             idle = time.monotonic() - self._beat
             if idle < self.timeout_s:
@@ -195,13 +194,9 @@ class StallWatchdog:
 
 def stall_reports(report_dir) -> list[str]:
     """The watchdog's messages left by the ranks of the last attempt (read by the driver after a failure)."""
-    from pathlib import Path
-
     return [p.read_text().strip() for p in sorted(Path(report_dir).glob("stall_rank_*.txt"))]
 
 
 def clear_stall_reports(report_dir) -> None:
-    from pathlib import Path
-
     for p in Path(report_dir).glob("stall_rank_*.txt"):
         p.unlink(missing_ok=True)

@@ -141,8 +141,11 @@ def upload_dir(src: str | os.PathLike, dest: Store, last: tuple[str, ...] = ()) 
     (completion markers: a reader that sees them sees every other file). Each file is one object on an
     object store (a single PUT when small), so a reader never sees a partial file."""
     src = Path(src)
-    files = sorted(p for p in src.rglob("*") if p.is_file())
-    files.sort(key=lambda p: p.name in last)
+    # Every other file first (rank 0), then the names in `last`, in their order.
+    order = {name: i + 1 for i, name in enumerate(last)}
+    files = sorted(
+        (p for p in src.rglob("*") if p.is_file()), key=lambda p: (order.get(p.name, 0), p)
+    )
     dest.fs.create_dir(dest.path, recursive=True)
     for path in files:
         rel = path.relative_to(src).as_posix()

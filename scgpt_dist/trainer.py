@@ -492,7 +492,14 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         params = flatten(to_dict(cfg))
         client.log_batch(run_id, params=[_param(k, v) for k, v in params.items()])
         client.log_text(run_id, dump_config(cfg), "config.yaml")
-        log_lineage(client, run_id, cfg.data.source, resolved.joinids, len(vocab))
+        log_lineage(
+            client,
+            run_id,
+            cfg.data.source,
+            data_info["joinid_digest"],
+            data_info["n_train_cells"],
+            len(vocab),
+        )
     else:
         client.set_tag(run_id, "resumed_from", str(resume_from))
 
