@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -25,6 +26,8 @@ from scgpt_dist.config import ExperimentConfig, dump_config
 from scgpt_dist.lineage import git_info
 from scgpt_dist.storage import Store, upload_dir
 
+log = logging.getLogger(__name__)
+
 
 class MlflowCallback:
     """Logs the job's metrics to its MLflow run. Constructed on rank 0 only; other ranks never write.
@@ -34,14 +37,36 @@ class MlflowCallback:
     checkpoint, first writes whatever of its stored metrics MLflow does not have yet (the process may have
     died between the checkpoint and the MLflow write), then recomputes the later steps. So the MLflow curve
     has each step exactly once, with no gap.
+
+    An unreachable tracking server never stops training: a write that fails keeps its metrics (and tags)
+    buffered, logs one warning for the outage, and they are written by the first commit after the server
+    is back (one more line says so). Until then each checkpoint carries them in meta.json, so a resume
+    replays them too. Each HTTP request gets `http_retries` quick retries and a `http_timeout_s` timeout
+    (MLflow's own defaults retry for minutes, which would stall every rank at the next collective).
     """
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    def __init__(
+        self,
+        tracking_uri: str,
+        run_id: str,
+        http_retries: int | None = 2,
+        http_timeout_s: int = 10,
+    ):
         from mlflow.tracking import MlflowClient
 
+        if http_retries is not None:  # None (the driver): MLflow's own patient defaults
+            # Read by MLflow at each request; in a training worker rank 0 is MLflow's only user.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(http_retries))
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(http_timeout_s))
         self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
         self.run_id = run_id
         self._pending: list = []
+        self._tags: dict[str, str] = {}
+        self._replay_rows: list[list] = []
+        self._down_since: float | None = None
+        """When a write first failed in the current outage (None: the last write succeeded)."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -52,30 +77,63 @@ class MlflowCallback:
         ]
 
     def pending(self) -> list[list]:
-        """Buffered metrics as JSON-able rows `[key, value, timestamp_ms, step]`."""
-        return [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
+        """Buffered metrics as JSON-able rows `[key, value, timestamp_ms, step]` (rows a replay could not
+        write yet first)."""
+        return self._replay_rows + [[m.key, m.value, m.timestamp, m.step] for m in self._pending]
 
     def replay(self, rows: list[list]) -> None:
-        """Write the stored rows whose step MLflow has not seen yet (after a resume)."""
-        from mlflow.entities import Metric
+        """Write the stored rows whose step MLflow has not seen yet (after a resume). When the server is
+        unreachable they are kept and replayed by the next commit."""
+        self._replay_rows = list(rows)
+        self._write()
 
-        if not rows:
-            return
-        logged = self.client.get_metric_history(self.run_id, "loss")
-        last = max((m.step for m in logged), default=-1)
-        missing = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows if int(s) > last]
-        for i in range(0, len(missing), 900):
-            self.client.log_batch(self.run_id, metrics=missing[i : i + 900])
+    def commit(self, tags: dict[str, str] | None = None) -> bool:
+        """Write buffered metrics (and tags): their steps are now covered by a committed checkpoint.
+        Returns False (and keeps them buffered) when the tracking server cannot be reached."""
+        self._tags.update({k: str(v) for k, v in (tags or {}).items()})
+        return self._write()
 
-    def commit(self, tags: dict[str, str] | None = None) -> None:
-        """Write buffered metrics (and tags): their steps are now covered by a committed checkpoint."""
-        from mlflow.entities import RunTag
+    def _write(self) -> bool:
+        from mlflow.entities import Metric, RunTag
 
-        for i in range(0, len(self._pending), 900):  # MLflow caps a batch at 1000 entries
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + 900])
-        self._pending = []
-        if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        try:
+            if self._replay_rows:
+                logged = self.client.get_metric_history(self.run_id, "loss")
+                last = max((m.step for m in logged), default=-1)
+                rows = [r for r in self._replay_rows if int(r[3]) > last]
+                missing = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows]
+                while missing:
+                    self.client.log_batch(self.run_id, metrics=missing[:900])
+                    missing = missing[900:]
+                self._replay_rows = []
+            while (
+                self._pending
+            ):  # MLflow caps a batch at 1000 entries; drop each chunk once written
+                self.client.log_batch(self.run_id, metrics=self._pending[:900])
+                self._pending = self._pending[900:]
+            if self._tags:
+                self.client.log_batch(
+                    self.run_id, tags=[RunTag(k, v) for k, v in self._tags.items()]
+                )
+                self._tags = {}
+        except Exception as exc:  # any failure to reach the server; training goes on
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning(
+                    "MLflow at %s is not reachable (%s: %s); training goes on and its metrics are "
+                    "kept (also in each checkpoint) until the server is back",
+                    self.tracking_uri,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0][:200] if str(exc) else "",
+                )
+            return False
+        if self._down_since is not None:
+            log.warning(
+                "MLflow is reachable again after %.0f s; the buffered metrics are written",
+                time.monotonic() - self._down_since,
+            )
+            self._down_since = None
+        return True
 
 
 class CheckpointCallback:

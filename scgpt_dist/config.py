@@ -131,6 +131,10 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={value!r}; choose one of {choices}")
 
 
+CCE_VIEWS = ("dropout", "split")
+"""`objectives.cce_view` choices."""
+
+
 @dataclass
 class ObjectiveConfig:
     """Pretraining objectives and their weights (0 disables one)."""
@@ -152,6 +156,15 @@ class ObjectiveConfig:
     """Bernoulli NLL of GEP's zero-probability head (needs model.explicit_zero_prob)."""
     gepc_zero: float = 0.0
     """Bernoulli NLL of GEPC's zero-probability head (needs model.explicit_zero_prob)."""
+    gepc_hidden: float = 0.0
+    """GEPC on genes the cell embedding never saw (needs model.do_mvc): a second pass encodes only the
+    cell's unmasked genes, and GEPC predicts from its `<cls>` the values of the masked genes (which that
+    pass does not see at all, not even their identities) and of genes outside the cell's input (value 0).
+    The embedding must then carry which genes the cell expresses: its type and state, also where types
+    differ by many small shifts that no single masked value shows (docs/learning.md section 4)."""
+    gepc_hidden_negatives: float = 1.0
+    """Genes outside a cell's input queried by `gepc_hidden`, per masked gene (drawn uniformly from the
+    vocabulary's genes)."""
     ecs: float = 0.0
     """Elastic cell similarity (pushes cosine similarities of different cells below the threshold)."""
     ecs_threshold: float = 0.3
@@ -164,8 +177,18 @@ class ObjectiveConfig:
     """Contrastive cell embedding: two dropout views of each cell (needs dropout > 0)."""
     cce_temp: float = 0.5
     """CCE cosine-similarity temperature (reference value)."""
+    cce_view: str = "dropout"
+    """How CCE makes a cell's two views. `dropout` (SimCSE, as the reference): the same input twice with
+    different dropout. `split`: two disjoint halves of the cell's genes, the GEP-masked genes and the others,
+    each with its true values; the two embeddings can only agree through what the gene sets share (cell type,
+    state, batch), not through the identity of the input. Costs the same as `dropout` (one extra pass over
+    the tokens)."""
 
     def __post_init__(self) -> None:
+        if self.cce_view not in CCE_VIEWS:
+            raise ValueError(
+                f"objectives.cce_view={self.cce_view!r} is not one of {', '.join(CCE_VIEWS)}"
+            )
         if self.gen_cell_prompt and not self.generative:
             raise ValueError(
                 "objectives.gen_cell_prompt > 0 needs objectives.generative=true (the generative mask); "
@@ -319,7 +342,7 @@ class RayConfig:
     resource_check: str = "auto"
     """Before training, compare what the run needs (workers x `train.cpus_per_worker` + one read task of
     `data.stream.read_task_cpus`; GPUs) with the cluster's resources: `error` stops with one line giving the
-    numbers and the knobs, `warn` logs that line and goes on (an autoscaler may still add nodes), `off`
+    numbers and the knobs, `warn` logs that line and goes on (an autoscaler may still add nodes), `ignore`
     skips it. `auto`: `error` on a local instance, `warn` on a cluster you connect to."""
 
 
@@ -402,6 +425,7 @@ class ExperimentConfig:
             raise ValueError(f"train.precision={self.train.precision!r}; choose fp32, bf16 or fp16")
         needs = {
             "gepc": ("do_mvc", self.model.do_mvc),
+            "gepc_hidden": ("do_mvc", self.model.do_mvc),
             "gep_zero": ("explicit_zero_prob", self.model.explicit_zero_prob),
             "gepc_zero": (
                 "explicit_zero_prob",

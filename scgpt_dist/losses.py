@@ -59,6 +59,12 @@ def gepc_zero_loss(
     return masked_bernoulli_nll(out["gepc_zero_prob"], target, mask)
 
 
+def gepc_hidden_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """GEPC-hidden: masked MSE of the values of genes the cell embedding never saw (`gepc_query`,
+    `gepc_query_target`, `gepc_query_mask`, all (B, Q); see train_module.hidden_queries)."""
+    return masked_mse(out["gepc_query"], out["gepc_query_target"], out["gepc_query_mask"])
+
+
 def cell_prompt_loss(
     out: dict[str, torch.Tensor], target: torch.Tensor, gen_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -95,7 +101,9 @@ def cls_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(cls_logits, labels, ignore_index=-1)
 
 
-OBJECTIVES = ("gep", "gepc", "gep_zero", "gepc_zero", "gen_cell_prompt", "ecs", "cce", "dar", "cls")
+OBJECTIVES = (
+    "gep", "gepc", "gep_zero", "gepc_zero", "gepc_hidden", "gen_cell_prompt", "ecs", "cce", "dar", "cls",
+)  # fmt: skip
 """Objective names; each is a weight in `ObjectiveConfig`."""
 
 
@@ -125,6 +133,13 @@ def total_loss(
                 name, gepc_zero_loss
             )
             value = fn(out, target, mask)
+        elif name == "gepc_hidden":
+            if "gepc_query" not in out:
+                raise ValueError(
+                    "objectives.gepc_hidden needs the hidden-gene queries (out['gepc_query']); "
+                    "see train_module.compute_loss"
+                )
+            value = gepc_hidden_loss(out)
         elif name == "gen_cell_prompt":
             if "cell_prompt_gep" not in out or cell_prompt_mask is None:
                 raise ValueError(
@@ -135,9 +150,15 @@ def total_loss(
         elif name == "ecs":
             value = ecs_loss(out["cell_emb"], cfg.ecs_threshold)
         elif name == "cce":
-            if "cell_emb2" not in out:
-                raise ValueError("objectives.cce needs the model run with cce=True")
-            value = cce_loss(out["cell_emb"], out["cell_emb2"], cfg.cce_temp)
+            if "cce_view1" in out:  # objectives.cce_view: split (train_module.split_views)
+                value = cce_loss(out["cce_view1"], out["cce_view2"], cfg.cce_temp)
+            elif "cell_emb2" in out:
+                value = cce_loss(out["cell_emb"], out["cell_emb2"], cfg.cce_temp)
+            else:
+                raise ValueError(
+                    "objectives.cce needs two views: the model run with cce=True, or "
+                    "out['cce_view1'] / out['cce_view2'] (see train_module.compute_loss)"
+                )
         elif name == "dar":
             if batch is None:
                 raise ValueError("objectives.dar needs the batch labels")

@@ -458,6 +458,7 @@ class ScGPT(nn.Module):
         gen_mask: torch.Tensor | None = None,
         cell_prompt: torch.Tensor | None = None,
         cce: bool = False,
+        query_genes: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run the model on a padded batch.
 
@@ -465,7 +466,8 @@ class ScGPT(nn.Module):
         (B,) per cell or (B, L) per token; perturbation: (B, L) flags. gen_mask: (B, L) True at unknown
         genes, which then attend to the known genes and themselves only (generative attention). cell_prompt:
         (B, D) replaces the `<cls>` input (cell-prompt generation). cce: also return `cell_emb2`, a second
-        dropout view for CCE.
+        dropout view for CCE. query_genes: (B, Q) gene ids (padding allowed) whose values GEPC predicts from
+        the cell embedding, returned as `gepc_query` (B, Q); they need not be in the input (GEPC-hidden).
 
         Returns `cell_emb` (B, D), `gep` (B, L) and, when built, `gepc` (B, L), `gep_zero_prob` /
         `gepc_zero_prob` (B, L), `cls_logits` (B, n_cls), `dar_logits` (B, n_batches). Padding positions hold 0.
@@ -495,6 +497,12 @@ class ScGPT(nn.Module):
             out["gepc"] = packing.unpack(mvc["pred"])  # (B, L)
             if cfg.explicit_zero_prob:
                 out["gepc_zero_prob"] = packing.unpack(mvc["zero_probs"])  # (B, L)
+            if query_genes is not None:
+                q = self.encoder(query_genes)  # (B, Q, D)
+                rep = cell_rep[:, None, :].expand(-1, q.shape[1], -1)  # (B, Q, D_cell)
+                out["gepc_query"] = self.mvc_decoder(rep, q)["pred"]  # (B, Q)
+        elif query_genes is not None:
+            raise ValueError("query_genes needs the GEPC decoder (model.do_mvc)")
         if cfg.n_cls > 0:
             out["cls_logits"] = self.cls_decoder(cell_emb)  # (B, n_cls)
         if cfg.do_dab:

@@ -18,14 +18,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
 
 READ_BLOCK = 1 << 23
 """Bytes per read while streaming a checksum (8 MiB)."""
@@ -136,27 +140,68 @@ class Store:
         return dest
 
 
-def upload_dir(src: str | os.PathLike, dest: Store, last: tuple[str, ...] = ()) -> None:
+def upload_dir(
+    src: str | os.PathLike,
+    dest: Store,
+    last: tuple[str, ...] = (),
+    retries: int = 4,
+    backoff_s: float = 1.0,
+) -> None:
     """Copy every file below the local directory `src` to `dest`, the names in `last` after all others
     (completion markers: a reader that sees them sees every other file). Each file is one object on an
-    object store (a single PUT when small), so a reader never sees a partial file."""
+    object store (a single PUT when small), so a reader never sees a partial file.
+
+    A failed copy (the store unreachable, throttling, a dropped connection) is retried `retries` times
+    with exponential backoff (`backoff_s`, 2x, 4x, ...), then raises OSError naming the file and the
+    store. A failure leaves the completion markers unwritten, so nothing reads the directory as complete.
+    """
     src = Path(src)
     # Every other file first (rank 0), then the names in `last`, in their order.
     order = {name: i + 1 for i, name in enumerate(last)}
     files = sorted(
         (p for p in src.rglob("*") if p.is_file()), key=lambda p: (order.get(p.name, 0), p)
     )
-    dest.fs.create_dir(dest.path, recursive=True)
+    _retry(lambda: dest.fs.create_dir(dest.path, recursive=True), dest, "", retries, backoff_s)
     for path in files:
         rel = path.relative_to(src).as_posix()
-        if "/" in rel:
-            dest.fs.create_dir(dest._key(rel.rsplit("/", 1)[0]), recursive=True)
-        pafs.copy_files(
-            str(path),
-            dest._key(rel),
-            source_filesystem=pafs.LocalFileSystem(),
-            destination_filesystem=dest.fs,
-        )
+
+        _retry(lambda path=path, rel=rel: _put_file(path, dest, rel), dest, rel, retries, backoff_s)
+
+
+def _put_file(path: Path, dest: Store, rel: str) -> None:
+    """Write one local file to `dest/rel` and check that the store has all of it.
+
+    The stream is closed explicitly: an object store uploads on close, and `pyarrow.fs.copy_files` leaves
+    that to the stream's destructor, which logs a failed upload and carries on (seen with the S3 store
+    unreachable: the file was reported copied and was not there)."""
+    if "/" in rel:
+        dest.fs.create_dir(dest._key(rel.rsplit("/", 1)[0]), recursive=True)
+    with open(path, "rb") as src, dest.fs.open_output_stream(dest._key(rel)) as out:
+        while chunk := src.read(READ_BLOCK):
+            out.write(chunk)
+    size, expected = dest.size(rel), path.stat().st_size
+    if size != expected:
+        raise OSError(f"{dest / rel} has {size} bytes after the upload, not {expected}")
+
+
+def _retry(fn, dest: Store, rel: str, retries: int, backoff_s: float) -> None:
+    """Run `fn` (a write to `dest`), retrying OSErrors with exponential backoff."""
+    for attempt in range(retries + 1):
+        try:
+            return fn()
+        except OSError as exc:
+            if attempt == retries:
+                raise OSError(
+                    f"could not write {rel or '(directory)'} to {dest} after {retries + 1} attempts "
+                    f"over {backoff_s * (2**retries - 1):.0f} s: {exc}. Check that the object store "
+                    "is reachable and writable (credentials, endpoint, bucket)"
+                ) from exc
+            delay = backoff_s * 2**attempt
+            log.warning(
+                "writing %s to %s failed (%s); retry %d/%d in %.1f s",
+                rel or "(directory)", dest, exc, attempt + 1, retries, delay,
+            )  # fmt: skip
+            time.sleep(delay)
 
 
 def resolve(location: str | os.PathLike | Store) -> Store:

@@ -107,6 +107,65 @@ def cell_prompt_inputs(
     return values.masked_fill(gen, float(keys.MASK_VALUE)), gen
 
 
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def hidden_queries(
+    genes: torch.Tensor,
+    values: torch.Tensor,
+    hidden: torch.Tensor,
+    n_tokens: int,
+    negatives: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GEPC-hidden's queries: each cell's hidden genes with their values, then about `negatives` x as many
+    genes drawn uniformly from the vocabulary's genes (ids >= len(SPECIAL_TOKENS)) that are not in the
+    cell's input, with value 0. genes, values, hidden: (B, L). Returns query genes (pad id 0 where
+    unused), targets and a validity mask, each (B, L + K)."""
+    b = genes.shape[0]
+    n_special = len(keys.SPECIAL_TOKENS)
+    n_hidden = hidden.sum(1)  # (B,)
+    k = int(math.ceil(float(n_hidden.max()) * negatives)) if b else 0
+    neg = torch.randint(n_special, n_tokens, (b, k), generator=generator)  # (B, K)
+    # A drawn gene that is in the cell's input is not a negative; each cell keeps its first n x ratio.
+    in_cell = (neg[:, :, None] == genes[:, None, :]).any(-1)  # (B, K)
+    wanted = torch.arange(k)[None, :] < (n_hidden.float() * negatives).ceil()[:, None]
+    neg_ok = wanted & ~in_cell
+    q_genes = torch.cat([genes.masked_fill(~hidden, 0), neg.masked_fill(~neg_ok, 0)], 1)
+    q_target = torch.cat([values.masked_fill(~hidden, 0.0), torch.zeros(b, k)], 1)
+    return q_genes, q_target, torch.cat([hidden, neg_ok], 1)
+
+
+def split_views(
+    model: torch.nn.Module,
+    batch: Batch,
+    mask: torch.Tensor,
+    optional: dict[str, torch.Tensor],
+    device: torch.device | str,
+    both: bool = True,
+    query_genes: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> list[dict[str, torch.Tensor]]:
+    """Passes over disjoint halves of each cell's genes: its unmasked genes, and (with `both`) its
+    GEP-masked genes (`mask`, (B, L)); each pass sees only its own genes with their true values (the other
+    half is padding) and `<cls>`. `query_genes` (B, Q) go to the first pass (GEPC-hidden). Returns the
+    model outputs of each pass. Used by CCE (`objectives.cce_view: split`) and GEPC-hidden."""
+    genes, values = batch.genes.to(device), batch.values.to(device, dtype)
+    padding, cells = batch.padding.to(device), batch.batch.to(device)
+    mask = mask.to(device)
+    real = ~padding
+    real[:, 0] = False  # <cls> is in both views
+    halves = (real & ~mask, real & mask)[: 2 if both else 1]
+    outs = []
+    for i, half in enumerate(halves):
+        hide = padding | (real & ~half)  # (B, L) the other half becomes padding
+        q = query_genes.to(device) if query_genes is not None and i == 0 else None
+        outs.append(model(genes, values, hide, cells, query_genes=q, **optional))
+    return outs
+
+
 def compute_loss(
     model: torch.nn.Module,
     batch: Batch,
@@ -114,6 +173,7 @@ def compute_loss(
     mask: torch.Tensor,
     obj: ObjectiveConfig,
     device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward pass(es) of one micro-batch and the weighted objectives (loss, detached parts).
 
@@ -134,9 +194,27 @@ def compute_loss(
         padding,
         cells,
         gen_mask=mask.to(dev) if obj.generative else None,
-        cce=obj.cce > 0,
+        cce=obj.cce > 0 and obj.cce_view == "dropout",
         **optional,
     )
+    split = obj.cce > 0 and obj.cce_view == "split"
+    if split or obj.gepc_hidden > 0:
+        query = None
+        if obj.gepc_hidden > 0:
+            n_tokens = _unwrap(model).encoder.embedding.num_embeddings
+            q_genes, q_target, q_mask = hidden_queries(
+                batch.genes, batch.values, mask & ~batch.padding, n_tokens,
+                obj.gepc_hidden_negatives, generator or torch.Generator().manual_seed(0),
+            )  # fmt: skip
+            query = q_genes
+            out["gepc_query_target"], out["gepc_query_mask"] = q_target.to(dev), q_mask.to(dev)
+        views = split_views(
+            model, batch, mask, optional, dev, both=split, query_genes=query, dtype=values_in.dtype
+        )
+        if query is not None:
+            out["gepc_query"] = views[0]["gepc_query"]
+        if split:
+            out["cce_view1"], out["cce_view2"] = views[0]["cell_emb"], views[1]["cell_emb"]
     prompt_mask = None
     if obj.generative and obj.gen_cell_prompt:
         prompt_values, prompt_mask = cell_prompt_inputs(batch.values.to(dev), padding)
@@ -203,7 +281,9 @@ class TrainModule:
         values_in = masked.to(self.device)
         if self._dtype is not None:
             values_in = values_in.to(self._dtype)
-        loss, parts = compute_loss(self.engine, batch, values_in, mask, obj, self.device)
+        loss, parts = compute_loss(
+            self.engine, batch, values_in, mask, obj, self.device, generator=gen
+        )
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()

@@ -552,6 +552,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
             f"training finished without a complete checkpoint under {storage / CHECKPOINTS_DIR}"
         )
     meta = read_meta(latest)
+    # Metrics rank 0 could not write (MLflow was down at its last commit) are in the last checkpoint.
+    MlflowCallback(uri, run_id, http_retries=None).replay(meta.get("pending_metrics", []))
     summary = {
         "run_id": run_id,
         "tracking_uri": uri,

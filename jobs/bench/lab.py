@@ -199,7 +199,7 @@ def main(argv: list[str]) -> int:
     for step in range(1, a.steps + 1):
         b = collate(table.take(pa.array(train[rng.integers(0, len(train), a.batch)])), PAD_ID)
         values_in, mask = mask_values(b.values, a.mask, gen)
-        loss, parts = compute_loss(model, b, values_in, mask, obj)
+        loss, parts = compute_loss(model, b, values_in, mask, obj, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,6 +1,23 @@
 """The console progress line: its content, its cadence, and the evaluation line."""
 
-from scgpt_dist.callbacks import ProgressCallback
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from scgpt_dist.callbacks import MlflowCallback, ProgressCallback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 METRICS = {
     "loss": 31.25,
@@ -54,3 +71,73 @@ def test_evaluation_line(capfd):
         "eval step 300 | held-out GEP 81.3 (baselines: per_gene_mean 113.8, per_gene_type_mean 90.1)"
         " | kNN type 0.930 | mean cosine 0.874"
     )
+
+
+def _start_mlflow_server(port: int, store: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+         "--default-artifact-root", str(store / "artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+    _stop(proc)
+    raise RuntimeError("mlflow server did not start in 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)  # the server and its uvicorn/gunicorn workers
+    proc.wait()
+
+
+def test_mlflow_outage_keeps_metrics_and_training(tmp_path, caplog, monkeypatch):
+    """A real tracking server stopped mid-run: commits fail fast with one warning and keep the metrics;
+    after a restart on the same port the first commit writes all of them, each step once."""
+    from mlflow.tracking import MlflowClient
+
+    # The callback's own HTTP settings, set here so that they are undone after the test.
+    for name, value in (("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1"), ("TIMEOUT", "10")):
+        monkeypatch.setenv(f"MLFLOW_HTTP_REQUEST_{name}", value)
+
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _start_mlflow_server(port, tmp_path)
+    try:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        cb = MlflowCallback(uri, run_id)
+        for step in (1, 2):
+            cb.log(step, {"loss": 10.0 - step})
+        assert cb.commit({"step": 2})
+        _stop(server)
+        with caplog.at_level(logging.WARNING, logger="scgpt_dist.callbacks"):
+            t0 = time.monotonic()
+            for step in (3, 4, 5, 6):
+                cb.log(step, {"loss": 10.0 - step})
+                if step % 2 == 0:
+                    assert cb.commit({"step": step}) is False
+            assert time.monotonic() - t0 < 30  # no minutes of retries per write
+            assert [r[3] for r in cb.pending()] == [3, 4, 5, 6]  # what a checkpoint would store
+            server = _start_mlflow_server(port, tmp_path)
+            cb.log(7, {"loss": 3.0})
+            assert cb.commit({"step": 7})
+        down = [r for r in caplog.records if "not reachable" in r.getMessage()]
+        back = [r for r in caplog.records if "reachable again" in r.getMessage()]
+        assert len(down) == 1 and len(back) == 1
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6, 7]
+        assert MlflowClient(uri).get_run(run_id).data.tags["step"] == "7"
+        # A resumed worker replays a checkpoint's stored rows: only the steps MLflow lacks are written.
+        cb2 = MlflowCallback(uri, run_id)
+        cb2.replay([["loss", 1.0, 0, 6], ["loss", 2.0, 0, 8]])
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6, 7, 8]
+    finally:
+        _stop(server)

@@ -13,11 +13,13 @@ pyarrow rejects; objects under one upload part (10 MiB in pyarrow) go up as one 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import socket
+import threading
 import time
 
 import pytest
@@ -34,7 +36,7 @@ from scgpt_dist.checkpoint import (
     validate_checkpoint,
 )
 from scgpt_dist.config import load_config
-from scgpt_dist.storage import Store, resolve
+from scgpt_dist.storage import Store, resolve, upload_dir
 from tests.conftest import TINY_CONFIG
 
 BUCKET = "scgpt-ckpt"
@@ -46,14 +48,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def s3(monkeypatch):
-    """A bucket on a moto S3 server on loopback; AWS_* in this process point at it."""
-    from moto.server import ThreadedMotoServer
+class _Server:
+    """The moto server, stoppable and restartable on its port (moto keeps the buckets in process)."""
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    def __init__(self):
+        self.port = _free_port()
+        self.start()
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture
+def s3_server():
+    server = _Server()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.stop()
+
+
+@pytest.fixture
+def s3(monkeypatch, s3_server):
+    """A bucket on a moto S3 server on loopback; AWS_* in this process point at it."""
+    port = s3_server.port
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_REGION"):
         monkeypatch.delenv(name, raising=False)
@@ -70,10 +95,7 @@ def s3(monkeypatch):
 
     client = boto3.client("s3")
     client.create_bucket(Bucket=BUCKET)
-    try:
-        yield client
-    finally:
-        server.stop()
+    yield client
 
 
 def _keys(client, prefix: str) -> list[str]:
@@ -124,6 +146,46 @@ def test_storage_layer_on_s3(s3, tmp_path):
     local = resolve(tmp_path / "out")
     assert local.is_local and local.uri == str(tmp_path / "out")
     assert find_latest_checkpoint(tmp_path / "out") is None
+
+
+def _checkpoint_files(root) -> None:
+    (root / "model").mkdir(parents=True)
+    (root / "model" / "shard.pt").write_bytes(b"w" * 1000)
+    (root / "meta.json").write_text("{}")
+    (root / "manifest_rank_0.json").write_text("{}")
+
+
+def test_upload_retries_through_an_outage(s3, s3_server, tmp_path, caplog):
+    """The object store is down when a checkpoint upload starts and back 5 s later: the upload retries
+    with backoff, warns, and completes. (The server is stopped before the upload, not during it: a stopped
+    moto server still answers on connections already open, so a mid-upload stop is not deterministic.)"""
+    _checkpoint_files(tmp_path / "ckpt")
+    store = resolve(f"s3://{BUCKET}/run/checkpoints/step_00000010")
+    s3_server.stop()
+    threading.Timer(5.0, s3_server.start).start()
+    with caplog.at_level(logging.WARNING, logger="scgpt_dist.storage"):
+        upload_dir(tmp_path / "ckpt", store, last=("meta.json", "manifest_rank_0.json"),
+                   retries=5, backoff_s=0.5)  # fmt: skip
+    assert any("retry 1/5" in r.getMessage() for r in caplog.records)
+    assert sorted(k for k in _keys(s3, "run/") if not k.endswith("/")) == [
+        f"run/checkpoints/step_00000010/{n}"
+        for n in ("manifest_rank_0.json", "meta.json", "model/shard.pt")
+    ]
+    assert find_latest_checkpoint(resolve(f"s3://{BUCKET}/run"), verify_checksums=False) is None
+
+
+def test_upload_gives_up_with_a_clear_error_and_no_marker(s3, s3_server, tmp_path):
+    """The store stays down: after the retries, an error naming the file and the store, and nothing in
+    the store that a resume could take for a checkpoint."""
+    _checkpoint_files(tmp_path / "ckpt")
+    store = resolve(f"s3://{BUCKET}/gone/checkpoints/step_00000010")
+    s3_server.stop()
+    with pytest.raises(OSError, match=r"could not write .* to s3://.*after 3 attempts"):
+        upload_dir(tmp_path / "ckpt", store, last=("meta.json", "manifest_rank_0.json"),
+                   retries=2, backoff_s=0.2)  # fmt: skip
+    s3_server.start()
+    assert not [k for k in _keys(s3, "gone/") if not k.endswith("/")]
+    assert find_latest_checkpoint(resolve(f"s3://{BUCKET}/gone")) is None
 
 
 def test_pretraining_with_checkpoints_on_s3(s3, ray_local, demo_soma, tmp_path):

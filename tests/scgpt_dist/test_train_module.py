@@ -58,3 +58,82 @@ def test_no_decay_on_norms_biases_and_embeddings():
     torch.testing.assert_close(
         model.transformer_encoder.layers[0].self_attn.Wqkv.weight.detach(), wqkv * 0.5
     )
+
+
+def test_split_views_see_disjoint_genes():
+    """objectives.cce_view: split — each view's embedding depends only on its own half of the genes (the
+    GEP-masked ones or the others), so CCE cannot match two views by the identity of the input."""
+    from data_ingest import keys
+    from scgpt_dist.collate import Batch, mask_values
+    from scgpt_dist.config import ObjectiveConfig
+    from scgpt_dist.train_module import compute_loss, split_views
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(d_model=16, n_heads=2, n_layers=2, d_hid=32, n_batches=2, dropout=0.0), 40, 0
+    ).eval()
+    b, length = 4, 12
+    genes = torch.randint(3, 40, (b, length))
+    genes[:, 0] = 1  # <cls>
+    values = torch.randint(1, 20, (b, length)).float()
+    values[:, 0] = 0.0
+    genes[3, 9:] = 0  # one cell with padding
+    values[3, 9:] = keys.PAD_VALUE
+    batch = Batch(genes, values, genes == 0, torch.tensor([0, 1, 0, 1]), torch.full((b,), -1),
+                  torch.arange(b))  # fmt: skip
+    _, mask = mask_values(values, 0.4, torch.Generator().manual_seed(1))
+    a1, b1 = (o["cell_emb"] for o in split_views(model, batch, mask, {}, "cpu"))
+    # Change only the masked genes' values and identities: view 1 (unmasked genes) must not move.
+    other = Batch(genes.where(~mask, genes.roll(1, 1).clamp(min=3)), values + 5 * mask, genes == 0,
+                  batch.batch, batch.label, batch.cell_id)  # fmt: skip
+    a2, b2 = (o["cell_emb"] for o in split_views(model, other, mask, {}, "cpu"))
+    torch.testing.assert_close(a1, a2)
+    assert (b1 - b2).abs().max() > 1e-3
+    # The loss uses these views (not the dropout views) and trains.
+    obj = ObjectiveConfig(gep=1.0, gepc=0.0, cce=1.0, cce_view="split")
+    loss, parts = compute_loss(model.train(), batch, values.masked_fill(mask, -1.0), mask, obj)
+    assert "cce" in parts and torch.isfinite(loss)
+    loss.backward()
+    assert model.transformer_encoder.layers[0].self_attn.Wqkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="cce_view"):
+        ObjectiveConfig(cce_view="halves")
+
+
+def test_gepc_hidden_queries_genes_the_embedding_never_saw():
+    """GEPC-hidden: the hidden (masked) genes with their values plus genes outside the input with value
+    0 are the queries; the pass that makes the embedding sees none of them."""
+    from scgpt_dist.collate import Batch
+    from scgpt_dist.config import ObjectiveConfig
+    from scgpt_dist.train_module import compute_loss, hidden_queries
+
+    genes = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
+    values = torch.tensor([[0.0, 3, 4, 5, 6], [0.0, 7, 8, -2, -2]])
+    hidden = torch.tensor([[False, True, False, True, False], [False, False, True, False, False]])
+    q, target, ok = hidden_queries(genes, values, hidden, 12, 2.0, torch.Generator().manual_seed(0))
+    assert q.shape == target.shape == ok.shape == (2, 5 + 4)
+    assert q[0, :5].tolist() == [0, 5, 0, 7, 0] and target[0, :5].tolist() == [0, 3, 0, 5, 0]
+    assert q[1, :5].tolist() == [0, 0, 10, 0, 0] and target[1, :5].tolist() == [0, 0, 8, 0, 0]
+    for b in range(
+        2
+    ):  # negatives: genes (id >= 3) not in the cell, value 0, about 2x the hidden count
+        neg = q[b, 5:][ok[b, 5:]]
+        assert (neg >= 3).all() and not set(neg.tolist()) & set(genes[b].tolist())
+        assert (target[b, 5:] == 0).all() and int(ok[b, 5:].sum()) <= 2 * int(hidden[b].sum())
+    assert int(ok[0, 5:].sum()) > 0
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(d_model=16, n_heads=2, n_layers=1, d_hid=32, n_batches=2, dropout=0.0), 12, 0
+    )
+    batch = Batch(genes, values, genes == 0, torch.tensor([0, 1]), torch.full((2,), -1),
+                  torch.arange(2))  # fmt: skip
+    obj = ObjectiveConfig(gep=0.0, gepc=0.0, gepc_hidden=1.0, gepc_hidden_negatives=2.0)
+    loss, parts = compute_loss(model, batch, values.masked_fill(hidden, -1.0), hidden, obj,
+                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert set(parts) == {"gepc_hidden"} and torch.isfinite(loss)
+    loss.backward()
+    assert model.encoder.embedding.weight.grad[7].abs().sum() > 0  # a hidden gene's query embedding
+    with pytest.raises(ValueError, match="model.do_mvc"):
+        from scgpt_dist.config import ExperimentConfig
+
+        ExperimentConfig(model=ModelConfig(do_mvc=False), objectives=obj)
