@@ -65,6 +65,10 @@ class MlflowCallback:
         self._pending: list = []
         self._tags: dict[str, str] = {}
         self._replay_rows: list[list] = []
+        self._resync = False
+        self._logged_through = -1
+        """The last step MLflow had when this worker started: a rerun of steps up to it (a resume from an
+        older checkpoint than the newest, e.g. when the newest was damaged) logs nothing twice."""
         self._down_since: float | None = None
         """When a write first failed in the current outage (None: the last write succeeded)."""
 
@@ -85,6 +89,7 @@ class MlflowCallback:
         """Write the stored rows whose step MLflow has not seen yet (after a resume). When the server is
         unreachable they are kept and replayed by the next commit."""
         self._replay_rows = list(rows)
+        self._resync = True
         self._write()
 
     def commit(self, tags: dict[str, str] | None = None) -> bool:
@@ -97,18 +102,20 @@ class MlflowCallback:
         from mlflow.entities import Metric, RunTag
 
         try:
-            if self._replay_rows:
+            if self._resync:
                 logged = self.client.get_metric_history(self.run_id, "loss")
                 last = max((m.step for m in logged), default=-1)
                 rows = [r for r in self._replay_rows if int(r[3]) > last]
+                steps = [int(r[3]) for r in rows if r[0] == "loss"]
+                self._logged_through = max([self._logged_through, last, *steps])
                 missing = [Metric(k, float(v), int(t), int(s)) for k, v, t, s in rows]
                 while missing:
                     self.client.log_batch(self.run_id, metrics=missing[:900])
                     missing = missing[900:]
-                self._replay_rows = []
-            while (
-                self._pending
-            ):  # MLflow caps a batch at 1000 entries; drop each chunk once written
+                self._replay_rows, self._resync = [], False
+            self._pending = [m for m in self._pending if m.step > self._logged_through]
+            # MLflow caps a batch at 1000 entries; each chunk leaves the buffer once written.
+            while self._pending:
                 self.client.log_batch(self.run_id, metrics=self._pending[:900])
                 self._pending = self._pending[900:]
             if self._tags:

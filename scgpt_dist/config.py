@@ -161,7 +161,12 @@ class ObjectiveConfig:
     cell's unmasked genes, and GEPC predicts from its `<cls>` the values of the masked genes (which that
     pass does not see at all, not even their identities) and of genes outside the cell's input (value 0).
     The embedding must then carry which genes the cell expresses: its type and state, also where types
-    differ by many small shifts that no single masked value shows (docs/learning.md section 4)."""
+    differ by many small shifts that no single masked value shows. Experimental: on the Splat simulation it
+    did not make the embedding learn cell types (docs/learning.md section 4)."""
+    gepc_hidden_target: str = "value"
+    """What GEPC-hidden predicts of each queried gene: `value` (masked MSE of its bin, 0 outside the
+    input) or `presence` (Bernoulli NLL of being in the cell's input, from GEPC's explicit-zero head: needs
+    model.explicit_zero_prob)."""
     gepc_hidden_negatives: float = 1.0
     """Genes outside a cell's input queried by `gepc_hidden`, per masked gene (drawn uniformly from the
     vocabulary's genes)."""
@@ -182,9 +187,14 @@ class ObjectiveConfig:
     different dropout. `split`: two disjoint halves of the cell's genes, the GEP-masked genes and the others,
     each with its true values; the two embeddings can only agree through what the gene sets share (cell type,
     state, batch), not through the identity of the input. Costs the same as `dropout` (one extra pass over
-    the tokens)."""
+    the tokens). Experimental: on the Splat simulation the halves were matched by something other than the
+    cell type (docs/learning.md section 4)."""
 
     def __post_init__(self) -> None:
+        if self.gepc_hidden_target not in ("value", "presence"):
+            raise ValueError(
+                f"objectives.gepc_hidden_target={self.gepc_hidden_target!r}; use value or presence"
+            )
         if self.cce_view not in CCE_VIEWS:
             raise ValueError(
                 f"objectives.cce_view={self.cce_view!r} is not one of {', '.join(CCE_VIEWS)}"
@@ -423,9 +433,13 @@ class ExperimentConfig:
         self.train.resolved_grad_accum()
         if self.train.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={self.train.precision!r}; choose fp32, bf16 or fp16")
+        presence = self.objectives.gepc_hidden_target == "presence"
         needs = {
             "gepc": ("do_mvc", self.model.do_mvc),
-            "gepc_hidden": ("do_mvc", self.model.do_mvc),
+            "gepc_hidden": (
+                "do_mvc" + (" and model.explicit_zero_prob" if presence else ""),
+                self.model.do_mvc and (self.model.explicit_zero_prob or not presence),
+            ),
             "gep_zero": ("explicit_zero_prob", self.model.explicit_zero_prob),
             "gepc_zero": (
                 "explicit_zero_prob",

@@ -59,10 +59,17 @@ def gepc_zero_loss(
     return masked_bernoulli_nll(out["gepc_zero_prob"], target, mask)
 
 
-def gepc_hidden_loss(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """GEPC-hidden: masked MSE of the values of genes the cell embedding never saw (`gepc_query`,
-    `gepc_query_target`, `gepc_query_mask`, all (B, Q); see train_module.hidden_queries)."""
-    return masked_mse(out["gepc_query"], out["gepc_query_target"], out["gepc_query_mask"])
+def gepc_hidden_loss(out: dict[str, torch.Tensor], target_kind: str = "value") -> torch.Tensor:
+    """GEPC-hidden on genes the cell embedding never saw: masked MSE of their values (`gepc_query`) or
+    masked Bernoulli NLL of their presence in the cell's input (`gepc_query_prob`, GEPC's explicit-zero
+    head); targets and mask `gepc_query_target`, `gepc_query_mask`. All (B, Q); see
+    train_module.hidden_queries."""
+    target, mask = out["gepc_query_target"], out["gepc_query_mask"]
+    if target_kind == "value":
+        return masked_mse(out["gepc_query"], target, mask)
+    if "gepc_query_prob" not in out:
+        raise ValueError("objectives.gepc_hidden_target=presence needs model.explicit_zero_prob")
+    return masked_bernoulli_nll(out["gepc_query_prob"], target, mask)
 
 
 def cell_prompt_loss(
@@ -139,7 +146,7 @@ def total_loss(
                     "objectives.gepc_hidden needs the hidden-gene queries (out['gepc_query']); "
                     "see train_module.compute_loss"
                 )
-            value = gepc_hidden_loss(out)
+            value = gepc_hidden_loss(out, cfg.gepc_hidden_target)
         elif name == "gen_cell_prompt":
             if "cell_prompt_gep" not in out or cell_prompt_mask is None:
                 raise ValueError(

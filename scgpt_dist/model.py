@@ -500,7 +500,10 @@ class ScGPT(nn.Module):
             if query_genes is not None:
                 q = self.encoder(query_genes)  # (B, Q, D)
                 rep = cell_rep[:, None, :].expand(-1, q.shape[1], -1)  # (B, Q, D_cell)
-                out["gepc_query"] = self.mvc_decoder(rep, q)["pred"]  # (B, Q)
+                mvc_q = self.mvc_decoder(rep, q)
+                out["gepc_query"] = mvc_q["pred"]  # (B, Q)
+                if cfg.explicit_zero_prob:
+                    out["gepc_query_prob"] = mvc_q["zero_probs"]  # (B, Q) P(expressed)
         elif query_genes is not None:
             raise ValueError("query_genes needs the GEPC decoder (model.do_mvc)")
         if cfg.n_cls > 0:

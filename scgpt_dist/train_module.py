@@ -212,7 +212,7 @@ def compute_loss(
             model, batch, mask, optional, dev, both=split, query_genes=query, dtype=values_in.dtype
         )
         if query is not None:
-            out["gepc_query"] = views[0]["gepc_query"]
+            out.update({k: v for k, v in views[0].items() if k.startswith("gepc_query")})
         if split:
             out["cce_view1"], out["cce_view2"] = views[0]["cell_emb"], views[1]["cell_emb"]
     prompt_mask = None

@@ -139,5 +139,11 @@ def test_mlflow_outage_keeps_metrics_and_training(tmp_path, caplog, monkeypatch)
         cb2.replay([["loss", 1.0, 0, 6], ["loss", 2.0, 0, 8]])
         history = MlflowClient(uri).get_metric_history(run_id, "loss")
         assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6, 7, 8]
+        # It then reruns steps MLflow already has (resumed from an older checkpoint): not logged twice.
+        for step in (7, 8, 9):
+            cb2.log(step, {"loss": 0.5})
+        assert cb2.commit()
+        history = MlflowClient(uri).get_metric_history(run_id, "loss")
+        assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6, 7, 8, 9]
     finally:
         _stop(server)

@@ -78,7 +78,8 @@ def test_worker_killed_mid_run_resumes(demo_soma, tmp_path):
 
 def test_driver_restart_after_retention_deleted_checkpoints(ray_local, tiny_overrides, tmp_path):
     """Issue 19's repro: retention deletes checkpoints, then the same command with a larger max_steps (a
-    driver restart) must resume from the newest complete checkpoint instead of refusing to start."""
+    driver restart) must resume from the newest complete checkpoint instead of refusing to start; here the
+    newest is also left incomplete, as a rank killed in the middle of its upload leaves it."""
     from scgpt_dist.config import load_config
     from scgpt_dist.trainer import run_pretraining
 
@@ -93,8 +94,15 @@ def test_driver_restart_after_retention_deleted_checkpoints(ray_local, tiny_over
         "step_00000006",
         "step_00000008",
     ]  # steps 2 and 4 were deleted by retention
+    # What a rank SIGKILLed while uploading step 8 leaves: part of its shard, no manifest.
+    newest = out / "checkpoints" / "step_00000008"
+    (newest / "manifest_rank_1.json").unlink()
+    shard = next(p for p in newest.rglob("*rank_1*") if p.is_file())
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     second = run_pretraining(load_config(TINY_CONFIG, common + ["train.max_steps=12"]))
     assert second["step"] == 12 and second["run_id"] == first["run_id"]
+    tags = MlflowClient(second["tracking_uri"]).get_run(second["run_id"]).data.tags
+    assert tags["resumed_from"].endswith("step_00000006")  # the incomplete step 8 was passed over
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == [
         "step_00000010",
         "step_00000012",

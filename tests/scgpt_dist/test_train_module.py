@@ -133,6 +133,18 @@ def test_gepc_hidden_queries_genes_the_embedding_never_saw():
     assert set(parts) == {"gepc_hidden"} and torch.isfinite(loss)
     loss.backward()
     assert model.encoder.embedding.weight.grad[7].abs().sum() > 0  # a hidden gene's query embedding
+    presence = ObjectiveConfig(gep=0.0, gepc=0.0, gepc_hidden=1.0, gepc_hidden_target="presence")
+    with pytest.raises(ValueError, match="explicit_zero_prob"):
+        compute_loss(model, batch, values.masked_fill(hidden, -1.0), hidden, presence)
+    model = build_model(
+        ModelConfig(d_model=16, n_heads=2, n_layers=1, d_hid=32, n_batches=2, dropout=0.0,
+                    explicit_zero_prob=True), 12, 0,
+    )  # fmt: skip
+    loss_p, _ = compute_loss(model, batch, values.masked_fill(hidden, -1.0), hidden, presence,
+                             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert 0.0 < float(loss_p) < 5.0  # a Bernoulli NLL, not a squared bin error
+    with pytest.raises(ValueError, match="gepc_hidden_target"):
+        ObjectiveConfig(gepc_hidden_target="counts")
     with pytest.raises(ValueError, match="model.do_mvc"):
         from scgpt_dist.config import ExperimentConfig
 
