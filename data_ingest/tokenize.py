@@ -135,7 +135,7 @@ class TokenizeStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finalizer: a bijective, well-mixed map of uint64 arrays."""
     x = x ^ (x >> np.uint64(30))
     x = x * np.uint64(0xBF58476D1CE4E5B9)
@@ -147,13 +147,13 @@ def _mix64(x: np.ndarray) -> np.ndarray:
 def cell_streams(seed: int, cell_ids: np.ndarray, salt: int) -> np.ndarray:
     """One uint64 key per cell for `(seed, salt)`; distinct cell ids get distinct keys."""
     head = (int(seed) * 0x9E3779B97F4A7C15 + int(salt) * 0xD1B54A32D192ED03) & _U64_MASK
-    head = _mix64(np.array([head], dtype=np.uint64))[0]
-    return _mix64(np.asarray(cell_ids, dtype=np.int64).astype(np.uint64) ^ head)
+    head = mix64(np.array([head], dtype=np.uint64))[0]
+    return mix64(np.asarray(cell_ids, dtype=np.int64).astype(np.uint64) ^ head)
 
 
 def gene_hashes(streams: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """uint64 hash of each (cell stream, gene token) pair; the arrays broadcast."""
-    return _mix64(streams ^ (np.asarray(tokens, dtype=np.int64).astype(np.uint64) * _GOLDEN))
+    return mix64(streams ^ (np.asarray(tokens, dtype=np.int64).astype(np.uint64) * _GOLDEN))
 
 
 def tie_uniforms(seed: int, cell_ids: np.ndarray, tokens: np.ndarray) -> np.ndarray:

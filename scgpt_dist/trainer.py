@@ -18,6 +18,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import ray
 import ray.train
@@ -27,7 +28,7 @@ import torch.distributed as dist
 from data_ingest.keys import BATCH, CELL_ID, GENES, LABEL, MODALITY, PAD_VALUE, VALUES
 from data_ingest.source import TRAIN, SomaCellSource
 from data_ingest.stream import StreamStats, rank_batches
-from data_ingest.tokenize import RECORD_SCHEMA
+from data_ingest.tokenize import RECORD_SCHEMA, mix64
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.callbacks import (
     CheckpointCallback,
@@ -97,7 +98,20 @@ class _Window:
     cells: int = 0
     wait: float = 0.0
     skipped: int = 0
+    cells_digest: int = 0
     t0: float = field(default_factory=time.perf_counter)
+
+
+DIGEST_MOD = 1 << 20
+
+
+def cells_digest(cell_ids: torch.Tensor) -> int:
+    """An order-free digest of a set of cell ids (soma_joinid), in [0, DIGEST_MOD): the sum of a 20-bit
+    hash of each. Summed over the ranks and a log window it is the `cells_digest` metric, so two runs (an
+    interrupted and resumed one, an uninterrupted one) can be checked to have trained on the same cells at
+    each log step."""
+    ids = cell_ids.numpy().astype(np.int64).astype(np.uint64)
+    return int((mix64(ids) >> np.uint64(44)).sum(dtype=np.uint64)) % DIGEST_MOD
 
 
 def _all_reduce_sum(values: list[float]) -> list[float]:
@@ -212,9 +226,9 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
             if table.num_rows == 0:  # every cell skipped: a no-op step keeps the ranks in lockstep
                 table = _cls_only_table(vocab.cls_id)
             # The mask seed is the data position, so a resumed run masks exactly as an uninterrupted one.
-            out = module.micro_step(
-                collate(table, vocab.pad_id), (state.epoch, state.batches_in_epoch)
-            )
+            batch = collate(table, vocab.pad_id)
+            out = module.micro_step(batch, (state.epoch, state.batches_in_epoch))
+            win.cells_digest = (win.cells_digest + cells_digest(batch.cell_id)) % DIGEST_MOD
             state.batches_in_epoch += 1
             win.loss += out.loss
             win.n += 1
@@ -298,10 +312,10 @@ def _flush_window(
     names = sorted(win.parts)
     elapsed = time.perf_counter() - win.t0
     summed = _all_reduce_sum(
-        [win.loss, win.n, win.tokens, win.cells, win.wait, elapsed, win.skipped]
+        [win.loss, win.n, win.tokens, win.cells, win.wait, elapsed, win.skipped, win.cells_digest]
         + [win.parts[k] for k in names]
     )
-    loss, n, tokens, cells, wait, elapsed_sum, skipped = summed[:7]
+    loss, n, tokens, cells, wait, elapsed_sum, skipped, digest = summed[:8]
     state.tokens_seen += int(tokens)
     state.cells_seen += int(cells)
     state.cells_skipped += int(skipped)
@@ -318,8 +332,9 @@ def _flush_window(
         "tokens_seen": state.tokens_seen,
         "cells_skipped": state.cells_skipped,
         "epoch": state.epoch,
+        "cells_digest": int(digest) % DIGEST_MOD,
     }
-    for k, v in zip(names, summed[7:], strict=True):
+    for k, v in zip(names, summed[8:], strict=True):
         metrics[f"loss_{k}"] = v / max(n, 1)
     if cfg.train.peak_tflops_per_worker:
         seq = tokens / max(cells, 1)

@@ -208,3 +208,58 @@ def test_stall_watchdog_names_the_data_stream(ray_local, tiny_overrides, tmp_pat
     with pytest.raises(RuntimeError, match="waiting for the next batch from the data stream"):
         run_pretraining(cfg)
     assert time.time() - t0 < 240
+
+
+def test_read_task_killed_mid_run(ray_local, tiny_overrides, tmp_path):
+    """SIGKILL of a Ray Data read task's worker process while the run streams: the run still finishes,
+    with every logged step once."""
+    import threading
+    from pathlib import Path
+
+    from scgpt_dist.config import load_config
+    from scgpt_dist.trainer import run_pretraining
+
+    killed: list[str] = []
+    done = threading.Event()
+
+    def kill_first_read_task() -> None:
+        while not done.is_set() and not killed:
+            for proc_dir in Path("/proc").iterdir():
+                if not proc_dir.name.isdigit():
+                    continue
+                try:
+                    cmd = (proc_dir / "cmdline").read_bytes()
+                except OSError:
+                    continue
+                if cmd.startswith(b"ray::ReadSomaTokens"):
+                    os.kill(int(proc_dir.name), signal.SIGKILL)
+                    killed.append(cmd.split(b"\0")[0].decode())
+                    break
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_read_task, daemon=True)
+    killer.start()
+    try:
+        summary = run_pretraining(
+            load_config(
+                TINY_CONFIG,
+                tiny_overrides
+                + [
+                    "data.stream.task_cells=32",  # many short read tasks
+                    "train.max_steps=30",
+                    "train.checkpoint_every=10",
+                    "train.max_failures=1",
+                    "eval.every=0",
+                ],
+            )
+        )
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no read task was seen running"
+    assert summary["step"] == 30
+    steps = [
+        m.step
+        for m in MlflowClient(summary["tracking_uri"]).get_metric_history(summary["run_id"], "loss")
+    ]
+    assert sorted(steps) == list(range(2, 31, 2))

@@ -160,18 +160,18 @@ def test_upload_retries_through_an_outage(s3, s3_server, tmp_path, caplog):
     with backoff, warns, and completes. (The server is stopped before the upload, not during it: a stopped
     moto server still answers on connections already open, so a mid-upload stop is not deterministic.)"""
     _checkpoint_files(tmp_path / "ckpt")
-    store = resolve(f"s3://{BUCKET}/run/checkpoints/step_00000010")
+    store = resolve(f"s3://{BUCKET}/outage/checkpoints/step_00000010")
     s3_server.stop()
     threading.Timer(5.0, s3_server.start).start()
     with caplog.at_level(logging.WARNING, logger="scgpt_dist.storage"):
         upload_dir(tmp_path / "ckpt", store, last=("meta.json", "manifest_rank_0.json"),
                    retries=5, backoff_s=0.5)  # fmt: skip
     assert any("retry 1/5" in r.getMessage() for r in caplog.records)
-    assert sorted(k for k in _keys(s3, "run/") if not k.endswith("/")) == [
-        f"run/checkpoints/step_00000010/{n}"
+    assert sorted(k for k in _keys(s3, "outage/") if not k.endswith("/")) == [
+        f"outage/checkpoints/step_00000010/{n}"
         for n in ("manifest_rank_0.json", "meta.json", "model/shard.pt")
     ]
-    assert find_latest_checkpoint(resolve(f"s3://{BUCKET}/run"), verify_checksums=False) is None
+    assert find_latest_checkpoint(resolve(f"s3://{BUCKET}/outage"), verify_checksums=False) is None
 
 
 def test_upload_gives_up_with_a_clear_error_and_no_marker(s3, s3_server, tmp_path):

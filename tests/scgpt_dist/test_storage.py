@@ -2,8 +2,7 @@
 
 from pathlib import Path
 
-import pyarrow.fs as pafs
-
+from scgpt_dist import storage
 from scgpt_dist.storage import resolve, upload_dir
 
 
@@ -13,13 +12,13 @@ def test_upload_dir_writes_markers_last_in_their_order(tmp_path, monkeypatch):
     for name in ("meta.json", "manifest_rank_0.json", "config.yaml", "ds/shard.pt"):
         (src / name).write_text(name)
     written = []
-    copy = pafs.copy_files
+    put = storage._put_file
 
-    def recording_copy(source, destination, **kw):
-        written.append(Path(source).relative_to(src).as_posix())
-        return copy(source, destination, **kw)
+    def recording_put(path, dest, rel):
+        written.append(Path(path).relative_to(src).as_posix())
+        return put(path, dest, rel)
 
-    monkeypatch.setattr(pafs, "copy_files", recording_copy)
+    monkeypatch.setattr(storage, "_put_file", recording_put)
     dest = resolve(tmp_path / "store") / "step_00000010"
     upload_dir(src, dest, last=("meta.json", "manifest_rank_0.json"))
     assert written[-2:] == ["meta.json", "manifest_rank_0.json"]

@@ -195,6 +195,15 @@ def test_resume_is_exact(pretrained, tmp_path):
     assert straight_loss.keys() == resumed_loss.keys()
     for step, value in straight_loss.items():
         assert value == pytest.approx(resumed_loss[step], rel=1e-5)
+    # The same cells at every log step, before and after the resume (a digest of their soma_joinids).
+    straight_cells = {
+        m.step: m.value
+        for m in MlflowClient(straight["tracking_uri"]).get_metric_history(
+            straight["run_id"], "cells_digest"
+        )
+    }
+    resumed_cells = {m.step: m.value for m in _history(pretrained, "cells_digest")}
+    assert straight_cells == resumed_cells and len(set(straight_cells.values())) > 1
 
 
 def test_retention_keeps_newest_and_best(pretrained, tmp_path):
@@ -220,3 +229,16 @@ def test_retention_keeps_newest_and_best(pretrained, tmp_path):
     )
     loss = {m.step: m.value for m in _history(pretrained, "loss")}
     assert meta["loss"] == pytest.approx(loss[12])
+
+
+def test_cells_digest_is_a_set_digest():
+    from scgpt_dist.trainer import DIGEST_MOD, cells_digest
+
+    a = cells_digest(torch.tensor([5, 17, 123456789]))
+    assert a == cells_digest(torch.tensor([123456789, 5, 17]))  # order-free
+    assert a != cells_digest(torch.tensor([5, 17, 123456788]))  # another cell, another digest
+    assert 0 <= a < DIGEST_MOD
+    both = (
+        cells_digest(torch.tensor([5])) + cells_digest(torch.tensor([17, 123456789]))
+    ) % DIGEST_MOD
+    assert both == a  # summed over ranks and steps
