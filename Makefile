@@ -17,7 +17,7 @@ demo: install
 	$(PYTHON) -m jobs.demo
 
 test: install
-	$(PYTHON) -m pytest tests
+	$(PYTHON) -m pytest tests --durations=25
 
 lint:
 	$(PYTHON) -m ruff check .
