@@ -149,7 +149,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
     cmd = [
         sys.executable, "-m", "jobs.pretrain", "--config", str(TINY_CONFIG),
         f"output_dir={out}", f"data.source.soma_uri={demo_soma}", "data.build_demo=false",
-        f"mlflow.tracking_uri={db}", "train.max_steps=400", "train.checkpoint_every=20",
+        f"mlflow.tracking_uri={db}", "train.max_steps=200", "train.checkpoint_every=20",
         "train.stop_poll_s=0.5", "ray.num_cpus=4",
     ]  # fmt: skip
     proc = subprocess.Popen(
@@ -168,7 +168,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
             proc.kill()
     assert proc.returncode == EXIT_PREEMPTED, output[-5000:]
     stopped = read_meta(find_latest_checkpoint(out))["step"]
-    assert 20 <= stopped < 400, output[-3000:]
+    assert 20 <= stopped < 200, output[-3000:]
     assert not (out / "model").exists()  # not finished: nothing consolidated
     client = MlflowClient(db)
     run_id = (out / "mlflow_run_id").read_text().strip()
@@ -177,11 +177,11 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
 
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert read_meta(find_latest_checkpoint(out))["step"] == 400
+    assert read_meta(find_latest_checkpoint(out))["step"] == 200
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert len(steps) == len(set(steps))  # each step once
     # Every log point, none lost at the stop (which flushes its window even at an odd step).
-    assert set(range(2, 401, 2)) <= set(steps) <= set(range(2, 401, 2)) | {stopped}
+    assert set(range(2, 201, 2)) <= set(steps) <= set(range(2, 201, 2)) | {stopped}
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
