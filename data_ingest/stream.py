@@ -129,9 +129,9 @@ class StreamConfig:
     """Logical CPUs reserved by each read task (with `train.cpus_per_worker` 0.5, two workers and their two
     read tasks fit a 2-CPU Ray node; `ray.resource_check` says when they do not). TileDB's compute threads
     per X query are capped at `read_task_cpus / read_threads` (rounded up; a `sm.compute_concurrency_level`
-    in the source's TileDB config wins): parallel queries with one thread each decode more cells per CPU second than one query
-    with a thread per core (16,384 cells on 2 cores with the tokenizer alongside: 1.07 s with two
-    single-threaded queries, 1.2 s with one two-threaded query)."""
+    in the source's TileDB config wins): parallel queries with one thread each decode more cells per CPU
+    second than one query with a thread per core (16,384 cells on 2 cores with the tokenizer alongside:
+    1.07 s with two single-threaded queries, 1.2 s with one two-threaded query)."""
     token_cache: TokenCacheConfig = field(default_factory=TokenCacheConfig)
     """Parquet cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 

@@ -164,7 +164,6 @@ def upload_dir(
     _retry(lambda: dest.fs.create_dir(dest.path, recursive=True), dest, "", retries, backoff_s)
     for path in files:
         rel = path.relative_to(src).as_posix()
-
         _retry(lambda path=path, rel=rel: _put_file(path, dest, rel), dest, rel, retries, backoff_s)
 
 

@@ -107,11 +107,6 @@ def cell_prompt_inputs(
     return values.masked_fill(gen, float(keys.MASK_VALUE)), gen
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside a DeepSpeed engine (or the model itself)."""
-    return getattr(model, "module", model)
-
-
 def hidden_queries(
     genes: torch.Tensor,
     values: torch.Tensor,
@@ -201,7 +196,8 @@ def compute_loss(
     if split or obj.gepc_hidden > 0:
         query = None
         if obj.gepc_hidden > 0:
-            n_tokens = _unwrap(model).encoder.embedding.num_embeddings
+            inner = getattr(model, "module", model)  # the model inside a DeepSpeed engine
+            n_tokens = inner.encoder.embedding.num_embeddings
             q_genes, q_target, q_mask = hidden_queries(
                 batch.genes, batch.values, mask & ~batch.padding, n_tokens,
                 obj.gepc_hidden_negatives, generator or torch.Generator().manual_seed(0),

@@ -13,7 +13,8 @@ processes such as Ray's object store once per process; see `PeakMemory`) is sepa
   whole epoch 0 (reported as `fill s`).
 
 Shuffle quality is the mean number of distinct datasets in a batch and the mean total-variation distance
-between a batch's dataset mix and the global one, each against an ideal uniform shuffle of the same cells. Not a timed test: run it by hand and paste the table into the README.
+between a batch's dataset mix and the global one, each against an ideal uniform shuffle of the same cells.
+Not a timed test: run it by hand and paste the table into the README.
 
     python -m data_ingest.synth --out /tmp/bench/census100k --cells 100000 --genes 20000
     python -m jobs.bench data --census /tmp/bench/census100k
