@@ -52,11 +52,10 @@ class TokenCacheConfig:
     dir: str | None = None
     """Cache root directory; None disables the cache. Entries live in `<dir>/<key>/`."""
     shard_cells: int = 2048
-    """Consecutive soma_joinids per shard file (built as one contiguous X read); with the stream's default
-    `chunk_size` a chunk is one shard."""
+    """Consecutive soma_joinids per shard file (built as one contiguous X read, one row of X's tiles)."""
     row_group_cells: int = 256
-    """Records per Parquet row group: the unit a read task decodes (a smaller stream chunk decodes whole
-    row groups to use part of them)."""
+    """Records per Parquet row group: the unit a read task decodes. With the stream's default `chunk_size`
+    (256) a chunk is one row group; a smaller chunk decodes whole row groups to use part of them."""
     compression: str = "lz4"
     """Parquet compression codec of the shard files (`none`, `lz4`, `zstd`, ...)."""
 

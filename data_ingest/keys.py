@@ -60,6 +60,30 @@ CENSUS_SUMMARY = "summary"
 CENSUS_DATASETS = "datasets"
 DEFAULT_ORGANISM = "homo_sapiens"
 PRIMARY_FILTER = "is_primary_data == True"
+CENSUS_X_PLATFORM_CONFIG = {
+    "tiledb": {
+        "create": {
+            "capacity": 2**16,
+            "dims": {
+                "soma_dim_0": {"tile": 2048, "filters": [{"_type": "ZstdFilter", "level": 5}]},
+                "soma_dim_1": {
+                    "tile": 2048,
+                    "filters": ["ByteShuffleFilter", {"_type": "ZstdFilter", "level": 5}],
+                },
+            },
+            "attrs": {
+                "soma_data": {"filters": ["ByteShuffleFilter", {"_type": "ZstdFilter", "level": 5}]}
+            },
+            "cell_order": "row-major",
+            "tile_order": "row-major",
+        }
+    }
+}
+"""TileDB schema of X as the CELLxGENE Census builder writes it (2,048 x 2,048 space tiles, data tiles of 2^16
+values, byte-shuffled zstd; the census's positive-delta filter on soma_dim_0 needs writes in global order,
+which ours are not, so plain zstd). Our writers use it so reads cost what they cost on the census: small
+shuffle chunks decode less beyond their own rows than with TileDB-SOMA's defaults (100,000-value data tiles,
+16,384 synthetic cells at 3,000 genes in 128-cell chunks: 20.8k against 12.2k cells/s on one thread)."""
 
 # Files inside checkpoint and model directories.
 CONFIG_FILE = "config.yaml"

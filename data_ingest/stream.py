@@ -10,8 +10,8 @@ The census stores cells grouped by dataset, so reading contiguous rows gives bat
    `r` and uses its first `batches_per_rank * batch_size` cells (the rest of the epoch's cells wait for the next
    epoch, whose order differs). Every rank does the same number of batches.
 3. **Gather.** A rank's slice is taken `buffer_size` cells at a time (about `buffer_size / chunk_size` chunks
-   from different places) and the cells of one buffer are permuted by a generator seeded by
-   `(seed, epoch, rank, buffer)`. A buffer is read by several Ray Data read tasks (`task_cells` cells each,
+   from different places; the first buffer is a small `first_buffer`, so the first batch comes soon) and the
+   cells of one buffer are permuted by a generator seeded by `(seed, epoch, rank, buffer)`. A buffer is read by several Ray Data read tasks (`task_cells` cells each,
    whole chunks where possible), which tokenize. Inside each batch the cells are then grouped by read task,
    so the rank's iterator builds a batch from one slice of each task's records.
 
@@ -20,7 +20,8 @@ tokenizer skips (fewer than `min_genes` expressed genes). Because positions are 
 resuming at batch `k` reads only from the buffer holding position `k*B` onwards and yields exactly the batches
 an uninterrupted iteration yields after its first `k`.
 
-Read tasks tokenize (binning, gene selection); the training worker only gathers and slices Arrow tables.
+Read tasks tokenize (binning, gene selection); the training worker only gathers and slices Arrow tables, and
+reads the first buffer itself while Ray Data starts its read workers (`local_first_buffer`).
 At most `prefetch` read tasks run at once. With `token_cache.dir` set, read tasks take token records from a
 Parquet cache (`data_ingest.cache`), building its shards on first use: same batches, and later epochs skip X
 reads and tokenization.
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,15 +103,20 @@ _STREAM_SALT = 0x5C6E7  # separates the stream's generators from other users of 
 class StreamConfig:
     """How a rank's epoch is cut, shuffled and prefetched."""
 
-    chunk_size: int = 2048
-    """soma_joinid block moved together by the global shuffle (chunks start at its multiples). Match X's row
-    tile extent (2048 in the CELLxGENE Census and in `data_ingest.synth`): a chunk then decodes only its own
-    tiles, while a smaller chunk decodes whole tiles to use part of them (a 256-cell chunk reads about 2x
-    slower on the synthetic census). Smaller chunks mix datasets better at a given buffer size."""
-    buffer_size: int = 65536
-    """Cells shuffled together: a batch draws from about `buffer_size / chunk_size` chunks (32 by default;
-    at 100k cells that is 23 distinct datasets per 64-cell batch against 27 for a uniform shuffle). The
-    iterator holds one buffer of token records (about `buffer_size x max_seq_len x 6` bytes)."""
+    chunk_size: int = 256
+    """soma_joinid block moved together by the global shuffle (chunks start at its multiples; a divisor of
+    X's 2,048-row tile extent keeps a chunk inside one row of tiles). The census stores rows grouped by
+    dataset, so a chunk is (nearly always) one dataset and a batch mixes at most as many datasets as its
+    buffer has chunks. Smaller chunks mix better and read slower: TileDB decodes whole data tiles (2^16
+    values, a few hundred cells of one 2,048-gene column tile), so a chunk also decodes the cells around it.
+    500k cells x 3,000 genes, census X schema, one thread: 41k cells/s in 2,048-cell chunks, 33k in 512,
+    26k in 256, 19k in 128. See the README's loader table for the trade-off with `buffer_size`."""
+    buffer_size: int = 131072
+    """Cells shuffled together (after the first buffer): a batch draws from about `buffer_size / chunk_size`
+    chunks. 256 / 131,072 (512 chunks) gives 97% of a uniform shuffle's distinct datasets per 64-cell batch
+    on 500k cells in 80 datasets; 2,048 / 65,536 (32 chunks) gave 56%. The iterator holds one buffer of
+    compact token records (about `buffer_size x max_seq_len x 3` bytes at most) and Ray Data reads about
+    one buffer ahead."""
     task_cells: int = 16384
     """Cells per read task (whole chunks where possible): the unit of parallel reading and tokenizing. Each
     task costs a fixed ~0.2 s (dispatch, opening the experiment, handing its block to the object store):
@@ -132,6 +139,15 @@ class StreamConfig:
     in the source's TileDB config wins): parallel queries with one thread each decode more cells per CPU
     second than one query with a thread per core (16,384 cells on 2 cores with the tokenizer alongside:
     1.07 s with two single-threaded queries, 1.2 s with one two-threaded query)."""
+    first_buffer: int = 4096
+    """Size of the epoch's first buffer (the others are `buffer_size`). A batch waits for its whole buffer
+    to be read, so a small first buffer brings the first batch sooner: 0.6 s instead of 4.6 s on 500k cells
+    x 3,000 genes (with `local_first_buffer`). Its batches mix fewer chunks, but they are a few dozen per
+    epoch; doubling buffers up to `buffer_size` instead left a quarter of a 500k-cell epoch less mixed. A
+    resume keeps the epoch's buffers. `0` or `>= buffer_size`: every buffer is `buffer_size`."""
+    local_first_buffer: bool = True
+    """Read the first buffer of an epoch (or of a resume) in the consuming process instead of a Ray Data read
+    task, while Ray Data starts: the first batch does not wait for a read worker process to start."""
     token_cache: TokenCacheConfig = field(default_factory=TokenCacheConfig)
     """Parquet cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 
@@ -143,11 +159,12 @@ class StreamConfig:
             self.prefetch,
             self.read_threads,
         )
-        if min(sizes) < 1:
+        if min(sizes) < 1 or self.first_buffer < 0:
             raise ValueError(
                 f"stream chunk_size={self.chunk_size}, buffer_size={self.buffer_size}, "
                 f"task_cells={self.task_cells}, prefetch={self.prefetch}, "
-                f"read_threads={self.read_threads}: all must be >= 1"
+                f"read_threads={self.read_threads}, first_buffer={self.first_buffer}: all must be "
+                ">= 1 (first_buffer >= 0)"
             )
         if self.buffer_size < 2 * self.chunk_size:
             raise ValueError(
@@ -178,6 +195,14 @@ def batches_per_rank(n_cells: int, world_size: int, batch_size: int) -> int:
     return (n_cells // world_size) // batch_size
 
 
+def buffer_starts(n: int, cfg: StreamConfig) -> np.ndarray:
+    """Start positions of a rank's buffers over its `n` positions, then `n`: the first buffer holds
+    `cfg.first_buffer` cells, every other one `cfg.buffer_size` (the last one what is left)."""
+    first = cfg.first_buffer if 0 < cfg.first_buffer < cfg.buffer_size else cfg.buffer_size
+    inner = np.arange(first, n, cfg.buffer_size, dtype=np.int64)
+    return np.concatenate([[0], inner, [n]]).astype(np.int64) if n else np.zeros(1, np.int64)
+
+
 def _rng(seed: int, *parts: int) -> np.random.Generator:
     return np.random.default_rng([_STREAM_SALT, int(seed), *map(int, parts)])
 
@@ -189,7 +214,33 @@ def epoch_order(joinids: np.ndarray, *, seed: int, epoch: int, chunk_size: int) 
     block = np.asarray(joinids, np.int64) // chunk_size
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(block)) + 1, [len(joinids)]])
     perm = _rng(seed, epoch).permutation(len(bounds) - 1)
-    return np.concatenate([joinids[bounds[c] : bounds[c + 1]] for c in perm])
+    # Gather without a Python loop over chunks (a census epoch of 64-cell chunks has ~1M of them).
+    lens = np.diff(bounds)[perm]
+    out_starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    take = np.arange(len(joinids)) + np.repeat(bounds[:-1][perm] - out_starts, lens)
+    return np.asarray(joinids, np.int64)[take]
+
+
+def check_plan(joinids: np.ndarray, *, world_size: int, batch_size: int, cfg: StreamConfig) -> None:
+    """Raise a `ValueError` naming the knob when `cfg` cannot shuffle this selection as documented."""
+    n = len(joinids)
+    if n == 0:
+        raise ValueError(
+            "the data selection has no cells: check data.obs_filter / value_filter and the holdout split "
+            "(every cell may be held out)"
+        )
+    if cfg.buffer_size < batch_size:
+        raise ValueError(
+            f"stream buffer_size={cfg.buffer_size} is smaller than one batch ({batch_size} cells): a "
+            "batch would span buffers and mix only their edges; use buffer_size >= 32 x batch_size"
+        )
+    first, last = int(joinids[0]) // cfg.chunk_size, int(joinids[-1]) // cfg.chunk_size
+    if n > 1 and first == last:
+        raise ValueError(
+            f"stream chunk_size={cfg.chunk_size} is larger than the selection (its {n} cells lie in one "
+            "chunk of soma_joinids), so every epoch would give each rank the same cells; use a "
+            f"chunk_size well below {n} (e.g. {max(1, n // 64)})"
+        )
 
 
 def _rank_plan(
@@ -211,6 +262,7 @@ def _rank_plan(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    check_plan(joinids, world_size=world_size, batch_size=batch_size, cfg=cfg)
     n_batches = batches_per_rank(len(joinids), world_size, batch_size)
     if n_batches == 0:
         raise ValueError(
@@ -221,9 +273,11 @@ def _rank_plan(
     per_rank = len(joinids) // world_size
     mine = order[rank * per_rank : rank * per_rank + n_batches * batch_size]
     shuffled = np.empty(len(mine), np.int64)
-    for b, lo in enumerate(range(0, len(mine), cfg.buffer_size)):
-        n = min(cfg.buffer_size, len(mine) - lo)
-        shuffled[lo + _rng(seed, epoch, rank, world_size, b).permutation(n)] = lo + np.arange(n)
+    starts = buffer_starts(len(mine), cfg)
+    for b, (lo, hi) in enumerate(zip(starts[:-1], starts[1:], strict=True)):
+        shuffled[lo + _rng(seed, epoch, rank, world_size, b).permutation(hi - lo)] = np.arange(
+            lo, hi
+        )
     tasks = _read_tasks(mine, cfg)
     task_of = np.repeat(np.arange(len(tasks)), [hi - lo for lo, hi in tasks])
     pos = np.empty(len(mine), np.int64)
@@ -310,8 +364,8 @@ def _read_tasks(cells: np.ndarray, cfg: StreamConfig) -> list[tuple[int, int]]:
     block = cells // cfg.chunk_size
     chunk_starts = np.flatnonzero(np.diff(block)) + 1
     tasks = []
-    for lo in range(0, len(cells), cfg.buffer_size):
-        hi = min(lo + cfg.buffer_size, len(cells))
+    starts = buffer_starts(len(cells), cfg).tolist()
+    for lo, hi in zip(starts[:-1], starts[1:], strict=True):
         inner = chunk_starts[(chunk_starts > lo) & (chunk_starts < hi)].tolist()
         pieces = [
             (s, min(s + cfg.task_cells, z))
@@ -329,7 +383,46 @@ def _read_tasks(cells: np.ndarray, cfg: StreamConfig) -> list[tuple[int, int]]:
     return tasks
 
 
-def rank_dataset(
+@dataclass
+class _RankTasks:
+    """A rank's read tasks from `start_batch` on: each one's cells and their positions, in task order."""
+
+    src: ResolvedSource
+    """The source without its joinids (each task carries its own) and with the read tasks' TileDB config."""
+    tok: TokenizerConfig
+    cls_id: int
+    cfg: StreamConfig
+    tasks: list[tuple[np.ndarray, np.ndarray]]
+    last_task: dict[int, int]
+    """Buffer -> the index of its last read task."""
+    buffer_of: list[int]
+    """Buffer of each read task."""
+    starts: np.ndarray
+    """`buffer_starts` of the rank's epoch."""
+    in_memory: int
+    cache: CacheEntry | None
+
+    @property
+    def block_schema(self) -> pa.Schema:
+        return _block_schema(record_schema(self.src, self.tok, self.cls_id))
+
+    @property
+    def token_bytes(self) -> int:
+        schema = self.block_schema
+        return sum(schema.field(k).type.value_type.bit_width // 8 for k in TOKEN_COLUMNS)
+
+    def read(self, t: int) -> pa.Table:
+        """Task `t`'s records in position order, tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`."""
+        ids, positions = self.tasks[t]
+        table = _read_positions(
+            self.src, ids, positions, self.tok, self.cls_id, self.cache, self.cfg.read_threads
+        )
+        n = table.num_rows
+        table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
+        return table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
+
+
+def _rank_tasks(
     resolved: ResolvedSource,
     tok: TokenizerConfig,
     cls_id: int,
@@ -339,20 +432,9 @@ def rank_dataset(
     rank: int,
     world_size: int,
     batch_size: int,
-    start_batch: int = 0,
-    cfg: StreamConfig | None = None,
-):
-    """(the Ray Dataset behind `rank_batches`, the index of each buffer's last read task).
-
-    The dataset has one block per read task (unless Ray Data splits it), in task order, its records sorted
-    by `POS_COLUMN` and tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`; a batch's records are one contiguous
-    range of each block (see `_rank_plan`). Token columns have compact types (`record_schema`): half the
-    bytes in the object store and the batcher's buffer; `rank_batches` widens each batch."""
-    import ray.data
-    from ray.data import Datasource, ReadTask
-    from ray.data.block import BlockMetadata
-
-    cfg = cfg or StreamConfig()
+    start_batch: int,
+    cfg: StreamConfig,
+) -> _RankTasks:
     cells, pos, all_tasks = _rank_plan(
         resolved.joinids,
         seed=seed,
@@ -375,41 +457,51 @@ def rank_dataset(
         joinids=np.zeros(0, dtype=np.int64),
         tiledb_config=read_task_tiledb_config(resolved, cfg),
     )
-    block_schema = _block_schema(record_schema(src, tok, cls_id))
-    token_bytes = sum(block_schema.field(k).type.value_type.bit_width // 8 for k in TOKEN_COLUMNS)
     cache = None
     if cfg.token_cache.dir is not None:
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
-    tasks = []
-    last_task: dict[int, int] = {}  # buffer -> its last read task
+    tasks, buffer_of = [], []
+    last_task: dict[int, int] = {}
+    starts = buffer_starts(len(cells), cfg)
     for lo, hi in all_tasks:
         keep = pos[lo:hi] >= first  # resuming: cells before `first` were consumed
         if keep.any():
-            last_task[int(pos[lo]) // cfg.buffer_size] = len(tasks)
+            b = int(np.searchsorted(starts, pos[lo], "right")) - 1
+            last_task[b] = len(tasks)
+            buffer_of.append(b)
             tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
-    in_memory = (len(cells) - first) * tok.max_seq_len * token_bytes
+    plan = _RankTasks(src, tok, cls_id, cfg, tasks, last_task, buffer_of, starts, 0, cache)
+    plan.in_memory = (len(cells) - first) * tok.max_seq_len * plan.token_bytes
     # The plan's arrays (several int64 per cell of the rank) are garbage now; only `tasks` is kept. Give
     # the freed heap back: without this a 1M-cell rank kept ~30 MB more than a 100k-cell one.
     del cells, pos, all_tasks
     _trim_heap()
+    return plan
+
+
+def _tasks_dataset(plan: _RankTasks, rank: int, skip: int = 0):
+    """The Ray Dataset of `plan`'s read tasks from task `skip` on (one block per task unless Ray Data
+    splits it, in task order)."""
+    import ray.data
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    cfg, tok = plan.cfg, plan.tok
+    block_schema, token_bytes = plan.block_schema, plan.token_bytes
+    todo = range(skip, len(plan.tasks))
 
     class _RankSource(Datasource):
         def estimate_inmemory_data_size(self) -> int:
-            return in_memory
+            return plan.in_memory
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
-            def make(t: int, ids: np.ndarray, positions: np.ndarray) -> ReadTask:
+            def make(t: int) -> ReadTask:
                 def read() -> Iterator[pa.Table]:
-                    table = _read_positions(
-                        src, ids, positions, tok, cls_id, cache, cfg.read_threads
-                    )
-                    n = table.num_rows
-                    table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
-                    yield table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
+                    yield plan.read(t)
 
                 meta = BlockMetadata(
                     num_rows=None,
-                    size_bytes=len(ids) * tok.max_seq_len * token_bytes,
+                    size_bytes=len(plan.tasks[t][0]) * tok.max_seq_len * token_bytes,
                     exec_stats=None,
                     input_files=None,
                 )
@@ -417,7 +509,7 @@ def rank_dataset(
                     read, meta, schema=block_schema, per_task_row_limit=per_task_row_limit
                 )
 
-            return [make(t, ids, positions) for t, (ids, positions) in enumerate(tasks)]
+            return [make(t) for t in todo]
 
         def get_name(self) -> str:
             return f"SomaTokensRank{rank}"
@@ -427,7 +519,7 @@ def rank_dataset(
         concurrency=cfg.prefetch,
         num_cpus=cfg.read_task_cpus,
         runtime_env={"env_vars": READ_TASK_ENV},
-        override_num_blocks=max(1, len(tasks)),
+        override_num_blocks=max(1, len(todo)),
     )
     ds.context.execution_options.preserve_order = True
     # Read ahead by about one buffer: finished blocks wait in the object store until the batcher takes them,
@@ -440,7 +532,41 @@ def rank_dataset(
         * tok.max_seq_len
         * token_bytes
     )
-    return ds, last_task
+    return ds
+
+
+def rank_dataset(
+    resolved: ResolvedSource,
+    tok: TokenizerConfig,
+    cls_id: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    start_batch: int = 0,
+    cfg: StreamConfig | None = None,
+):
+    """(the Ray Dataset of every read task of `rank_batches`, the index of each buffer's last read task).
+
+    The dataset has one block per read task (unless Ray Data splits it), in task order, its records sorted
+    by `POS_COLUMN` and tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`; a batch's records are one contiguous
+    range of each block (see `_rank_plan`). Token columns have compact types (`record_schema`): half the
+    bytes in the object store and the batcher's buffer; `rank_batches` widens each batch."""
+    plan = _rank_tasks(
+        resolved,
+        tok,
+        cls_id,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        start_batch=start_batch,
+        cfg=cfg or StreamConfig(),
+    )
+    return _tasks_dataset(plan, rank), plan.last_task
 
 
 def rank_batches(
@@ -479,7 +605,8 @@ def rank_batches(
     n_batches = batches_per_rank(len(resolved.joinids), world_size, batch_size)
     if start_batch == n_batches > 0:  # resumed exactly at the end of the epoch
         return
-    ds, last_task = rank_dataset(
+    cfg = cfg or StreamConfig()
+    plan = _rank_tasks(
         resolved,
         tok,
         cls_id,
@@ -491,7 +618,8 @@ def rank_batches(
         start_batch=start_batch,
         cfg=cfg,
     )
-    buffer_size = (cfg or StreamConfig()).buffer_size
+    last_task, starts = plan.last_task, plan.starts
+    n_local = plan.buffer_of.count(plan.buffer_of[0]) if cfg.local_first_buffer else 0
     k = start_batch
     held: list[pa.Table] = []  # records of positions >= k * batch_size not yet yielded
 
@@ -529,23 +657,72 @@ def rank_batches(
 
     current = -1  # buffer of the blocks in `held` beyond the carried records
     got: dict[int, int] = {}  # records received per read task
-    # No prefetch: Ray Data would fetch blocks through a prefetcher actor (one more process mapping every
-    # block) and format them in a thread pool, while this loop already takes blocks as soon as they are
-    # done (they wait in the object store, bounded by the read-ahead cap). 1M-cell epoch, one node: peak
-    # PSS 2,439 / 2,452 -> 2,276 / 2,318 MB, RSS 3,995 / 4,074 -> 3,535 / 3,549 MB, same cells/s. A block
-    # read on another node is pulled when the batcher reaches it (a few per buffer of ~1,000 batches).
-    for block in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0):
-        if not block.num_rows:
-            continue
-        b = int(block.column(POS_COLUMN)[0].as_py()) // buffer_size
-        if b != current:  # tasks run in position order: every record before buffer b has arrived
-            yield from flush(b * buffer_size)
-            current = b
-        held.append(block)
-        t = int(block.column(TASK_COLUMN)[0].as_py())
-        got[t] = got.get(t, 0) + block.num_rows
-        if t == last_task[b] and got[t] == block.column(TASK_ROWS_COLUMN)[0].as_py():
-            # The buffer's last task is complete, so is the buffer: release its batches (and then its
-            # blocks) now, not when the next buffer's first task ends.
-            yield from flush(min((b + 1) * buffer_size, n_batches * batch_size))
+    blocks = _blocks(plan, rank, n_local)
+    try:
+        for block in blocks:
+            if not block.num_rows:
+                continue
+            b = int(np.searchsorted(starts, block.column(POS_COLUMN)[0].as_py(), "right")) - 1
+            if (
+                b != current
+            ):  # tasks run in position order: every record before buffer b has arrived
+                yield from flush(int(starts[b]))
+                current = b
+            held.append(block)
+            t = int(block.column(TASK_COLUMN)[0].as_py())
+            got[t] = got.get(t, 0) + block.num_rows
+            if t == last_task[b] and got[t] == block.column(TASK_ROWS_COLUMN)[0].as_py():
+                # The buffer's last task is complete, so is the buffer: release its batches (and then its
+                # blocks) now, not when the next buffer's first task ends.
+                yield from flush(int(starts[b + 1]))
+    finally:
+        blocks.close()
     yield from flush(n_batches * batch_size)
+
+
+def _blocks(plan: _RankTasks, rank: int, n_local: int) -> Iterator[pa.Table]:
+    """Every read task's block of `plan`, in task order. The first `n_local` are read here, in this
+    process, while Ray Data starts reading the rest on a thread: the first batch does not wait for a read
+    worker process to start (about 2 s), and that start overlaps the local reads."""
+    ray_iter = None
+    if n_local < len(plan.tasks):
+        # No prefetch: Ray Data would fetch blocks through a prefetcher actor (one more process mapping
+        # every block) and format them in a thread pool, while the batcher already takes blocks as soon as
+        # they are done (they wait in the object store, bounded by the read-ahead cap). 1M-cell epoch, one
+        # node: peak PSS 2,439 / 2,452 -> 2,276 / 2,318 MB, RSS 3,995 / 4,074 -> 3,535 / 3,549 MB, same
+        # cells/s. A block read on another node is pulled when the batcher reaches it.
+        ds = _tasks_dataset(plan, rank, skip=n_local)
+        ray_iter = iter(
+            ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        )
+    first: dict = {}
+
+    def start() -> None:
+        try:
+            first["block"] = next(ray_iter)
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised on the consuming thread
+            first["error"] = e
+
+    starter = None
+    if ray_iter is not None and n_local:
+        starter = threading.Thread(target=start, name=f"stream-start-rank{rank}", daemon=True)
+        starter.start()
+    try:
+        for t in range(n_local):
+            yield plan.read(t)
+        if starter is not None:
+            starter.join()
+            if "error" in first:
+                raise first["error"]
+            if "block" in first:
+                yield first["block"]
+        if ray_iter is not None:
+            yield from ray_iter
+    finally:
+        if starter is not None:
+            starter.join()
+        close = getattr(ray_iter, "close", None)
+        if close is not None:
+            close()  # stops the read tasks still in flight

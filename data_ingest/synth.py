@@ -386,6 +386,7 @@ def write_synthetic_census(
                 keys.RAW_LAYER,
                 type=pa.float32(),
                 shape=(cfg.n_cells, g),
+                platform_config=keys.CENSUS_X_PLATFORM_CONFIG,
             )
             bar = progress_bar(
                 total=cfg.n_cells, unit="cells", enabled=progress, desc="synth census"

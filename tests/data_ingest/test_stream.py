@@ -13,6 +13,8 @@ from data_ingest.stream import (
     _rank_plan,
     _read_tasks,
     batches_per_rank,
+    buffer_starts,
+    epoch_order,
     rank_batches,
     rank_dataset,
     rank_order,
@@ -21,7 +23,8 @@ from data_ingest.stream import (
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
 from data_ingest.vocab import GeneVocab
 
-CFG = StreamConfig(chunk_size=16, buffer_size=128, prefetch=2)
+CFG = StreamConfig(chunk_size=16, buffer_size=128, prefetch=2, first_buffer=32)
+"""A first buffer of 32 cells, then 128: the Ray tests below also cover the small first buffer."""
 BATCH = 16
 
 
@@ -195,3 +198,84 @@ def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(r
     # The source's own TileDB setting wins.
     pinned = dataclasses.replace(res, tiledb_config={"sm.compute_concurrency_level": "8"})
     assert read_task_tiledb_config(pinned, four_cpus)["sm.compute_concurrency_level"] == "8"
+
+
+def test_a_small_first_buffer_and_the_plan_stays_a_permutation():
+    cfg = StreamConfig(chunk_size=16, buffer_size=256, first_buffer=40)
+    assert buffer_starts(1000, cfg).tolist() == [0, 40, 296, 552, 808, 1000]
+    assert buffer_starts(1000, dataclasses.replace(cfg, first_buffer=0)).tolist() == [
+        0, 256, 512, 768, 1000
+    ]  # fmt: skip
+    ids = np.sort(np.random.default_rng(1).choice(5000, 1200, replace=False))
+    plans = [
+        rank_order(ids, seed=2, epoch=3, rank=r, world_size=2, batch_size=8, cfg=cfg)
+        for r in (0, 1)
+    ]
+    both = np.concatenate(plans)
+    assert len(both) == len(np.unique(both)) == 1200 and np.isin(both, ids).all()
+    # A batch's cells come from one buffer or two adjacent ones; the first batches from the small first buffer.
+    cells, pos, tasks = _rank_plan(
+        ids, seed=2, epoch=3, rank=0, world_size=2, batch_size=8, cfg=cfg
+    )
+    starts = buffer_starts(len(cells), cfg)
+    chunk_rank = np.searchsorted(starts, np.arange(len(cells)), "right") - 1  # buffer of each cell
+    assert (np.searchsorted(starts, pos, "right") - 1 == chunk_rank).all()  # positions stay in it
+    for lo, hi in tasks:  # a read task never spans two buffers
+        assert chunk_rank[lo] == chunk_rank[hi - 1]
+    # The global order moves whole chunks: each chunk's cells stay together and in joinid order.
+    order = epoch_order(ids, seed=2, epoch=3, chunk_size=16)
+    assert np.array_equal(np.sort(order), ids)
+    changes = np.flatnonzero(np.diff(order // 16)) + 1
+    assert len(changes) == len(np.unique(ids // 16)) - 1
+    assert all((np.diff(run) > 0).all() for run in np.split(order, changes))
+
+
+def test_small_chunks_mix_a_grouped_experiment_about_as_well_as_a_uniform_shuffle():
+    # 6,400 cells in 40 datasets of 160 consecutive joinids (rows grouped by dataset, as the census).
+    ids = np.arange(6400)
+    dataset = ids // 160
+    kw = dict(seed=0, epoch=0, rank=0, world_size=1, batch_size=64)
+
+    def tv(order):
+        mix = np.full(40, 1 / 40)
+        return np.mean(
+            [
+                0.5 * np.abs(np.bincount(b, minlength=40) / 64 - mix).sum()
+                for b in order.reshape(-1, 64)
+            ]
+        )
+
+    uniform = tv(dataset[np.random.default_rng(0).permutation(6400)])
+    small = tv(dataset[rank_order(ids, cfg=StreamConfig(chunk_size=8, buffer_size=2048), **kw)])
+    large = tv(dataset[rank_order(ids, cfg=StreamConfig(chunk_size=128, buffer_size=2048), **kw)])
+    assert small <= 1.1 * uniform  # close to uniform ...
+    assert (
+        large > 1.3 * uniform
+    )  # ... where large chunks are not (the statistic can tell them apart)
+
+
+def test_a_plan_that_cannot_shuffle_is_a_clear_error():
+    ids = np.arange(100, 400)
+    kw = dict(seed=0, epoch=0, rank=0, world_size=2, batch_size=16)
+    with pytest.raises(ValueError, match="no cells"):
+        rank_order(ids[:0], cfg=StreamConfig(), **kw)
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        rank_order(ids, cfg=StreamConfig(chunk_size=4, buffer_size=8), **kw)
+    with pytest.raises(ValueError, match="chunk_size=512 is larger than the selection"):
+        rank_order(ids, cfg=StreamConfig(chunk_size=512, buffer_size=2048), **kw)
+
+
+def test_the_first_buffer_read_in_process_gives_the_same_batches(ray_local, resolved):
+    res, vocab = resolved
+    tok = TokenizerConfig(max_seq_len=32)
+    kw = dict(seed=4, epoch=1, rank=1, world_size=2, batch_size=BATCH)
+    ray_only = dataclasses.replace(CFG, local_first_buffer=False)
+    want = list(rank_batches(res, tok, vocab.cls_id, cfg=ray_only, **kw))
+    got = list(rank_batches(res, tok, vocab.cls_id, cfg=CFG, **kw))
+    assert len(got) == len(want) and all(a.equals(b) for a, b in zip(got, want, strict=True))
+    resumed = list(rank_batches(res, tok, vocab.cls_id, cfg=CFG, start_batch=11, **kw))
+    assert all(a.equals(b) for a, b in zip(resumed, want[11:], strict=True))
+    # One buffer for the whole epoch: every read happens here, Ray Data reads nothing.
+    whole = dataclasses.replace(CFG, buffer_size=4096, first_buffer=0)
+    one = list(rank_batches(res, tok, vocab.cls_id, cfg=whole, **kw))
+    assert [c for b in _ids(one) for c in b] == rank_order(res.joinids, cfg=whole, **kw).tolist()

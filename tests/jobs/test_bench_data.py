@@ -22,3 +22,14 @@ def test_tv_distance_to_the_global_mix():
     both = [dominated, np.arange(64) % 8] * 4
     assert _distinct(both) == 8.0 and _tv(both) == pytest.approx(0.383, abs=1e-3)
     assert _tv([]) == 0.0
+
+
+def test_reader_specs_name_their_own_chunk_and_buffer():
+    from jobs.bench.data import _reader_spec
+
+    assert _reader_spec("ours") == ("ours", 0, 0)
+    assert _reader_spec("ours:2048:65536") == ("ours", 2048, 65536)
+    assert _reader_spec("ours-cached:256:131072") == ("ours-cached", 256, 131072)
+    for bad in ("raw:1:2", "ours:2048", "theirs"):
+        with pytest.raises(ValueError, match="unknown reader"):
+            _reader_spec(bad)
