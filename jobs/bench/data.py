@@ -213,6 +213,7 @@ def run_ours(
     task_cells: int = 0,
     read_threads: int = 0,
     first_buffer: int = -1,
+    local_first_buffer: bool = True,
 ) -> dict:
     """Our stream, timed over epoch 0; with `cache_dir`, epoch 0 fills the token cache (timed as
     `fill_seconds`) and the result is epoch 1, served from the cache."""
@@ -251,6 +252,7 @@ def run_ours(
     cfg.task_cells = task_cells or cfg.task_cells
     if first_buffer >= 0:
         cfg.first_buffer = first_buffer
+    cfg.local_first_buffer = local_first_buffer
     if cache_dir:
         cfg.token_cache = TokenCacheConfig(dir=cache_dir)
 
@@ -468,6 +470,7 @@ def _worker(a: argparse.Namespace) -> int:
                     a.task_cells,
                     a.read_threads,
                     a.first_buffer,
+                    not a.no_local_first_buffer,
                 )
                 if cache:
                     out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*")) / 2**20
@@ -540,6 +543,11 @@ def main(argv: list[str]) -> int:
         help="our stream's first buffer (0 = no ramp, -1 = StreamConfig default)",
     )
     p.add_argument(
+        "--no-local-first-buffer",
+        action="store_true",
+        help="our stream reads its first buffer with Ray Data too (StreamConfig.local_first_buffer off)",
+    )
+    p.add_argument(
         "--task-cells", type=int, default=0, help="our read task size (0 = StreamConfig default)"
     )
     p.add_argument(
@@ -586,6 +594,7 @@ def main(argv: list[str]) -> int:
         cmd += ["--object-store-mb", str(a.object_store_mb), "--prefetch", str(a.prefetch)]
         cmd += ["--task-cells", str(a.task_cells), "--read-threads", str(a.read_threads)]
         cmd += ["--first-buffer", str(a.first_buffer)]
+        cmd += ["--no-local-first-buffer"] if a.no_local_first_buffer else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:

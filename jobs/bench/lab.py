@@ -37,6 +37,7 @@ from data_ingest.tokenize import TokenizerConfig, tokenize_csr
 from scgpt_dist.collate import collate, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
 from scgpt_dist.evaluate import embedding_scores, gep_baselines, model_scores, with_fixed_masks
+from scgpt_dist.losses import cce_loss
 from scgpt_dist.model import build_model
 from scgpt_dist.train_module import compute_loss, lr_lambda, param_groups
 
@@ -102,6 +103,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="initial gain of the value embedding's LayerNorm",
     )
     add("--objectives", default="{}", help="extra ObjectiveConfig fields as JSON")
+    add(
+        "--thin",
+        type=float,
+        default=0.0,
+        help="contrastive views from binomially thinned counts: keep each count with this probability, "
+        "twice independently, re-tokenise, and pull the two views' cell embeddings together (InfoNCE "
+        "over the batch); 0 = off",
+    )
+    add("--thin-weight", type=float, default=1.0, help="weight of the thinned-views contrast")
+    add("--thin-temp", type=float, default=0.1, help="its temperature")
     add("--mask", type=float, default=0.4)
     add("--lr", type=float, default=3e-3)
     add("--weight-decay", type=float, default=0.01)
@@ -200,6 +211,20 @@ def main(argv: list[str]) -> int:
         b = collate(table.take(pa.array(train[rng.integers(0, len(train), a.batch)])), PAD_ID)
         values_in, mask = mask_values(b.values, a.mask, gen)
         loss, parts = compute_loss(model, b, values_in, mask, obj, generator=gen)
+        if a.thin > 0:
+            rows = train[rng.integers(0, len(train), a.batch)]
+            embs = []
+            for _ in range(2):
+                Xv = X[rows].copy()
+                Xv.data = rng.binomial(Xv.data.astype(np.int64), a.thin).astype(np.float32)
+                Xv.eliminate_zeros()
+                v = collate(token_table(Xv, types[rows], datasets[rows], tok), PAD_ID)
+                embs.append(model(v.genes, v.values, v.padding, v.batch)["cell_emb"])
+            contrast = 0.5 * (
+                cce_loss(embs[0], embs[1], a.thin_temp) + cce_loss(embs[1], embs[0], a.thin_temp)
+            )
+            loss = loss + a.thin_weight * contrast
+            parts["thin"] = contrast.detach()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -21,3 +21,16 @@ def test_the_recipe_reads_context_on_exact_data(tmp_path):
     assert last["step"] == 300
     assert last["gep"] < 0.1 * base["per_gene_mean"]  # context-free guessing is ~150 squared bins
     assert r["history"][0]["gep"] > base["per_gene_mean"]  # at initialisation it is worse than that
+
+
+def test_thinned_count_views_add_a_contrast_term(tmp_path):
+    out = tmp_path / "lab.json"
+    argv = [
+        "--data", "census", "--cells", "400", "--genes", "200", "--types", "3", "--datasets", "2",
+        "--steps", "4", "--eval-every", "4", "--d", "16", "--layers", "1", "--heads", "2",
+        "--eval-cells", "80", "--batch", "16", "--thin", "0.5", "--out", str(out),
+    ]  # fmt: skip
+    assert lab.main(argv) == 0
+    last = json.loads(out.read_text())["history"][-1]
+    # Symmetric InfoNCE over 16 cells: about ln 16 = 2.77 before any learning, never negative.
+    assert 0.0 < last["train_thin"] < 4.0

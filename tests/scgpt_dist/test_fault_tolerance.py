@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 from mlflow.tracking import MlflowClient
 
 from scgpt_dist.checkpoint import CheckpointError, validate_checkpoint
@@ -138,7 +139,8 @@ def test_resource_check_names_the_numbers_and_the_knobs(ray_local, tiny_override
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
     """Preemption: SIGTERM to the job's entry point makes the workers checkpoint after the current step and
-    the job exit with 75; the same command again continues to the end with every step logged once."""
+    the job exit with 75; the same command again continues. Then a SIGKILLed driver: the same command once
+    more resumes from the newest complete checkpoint and finishes, with every step logged once."""
     from scgpt_dist.checkpoint import find_latest_checkpoint, read_meta
     from scgpt_dist.preemption import EXIT_PREEMPTED
 
@@ -175,8 +177,33 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.get_run(run_id).data.tags["preempted_at_step"] == str(stopped)
 
+    # The driver SIGKILLed (no handler runs, no checkpoint of its own) after the resumed run's next
+    # checkpoint: Ray's processes share its fate, and the same command once more finishes the run.
+    resumed = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while read_meta(find_latest_checkpoint(out))["step"] <= stopped:
+            assert resumed.poll() is None, resumed.stdout.read()[-5000:]
+            assert time.time() < deadline, "no new checkpoint within 300 s"
+            time.sleep(0.2)
+        ray_processes = psutil.Process(resumed.pid).children(recursive=True)
+        resumed.kill()
+        resumed.communicate(timeout=60)
+        # Nothing of the killed job lives on to write into the run directory beside the next one.
+        _, alive = psutil.wait_procs(ray_processes, timeout=60)
+        assert not alive, [p.name() for p in alive]
+    finally:
+        if resumed.poll() is None:
+            resumed.kill()
+    assert resumed.returncode == -signal.SIGKILL
+    killed_at = read_meta(find_latest_checkpoint(out))["step"]
+    assert stopped < killed_at < 200
+
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert client.get_run(run_id).data.tags["resumed_from"].endswith(f"step_{killed_at:08d}")
     assert read_meta(find_latest_checkpoint(out))["step"] == 200
     steps = [m.step for m in client.get_metric_history(run_id, "loss")]
     assert len(steps) == len(set(steps))  # each step once
