@@ -143,7 +143,10 @@ STALL_PHASES = {
         "inside a training step (forward, backward, optimizer, collectives): another rank may have died "
         "or stopped, so this one waits in a collective"
     ),
-    "checkpoint": "writing a checkpoint: the storage (train.storage_path) may not be answering",
+    "checkpoint": (
+        "writing a checkpoint: the storage (train.storage_path) may not be answering, or another rank is "
+        "stuck before the checkpoint's barrier (see its own line)"
+    ),
     "eval": "in the in-training evaluation (eval.every)",
 }
 

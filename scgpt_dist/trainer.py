@@ -50,6 +50,7 @@ from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
 from scgpt_dist.lineage import joinid_digest, log_lineage
 from scgpt_dist.preemption import (
+    STALL_PHASES,
     SigtermRelay,
     StallWatchdog,
     StopFlag,
@@ -557,7 +558,9 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         client.set_terminated(run_id, status="FAILED")
         stalled = stall_reports(out / "workers")
         if stalled:  # say what was stuck, not only that a worker died
-            raise RuntimeError(stalled[0]) from err
+            # A rank waiting for data is a cause; ranks waiting for it in a barrier are its consequence.
+            stalled.sort(key=lambda m: STALL_PHASES["data"] not in m)
+            raise RuntimeError(" | ".join(stalled)) from err
         raise
     wall = time.perf_counter() - t0
     latest = find_latest_checkpoint(storage)

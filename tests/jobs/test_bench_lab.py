@@ -26,7 +26,7 @@ def test_the_recipe_reads_context_on_exact_data(tmp_path):
 def test_thinned_count_views_add_a_contrast_term(tmp_path):
     out = tmp_path / "lab.json"
     argv = [
-        "--data", "census", "--cells", "400", "--genes", "200", "--types", "3", "--datasets", "2",
+        "--data", "exact", "--cells", "400", "--genes", "100", "--types", "3", "--datasets", "2",
         "--steps", "4", "--eval-every", "4", "--d", "16", "--layers", "1", "--heads", "2",
         "--eval-cells", "80", "--batch", "16", "--thin", "0.5", "--out", str(out),
     ]  # fmt: skip
