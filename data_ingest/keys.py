@@ -80,8 +80,8 @@ CENSUS_X_PLATFORM_CONFIG = {
     }
 }
 """TileDB schema of X as the CELLxGENE Census builder writes it (2,048 x 2,048 space tiles, data tiles of 2^16
-values, byte-shuffled zstd; the census's positive-delta filter on soma_dim_0 needs writes in global order,
-which ours are not, so plain zstd). Our writers use it so reads cost what they cost on the census: small
+values, byte-shuffled zstd; the census's positive-delta filter on soma_dim_0 rejected our unordered writes,
+so plain zstd there). Our writers use it so reads cost what they cost on the census: small
 shuffle chunks decode less beyond their own rows than with TileDB-SOMA's defaults (100,000-value data tiles,
 16,384 synthetic cells at 3,000 genes in 128-cell chunks: 20.8k against 12.2k cells/s on one thread)."""
 

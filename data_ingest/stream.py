@@ -11,8 +11,8 @@ The census stores cells grouped by dataset, so reading contiguous rows gives bat
    epoch, whose order differs). Every rank does the same number of batches.
 3. **Gather.** A rank's slice is taken `buffer_size` cells at a time (about `buffer_size / chunk_size` chunks
    from different places; the first buffer is a small `first_buffer`, so the first batch comes soon) and the
-   cells of one buffer are permuted by a generator seeded by `(seed, epoch, rank, buffer)`. A buffer is read by several Ray Data read tasks (`task_cells` cells each,
-   whole chunks where possible), which tokenize. Inside each batch the cells are then grouped by read task,
+   cells of one buffer are permuted by a generator seeded by `(seed, epoch, rank, buffer)`. A buffer is read
+   by several Ray Data read tasks (`task_cells` cells each, whole chunks where possible), which tokenize. Inside each batch the cells are then grouped by read task,
    so the rank's iterator builds a batch from one slice of each task's records.
 
 Batch `k` of a rank is the cells at positions `k*B .. (k+1)*B - 1` of that rank's order, minus the cells the
@@ -113,8 +113,8 @@ class StreamConfig:
     26k in 256, 19k in 128. See the README's loader table for the trade-off with `buffer_size`."""
     buffer_size: int = 131072
     """Cells shuffled together (after the first buffer): a batch draws from about `buffer_size / chunk_size`
-    chunks. 256 / 131,072 (512 chunks) gives 97% of a uniform shuffle's distinct datasets per 64-cell batch
-    on 500k cells in 80 datasets; 2,048 / 65,536 (32 chunks) gave 56%. The iterator holds one buffer of
+    chunks. 256 / 131,072 (512 chunks) gives 96% of a uniform shuffle's distinct datasets per 64-cell batch
+    on 500k cells in 80 datasets; 2,048 / 65,536 (32 chunks) gives 60%. The iterator holds one buffer of
     compact token records (about `buffer_size x max_seq_len x 3` bytes at most) and Ray Data reads about
     one buffer ahead."""
     task_cells: int = 16384
@@ -141,7 +141,7 @@ class StreamConfig:
     1.07 s with two single-threaded queries, 1.2 s with one two-threaded query)."""
     first_buffer: int = 4096
     """Size of the epoch's first buffer (the others are `buffer_size`). A batch waits for its whole buffer
-    to be read, so a small first buffer brings the first batch sooner: 0.6 s instead of 4.6 s on 500k cells
+    to be read, so a small first buffer brings the first batch sooner: 0.7 s instead of 4.6 s on 500k cells
     x 3,000 genes (with `local_first_buffer`). Its batches mix fewer chunks, but they are a few dozen per
     epoch; doubling buffers up to `buffer_size` instead left a quarter of a 500k-cell epoch less mixed. A
     resume keeps the epoch's buffers. `0` or `>= buffer_size`: every buffer is `buffer_size`."""
@@ -221,7 +221,7 @@ def epoch_order(joinids: np.ndarray, *, seed: int, epoch: int, chunk_size: int) 
     return np.asarray(joinids, np.int64)[take]
 
 
-def check_plan(joinids: np.ndarray, *, world_size: int, batch_size: int, cfg: StreamConfig) -> None:
+def check_plan(joinids: np.ndarray, *, batch_size: int, cfg: StreamConfig) -> None:
     """Raise a `ValueError` naming the knob when `cfg` cannot shuffle this selection as documented."""
     n = len(joinids)
     if n == 0:
@@ -262,7 +262,7 @@ def _rank_plan(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world_size {world_size}")
-    check_plan(joinids, world_size=world_size, batch_size=batch_size, cfg=cfg)
+    check_plan(joinids, batch_size=batch_size, cfg=cfg)
     n_batches = batches_per_rank(len(joinids), world_size, batch_size)
     if n_batches == 0:
         raise ValueError(
@@ -394,13 +394,20 @@ class _RankTasks:
     cfg: StreamConfig
     tasks: list[tuple[np.ndarray, np.ndarray]]
     last_task: dict[int, int]
-    """Buffer -> the index of its last read task."""
-    buffer_of: list[int]
-    """Buffer of each read task."""
+    """Buffer -> the index of its last read task (buffers come in task order)."""
     starts: np.ndarray
     """`buffer_starts` of the rank's epoch."""
-    in_memory: int
     cache: CacheEntry | None
+
+    @property
+    def in_memory(self) -> int:
+        """Bytes of the records the tasks make, at most."""
+        return sum(len(ids) for ids, _ in self.tasks) * self.tok.max_seq_len * self.token_bytes
+
+    @property
+    def first_buffer_tasks(self) -> int:
+        """Read tasks of the first buffer still to read."""
+        return self.last_task[min(self.last_task)] + 1 if self.last_task else 0
 
     @property
     def block_schema(self) -> pa.Schema:
@@ -460,18 +467,15 @@ def _rank_tasks(
     cache = None
     if cfg.token_cache.dir is not None:
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
-    tasks, buffer_of = [], []
+    tasks = []
     last_task: dict[int, int] = {}
     starts = buffer_starts(len(cells), cfg)
     for lo, hi in all_tasks:
         keep = pos[lo:hi] >= first  # resuming: cells before `first` were consumed
         if keep.any():
-            b = int(np.searchsorted(starts, pos[lo], "right")) - 1
-            last_task[b] = len(tasks)
-            buffer_of.append(b)
+            last_task[int(np.searchsorted(starts, pos[lo], "right")) - 1] = len(tasks)
             tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
-    plan = _RankTasks(src, tok, cls_id, cfg, tasks, last_task, buffer_of, starts, 0, cache)
-    plan.in_memory = (len(cells) - first) * tok.max_seq_len * plan.token_bytes
+    plan = _RankTasks(src, tok, cls_id, cfg, tasks, last_task, starts, cache)
     # The plan's arrays (several int64 per cell of the rank) are garbage now; only `tasks` is kept. Give
     # the freed heap back: without this a 1M-cell rank kept ~30 MB more than a 100k-cell one.
     del cells, pos, all_tasks
@@ -619,7 +623,7 @@ def rank_batches(
         cfg=cfg,
     )
     last_task, starts = plan.last_task, plan.starts
-    n_local = plan.buffer_of.count(plan.buffer_of[0]) if cfg.local_first_buffer else 0
+    n_local = plan.first_buffer_tasks if cfg.local_first_buffer else 0
     k = start_batch
     held: list[pa.Table] = []  # records of positions >= k * batch_size not yet yielded
 
@@ -663,9 +667,8 @@ def rank_batches(
             if not block.num_rows:
                 continue
             b = int(np.searchsorted(starts, block.column(POS_COLUMN)[0].as_py(), "right")) - 1
-            if (
-                b != current
-            ):  # tasks run in position order: every record before buffer b has arrived
+            # Tasks run in position order: every record before buffer b has arrived.
+            if b != current:
                 yield from flush(int(starts[b]))
                 current = b
             held.append(block)

@@ -540,7 +540,7 @@ def main(argv: list[str]) -> int:
         "--first-buffer",
         type=int,
         default=-1,
-        help="our stream's first buffer (0 = no ramp, -1 = StreamConfig default)",
+        help="our stream's first buffer (0 = as large as the others, -1 = StreamConfig default)",
     )
     p.add_argument(
         "--no-local-first-buffer",
@@ -558,7 +558,7 @@ def main(argv: list[str]) -> int:
         "filled by a whole epoch 0 in a temporary directory)",
     )
     p.add_argument("--json-out", default=None)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=READERS, help=argparse.SUPPRESS)
     p.add_argument("--exp", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
