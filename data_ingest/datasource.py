@@ -23,14 +23,18 @@ from data_ingest import keys
 from data_ingest.source import ResolvedSource, open_experiment
 from data_ingest.tokenize import (
     RECORD_SCHEMA,
+    TOKEN_COLUMNS,
+    VIEW_COLUMNS,
     TokenizerConfig,
     TokenizeStats,
+    attach_views,
     check_values,
     compact_record_schema,
     record_table,
+    thin_streams,
     tokenize_segments_into,
 )
-from data_ingest.tokenize_kernel import compact_slots, coo_segments
+from data_ingest.tokenize_kernel import compact_slots, coo_segments, thin_segments
 
 IO_CELLS = 2048
 """Cells per X read query inside a read task: bounds the raw (COO) data held at once, whatever the task size."""
@@ -89,6 +93,9 @@ def read_token_table(
     genes = np.empty(n * stride, schema.field(keys.GENES).type.value_type.to_pandas_dtype())
     values = np.empty(n * stride, schema.field(keys.VALUES).type.value_type.to_pandas_dtype())
     lengths = np.empty(n, np.int64)
+    views = []
+    if tok.thinned_view > 0:  # slots of the two views' records, in the same places
+        views = [(np.empty_like(genes), np.empty_like(values), np.empty(n, np.int64)) for _ in "12"]
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
         obs = exp.obs.read(coords=(joinids,), column_names=obs_cols).concat().to_pandas()
@@ -142,11 +149,55 @@ def read_token_table(
                         values,
                         lengths[lo:hi],
                     )
+                    if views:
+                        # Each cell's draws come from its id and (in the stream) its position in the
+                        # epoch: other views each epoch, the same ones on a resume.
+                        segments = _segments(ids, rows)
+                        epoch_keys = np.zeros(hi - lo) if order_key is None else order_key[lo:hi]
+                        thinned = np.empty(len(vals), np.float32)
+                        for v, (v_genes, v_values, v_lengths) in enumerate(views):
+                            streams = thin_streams(tok.seed, ids, epoch_keys, v)
+                            thin_segments(*segments, cols, vals, streams, tok.thinned_view, thinned)
+                            tokenize_segments_into(
+                                *segments,
+                                cols,
+                                thinned,
+                                ids,
+                                src.feature_tokens,
+                                tok,
+                                cls_id,
+                                TokenizeStats(),
+                                starts[lo:hi],
+                                v_genes,
+                                v_values,
+                                v_lengths[lo:hi],
+                            )
         finally:
             for h in handles:
                 h.close()
     cell_at = np.empty(n, np.int64)  # cell in each slot
     cell_at[slot] = np.arange(n)
+    base = pa.schema([f for f in schema if f.name not in VIEW_COLUMNS])
+    table = _slot_records(genes, values, lengths, cell_at, stride, joinids, batch, labels, base)
+    if not views:
+        return table
+    halves = [_slot_records(*v, cell_at, stride, joinids, batch, labels, base) for v in views]
+    return attach_views(table, halves)
+
+
+def _slot_records(
+    genes: np.ndarray,
+    values: np.ndarray,
+    lengths: np.ndarray,
+    cell_at: np.ndarray,
+    stride: int,
+    joinids: np.ndarray,
+    batch: np.ndarray,
+    labels: np.ndarray,
+    schema: pa.Schema,
+) -> pa.Table:
+    """The records written to slots of `stride` entries (`cell_at`: the cell in each slot; `lengths`
+    per cell, 0 = skipped), closed up in place."""
     slot_lengths = lengths[cell_at]
     total = compact_slots(genes, values, stride, slot_lengths)
     kept = slot_lengths > 0
@@ -169,10 +220,14 @@ def record_schema(
 ) -> pa.Schema:
     """The schema of `read_token_table`'s records: `RECORD_SCHEMA`, or with `compact` the narrowest token
     types for this vocabulary (every id `src.feature_tokens` maps to, and `cls_id`) and `tok.n_bins`."""
-    if not compact:
-        return RECORD_SCHEMA
-    n_tokens = max(int(np.max(src.feature_tokens, initial=-1)), cls_id) + 1
-    return compact_record_schema(n_tokens, tok.n_bins)
+    schema = RECORD_SCHEMA
+    if compact:
+        n_tokens = max(int(np.max(src.feature_tokens, initial=-1)), cls_id) + 1
+        schema = compact_record_schema(n_tokens, tok.n_bins)
+    if tok.thinned_view > 0:
+        for name, key in zip(VIEW_COLUMNS, TOKEN_COLUMNS * 2, strict=True):
+            schema = schema.append(pa.field(name, schema.field(key).type))
+    return schema
 
 
 def _coo_arrays(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -228,7 +283,8 @@ class SomaTokenDatasource(Datasource):
                 exec_stats=None,
                 input_files=None,
             )
-            return ReadTask(read, meta, schema=RECORD_SCHEMA, per_task_row_limit=per_task_row_limit)
+            schema = record_schema(src, tok, cls_id, compact=False)
+            return ReadTask(read, meta, schema=schema, per_task_row_limit=per_task_row_limit)
 
         return [make(c) for c in chunks if len(c)]
 

@@ -11,6 +11,10 @@ MODALITY = "modality"
 CELL_ID = "cell_id"
 LABEL = "label"
 PERTURBATION = "perturbation"
+# Two more records of the same cell from its counts split in two (tokenizer.thinned_view), for the
+# thinned-view contrast (objectives.cce_view: thinned): view i's columns are VIEW_GENES[i], VIEW_VALUES[i].
+VIEW_GENES = ("view1_genes", "view2_genes")
+VIEW_VALUES = ("view1_values", "view2_values")
 
 # Special gene tokens, in the order they get ids in a new vocabulary.
 PAD_TOKEN = "<pad>"

@@ -43,7 +43,13 @@ from data_ingest import keys
 from data_ingest.cache import CacheEntry, TokenCacheConfig
 from data_ingest.datasource import read_token_table, record_schema
 from data_ingest.source import ResolvedSource
-from data_ingest.tokenize import RECORD_SCHEMA, TOKEN_COLUMNS, TokenizerConfig, widen
+from data_ingest.tokenize import (
+    RECORD_SCHEMA,
+    TOKEN_COLUMNS,
+    VIEW_COLUMNS,
+    TokenizerConfig,
+    widen,
+)
 
 POS_COLUMN = "_pos"
 """Position of a cell in its rank's epoch order; carried from read tasks to the batcher, then dropped."""
@@ -416,7 +422,11 @@ class _RankTasks:
     @property
     def token_bytes(self) -> int:
         schema = self.block_schema
-        return sum(schema.field(k).type.value_type.bit_width // 8 for k in TOKEN_COLUMNS)
+        return sum(
+            schema.field(k).type.value_type.bit_width // 8
+            for k in TOKEN_COLUMNS + VIEW_COLUMNS
+            if k in schema.names
+        )
 
     def read(self, t: int) -> pa.Table:
         """Task `t`'s records in position order, tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`."""
@@ -466,6 +476,11 @@ def _rank_tasks(
     )
     cache = None
     if cfg.token_cache.dir is not None:
+        if tok.thinned_view > 0:
+            raise ValueError(
+                "data.stream.token_cache.dir is set, but the cache holds token records and "
+                "tokenizer.thinned_view needs each cell's counts every epoch: unset one of them"
+            )
         cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
     tasks = []
     last_task: dict[int, int] = {}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import scipy.sparse as sp
 
 from data_ingest import keys, tokenize_kernel
 from data_ingest.binning import bin_nonzero
@@ -40,6 +41,8 @@ RECORD_SCHEMA = pa.schema(
 
 TOKEN_COLUMNS = (keys.GENES, keys.VALUES)
 """The record columns holding one entry per token."""
+VIEW_COLUMNS = (keys.VIEW_GENES[0], keys.VIEW_VALUES[0], keys.VIEW_GENES[1], keys.VIEW_VALUES[1])
+"""The two thinned views' token columns (tokenizer.thinned_view), typed as `TOKEN_COLUMNS`."""
 
 
 def compact_record_schema(n_tokens: int, n_bins: int) -> pa.Schema:
@@ -56,9 +59,9 @@ def compact_record_schema(n_tokens: int, n_bins: int) -> pa.Schema:
 
 def widen(table: pa.Table) -> pa.Table:
     """`table` (records in a `compact_record_schema`) with `RECORD_SCHEMA`'s token types."""
-    for name in TOKEN_COLUMNS:
-        i, wide = table.schema.get_field_index(name), RECORD_SCHEMA.field(name)
-        if table.schema.field(i).type != wide.type:
+    for name, like in zip(TOKEN_COLUMNS + VIEW_COLUMNS, TOKEN_COLUMNS * 3, strict=True):
+        i, wide = table.schema.get_field_index(name), RECORD_SCHEMA.field(like).with_name(name)
+        if i >= 0 and table.schema.field(i).type != wide.type:
             table = table.set_column(i, wide, table.column(i).cast(wide.type))
     return table
 
@@ -98,6 +101,11 @@ class TokenizerConfig:
     between its left and right bin (the scGPT reference), `mid` in the middle bin, so equal counts of a
     cell get equal bins (the default: random ties add noise the model cannot predict, docs/learning.md)."""
 
+    thinned_view: float = 0.0
+    """With p > 0 each record also carries two more records of the same cell (`VIEW_COLUMNS`), each from
+    its counts thinned independently (`thin_csr`: every count kept with probability p) and tokenised
+    afresh (its own bins and top genes), for the thinned-view contrast (objectives.cce_view: thinned): the
+    views share the cell's type, state and batch, and only part of its counting noise."""
     gene_selection: str = "top"
     """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
     the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
@@ -111,6 +119,11 @@ class TokenizerConfig:
             )
         if self.tie_break not in TIE_BREAKS:
             raise ValueError(f"tokenizer.tie_break={self.tie_break!r}; choose one of {TIE_BREAKS}")
+        if not 0.0 <= self.thinned_view < 1.0:
+            raise ValueError(
+                f"tokenizer.thinned_view={self.thinned_view}; it is a keep probability in (0, 1), "
+                "or 0 for no view"
+            )
         if self.n_bins < 3:
             raise ValueError(
                 f"tokenizer.n_bins={self.n_bins}; it needs at least 3 (0 plus two bins)"
@@ -240,6 +253,59 @@ def tokenize_csr(
     if len(parts) == 1:
         return parts[0]
     return pa.concat_tables(parts) if parts else RECORD_SCHEMA.empty_table()
+
+
+SALT_THIN = 3
+"""Hash purpose: thinned views (tokenizer.thinned_view); view v uses SALT_THIN + v."""
+
+
+def thin_streams(seed: int, cell_ids: np.ndarray, epoch_keys: np.ndarray, view: int) -> np.ndarray:
+    """One uint64 stream per cell for thinned view `view`, from the cell id and a per-cell key (in the
+    stream: the cell's position in the epoch, so another view each epoch and the same one on a resume)."""
+    keys_ = mix64(np.asarray(epoch_keys, dtype=np.int64).astype(np.uint64) + _GOLDEN)
+    return mix64(cell_streams(seed, cell_ids, SALT_THIN + view) ^ keys_)
+
+
+def thin_csr(
+    X: sp.csr_matrix, p: float, seed: int, cell_ids: np.ndarray, epoch_keys: np.ndarray, view: int
+) -> sp.csr_matrix:
+    """`X` (cells `cell_ids`) with every count kept with probability `p` (`tokenize_kernel.thin_segments`;
+    the same draws as the stream's read tasks make for the same cell, key and view)."""
+    n = X.shape[0]
+    out = np.empty(len(X.data), np.float32)
+    tokenize_kernel.thin_segments(
+        np.arange(n + 1, dtype=np.int64),
+        X.indptr[:-1].astype(np.int64),
+        X.indptr[1:].astype(np.int64),
+        X.indices.astype(np.int64),
+        X.data.astype(np.float64),
+        thin_streams(seed, cell_ids, epoch_keys, view),
+        float(p),
+        out,
+    )
+    return sp.csr_matrix((out, X.indices, X.indptr), shape=X.shape)
+
+
+def attach_views(records: pa.Table, views: list[pa.Table]) -> pa.Table:
+    """`records` with each of `views`' token columns as `VIEW_COLUMNS`, matched by cell id; a cell a view
+    lost (too few genes left after thinning) gets its own record there."""
+    ids = records.column(keys.CELL_ID).to_numpy()
+    tokens = records.select(list(TOKEN_COLUMNS))
+    for i, view in enumerate(views):
+        vids = view.column(keys.CELL_ID).to_numpy()
+        order = np.argsort(vids, kind="stable")
+        at = (
+            order[np.searchsorted(vids, ids, sorter=order).clip(0, len(vids) - 1)]
+            if len(vids)
+            else ids
+        )
+        found = (vids[at] == ids) if len(vids) else np.zeros(len(ids), bool)
+        both = pa.concat_tables([view.select(list(TOKEN_COLUMNS)).cast(tokens.schema), tokens])
+        picked = both.take(pa.array(np.where(found, at, len(vids) + np.arange(len(ids)))))
+        for name, key in ((keys.VIEW_GENES[i], keys.GENES), (keys.VIEW_VALUES[i], keys.VALUES)):
+            field = pa.field(name, tokens.schema.field(key).type)
+            records = records.append_column(field, picked[key])
+    return records
 
 
 def _kernel_args(cfg: TokenizerConfig, cls_id: int, cell_ids: np.ndarray) -> tuple:

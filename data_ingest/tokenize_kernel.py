@@ -532,3 +532,43 @@ def tokenize_into(
                         out += 1
         lengths[i] = out - starts[i]
     return truncated
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _uniform(h):
+    """A uniform in [0, 1) from the top 53 bits of a hash."""
+    return np.float64(h >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+
+@numba.njit(cache=True, nogil=True)
+def thin_segments(seg_ptr, seg_lo, seg_hi, indices, data, streams, p, out):
+    """Binomially thin cell `i`'s entries (its segments, as `tokenize_into` takes them) with keep
+    probability `p`, drawing from `streams[i]` and each entry's column only, so a cell's draw does not
+    depend on which cells are read with it. A whole-number value is a count: each of its units is kept
+    with probability `p` (above 64 units, a normal approximation of the binomial); any other value is
+    kept whole with probability `p`. Writes the thinned values to `out` at the entries' places."""
+    big = 64
+    for i in range(len(seg_ptr) - 1):
+        for s in range(seg_ptr[i], seg_ptr[i + 1]):
+            for e in range(seg_lo[s], seg_hi[s]):
+                v = data[e]
+                h = _gene_hash(streams[i], indices[e])
+                if v <= 0:
+                    out[e] = 0.0
+                elif v != np.floor(v):
+                    out[e] = v if _uniform(h) < p else 0.0
+                elif v <= big:
+                    kept = 0
+                    for _ in range(int(v)):
+                        h = _mix64(h + _GOLDEN)
+                        if _uniform(h) < p:
+                            kept += 1
+                    out[e] = kept
+                else:  # Box-Muller from two more draws
+                    h1 = _mix64(h + _GOLDEN)
+                    h2 = _mix64(h1 + _GOLDEN)
+                    z = np.sqrt(-2.0 * np.log(1.0 - _uniform(h1))) * np.cos(
+                        2.0 * np.pi * _uniform(h2)
+                    )
+                    k = np.floor(v * p + z * np.sqrt(v * p * (1.0 - p)) + 0.5)
+                    out[e] = min(max(k, 0.0), v)

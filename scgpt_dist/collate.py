@@ -25,6 +25,9 @@ class Batch:
     """Modality (data_ingest.keys.MODALITY_*) per cell (B,) or per token (B, L), when the records carry it."""
     perturbation: torch.Tensor | None = None
     """Per-gene perturbation flags (padding = 2), when the records carry them."""
+    views: tuple[Batch, Batch] | None = None
+    """The same cells' two thinned-count records (`keys.VIEW_GENES[i]` / `keys.VIEW_VALUES[i]`), when the
+    records carry them (tokenizer.thinned_view > 0)."""
 
     @property
     def n_tokens(self) -> int:
@@ -59,6 +62,17 @@ def collate(table: pa.Table, pad_id: int) -> Batch:
             modality = torch.from_numpy(col.to_numpy().astype(np.int64))
     if keys.PERTURBATION in table.column_names:
         perturbation = torch.from_numpy(_pad_lists(table[keys.PERTURBATION], 2, np.int64))
+    views = None
+    if keys.VIEW_GENES[0] in table.column_names:
+        views = tuple(
+            collate(
+                table.select([g, v, keys.BATCH, keys.CELL_ID]).rename_columns(
+                    [keys.GENES, keys.VALUES, keys.BATCH, keys.CELL_ID]
+                ),
+                pad_id,
+            )
+            for g, v in zip(keys.VIEW_GENES, keys.VIEW_VALUES, strict=True)
+        )
     return Batch(
         genes=torch.from_numpy(genes),
         values=torch.from_numpy(values),
@@ -70,6 +84,7 @@ def collate(table: pa.Table, pad_id: int) -> Batch:
         cell_id=torch.from_numpy(table[keys.CELL_ID].to_numpy().astype(np.int64)),
         modality=modality,
         perturbation=perturbation,
+        views=views,
     )
 
 

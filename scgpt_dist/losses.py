@@ -157,8 +157,13 @@ def total_loss(
         elif name == "ecs":
             value = ecs_loss(out["cell_emb"], cfg.ecs_threshold)
         elif name == "cce":
-            if "cce_view1" in out:  # objectives.cce_view: split (train_module.split_views)
-                value = cce_loss(out["cce_view1"], out["cce_view2"], cfg.cce_temp)
+            if (
+                "cce_view1" in out
+            ):  # objectives.cce_view: split or thinned (train_module.compute_loss)
+                one, two = out["cce_view1"], out["cce_view2"]
+                value = cce_loss(one, two, cfg.cce_temp)
+                if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor
+                    value = 0.5 * (value + cce_loss(two, one, cfg.cce_temp))
             elif "cell_emb2" in out:
                 value = cce_loss(out["cell_emb"], out["cell_emb2"], cfg.cce_temp)
             else:

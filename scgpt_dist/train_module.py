@@ -211,6 +211,17 @@ def compute_loss(
             out.update({k: v for k, v in views[0].items() if k.startswith("gepc_query")})
         if split:
             out["cce_view1"], out["cce_view2"] = views[0]["cell_emb"], views[1]["cell_emb"]
+    if obj.cce > 0 and obj.cce_view == "thinned":
+        if batch.views is None:
+            raise ValueError(
+                "objectives.cce_view=thinned needs records with thinned views: set "
+                "data.tokenizer.thinned_view (e.g. 0.5)"
+            )
+        for i, v in enumerate(batch.views, start=1):
+            values = v.values.to(values_in.dtype).to(dev)
+            out[f"cce_view{i}"] = model(v.genes.to(dev), values, v.padding.to(dev), cells)[
+                "cell_emb"
+            ]
     prompt_mask = None
     if obj.generative and obj.gen_cell_prompt:
         prompt_values, prompt_mask = cell_prompt_inputs(batch.values.to(dev), padding)

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from data_ingest.keys import BATCH, CELL_ID, GENES, LABEL, MODALITY, PAD_VALUE, VALUES
 from data_ingest.source import TRAIN, SomaCellSource
 from data_ingest.stream import StreamStats, rank_batches
-from data_ingest.tokenize import RECORD_SCHEMA, mix64
+from data_ingest.tokenize import RECORD_SCHEMA, VIEW_COLUMNS, mix64
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.callbacks import (
     CheckpointCallback,
@@ -279,11 +279,14 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
 
 
 def _cls_only_table(cls_id: int) -> pa.Table:
-    """One record holding only `<cls>`: nothing to mask, so its loss and gradients are zero."""
-    return pa.Table.from_pylist(
-        [{GENES: [cls_id], VALUES: [PAD_VALUE], BATCH: 0, MODALITY: 0, CELL_ID: -1, LABEL: -1}],
-        schema=RECORD_SCHEMA,
-    )
+    """One record holding only `<cls>` (and so its thinned view): nothing to mask, so its loss and
+    gradients are zero."""
+    schema = RECORD_SCHEMA
+    record = {GENES: [cls_id], VALUES: [PAD_VALUE], BATCH: 0, MODALITY: 0, CELL_ID: -1, LABEL: -1}
+    for name, key in zip(VIEW_COLUMNS, (GENES, VALUES) * 2, strict=True):
+        schema = schema.append(RECORD_SCHEMA.field(key).with_name(name))
+        record[name] = record[key]
+    return pa.Table.from_pylist([record], schema=schema)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ import torch
 
 from data_ingest import keys
 from data_ingest.synth import CensusSynthConfig, sample_census
-from data_ingest.tokenize import TokenizerConfig, tokenize_csr
+from data_ingest.tokenize import TokenizerConfig, attach_views, thin_csr, tokenize_csr
 from scgpt_dist.collate import collate, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
 from scgpt_dist.evaluate import embedding_scores, gep_baselines, model_scores, with_fixed_masks
@@ -61,13 +61,14 @@ def exact_cells(
     return X, types, datasets
 
 
-def token_table(X: sp.csr_matrix, types, datasets, tok: TokenizerConfig) -> pa.Table:
-    """The project's tokenizer on CSR counts (gene j -> token j + 3), with label and batch ids."""
+def token_table(X: sp.csr_matrix, types, datasets, tok: TokenizerConfig, cells=None) -> pa.Table:
+    """The project's tokenizer on CSR counts (gene j -> token j + 3), with label and batch ids; cell ids
+    `cells` (default: the row numbers)."""
     return tokenize_csr(
         X.indptr,
         X.indices,
         X.data,
-        np.arange(X.shape[0]),
+        np.arange(X.shape[0]) if cells is None else cells,
         np.arange(X.shape[1]) + N_SPECIAL,
         tok,
         CLS_ID,
@@ -110,6 +111,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="contrastive views from binomially thinned counts: keep each count with this probability, "
         "twice independently, re-tokenise, and pull the two views' cell embeddings together (InfoNCE "
         "over the batch); 0 = off",
+    )
+    add(
+        "--view",
+        type=float,
+        default=0.0,
+        help="tokenizer.thinned_view as the pipeline does it: two copies of each training cell's counts, "
+        "each count kept with this probability, each tokenised afresh (objectives.cce_view=thinned "
+        "contrasts the two); 0 = off",
     )
     add("--thin-weight", type=float, default=1.0, help="weight of the thinned-views contrast")
     add("--thin-temp", type=float, default=0.1, help="its temperature")
@@ -208,7 +217,16 @@ def main(argv: list[str]) -> int:
     history = [evaluate(0, {})]
     running: dict[str, float] = {}
     for step in range(1, a.steps + 1):
-        b = collate(table.take(pa.array(train[rng.integers(0, len(train), a.batch)])), PAD_ID)
+        rows = train[rng.integers(0, len(train), a.batch)]
+        records = table.take(pa.array(rows))
+        if a.view > 0:  # as the read tasks do it (tokenizer.thinned_view)
+            cells = records.column(keys.CELL_ID).to_numpy()
+            halves = []
+            for v in range(2):
+                Xv = thin_csr(X[cells], a.view, a.seed, cells, np.full(len(cells), step), v)
+                halves.append(token_table(Xv, types[cells], datasets[cells], tok, cells))
+            records = attach_views(records, halves)
+        b = collate(records, PAD_ID)
         values_in, mask = mask_values(b.values, a.mask, gen)
         loss, parts = compute_loss(model, b, values_in, mask, obj, generator=gen)
         if a.thin > 0:

@@ -187,3 +187,37 @@ def test_compact_record_schema_picks_the_narrowest_types_that_fit():
     assert wide[keys.GENES].to_pylist() == [[0, 2**16 - 1]]
     assert wide[keys.VALUES].to_pylist() == [[keys.PAD_VALUE, 126]]
     assert widen(wide) is wide
+
+
+def test_thinned_views_are_deterministic_subsets_drawn_anew_each_epoch(demo_soma):
+    """tokenizer.thinned_view: each record carries two more records of the cell, each tokenised from an
+    independently thinned copy of its values: their genes are the cell's own, they are the same on a
+    re-read (a resume) and others when the cell's position in the epoch changes; the main record does not
+    change at all."""
+    src, vocab = _source(demo_soma)
+    resolved = src.resolve(vocab, TRAIN)
+    ids = resolved.joinids[:200]
+    plain = TokenizerConfig(max_seq_len=1000)  # every expressed gene
+    tok = TokenizerConfig(max_seq_len=1000, thinned_view=0.5)
+    records = read_token_table(resolved, ids, plain, vocab.cls_id)
+    table = read_token_table(resolved, ids, tok, vocab.cls_id, order_key=np.arange(200))
+    assert table.select(records.column_names).equals(records)
+    assert table.schema.equals(record_schema(resolved, tok, vocab.cls_id, compact=False))
+    full = table[keys.GENES].to_pylist()
+    one, two = (table[g].to_pylist() for g in keys.VIEW_GENES)
+    # The demo's values are log-normalised: each view keeps each gene whole with p = 0.5.
+    assert all(
+        set(a) <= set(f) and set(b) <= set(f) for f, a, b in zip(full, one, two, strict=True)
+    )
+    for view in (one, two):
+        kept = np.mean([(len(v) - 1) / (len(f) - 1) for f, v in zip(full, view, strict=True)])
+        assert 0.4 < kept < 0.6
+    assert one != two
+    again = read_token_table(resolved, ids, tok, vocab.cls_id, order_key=np.arange(200))
+    assert again.equals(table)
+    moved = read_token_table(resolved, ids, tok, vocab.cls_id, order_key=np.arange(200) + 7)
+    assert moved[keys.VIEW_GENES[0]].to_pylist() != one
+    compact = read_token_table(
+        resolved, ids, tok, vocab.cls_id, order_key=np.arange(200), compact=True
+    )
+    assert widen(compact).equals(table)

@@ -113,10 +113,15 @@ def test_batches_straddling_buffers_resume_exactly(ray_local, resolved):
     res, vocab = resolved
     cfg = StreamConfig(chunk_size=8, buffer_size=100, task_cells=24, prefetch=2)  # 100 % 16 != 0
     kw = dict(seed=5, epoch=2, rank=0, world_size=2, batch_size=BATCH, cfg=cfg)
-    tok = TokenizerConfig(max_seq_len=32)
+    tok = TokenizerConfig(max_seq_len=32, thinned_view=0.5)  # the views resume exactly too
     full = list(rank_batches(res, tok, vocab.cls_id, **kw))
     want = rank_order(res.joinids, **kw)
     assert [c for b in _ids(full) for c in b] == want.tolist()  # batch order = planned positions
+    views = RECORD_SCHEMA.field(keys.GENES).type, RECORD_SCHEMA.field(keys.VALUES).type
+    assert (
+        full[0].schema.field(keys.VIEW_GENES[1]).type,
+        full[0].schema.field(keys.VIEW_VALUES[1]).type,
+    ) == views
     for k in (3, 6, 7):  # resume inside, at and right after a buffer boundary
         resumed = list(rank_batches(res, tok, vocab.cls_id, start_batch=k, **kw))
         assert len(resumed) == len(full) - k

@@ -1,4 +1,5 @@
 import numpy as np
+import pyarrow as pa
 import pytest
 import scipy.sparse as sp
 
@@ -154,3 +155,53 @@ def test_top_selection_keeps_the_most_expressed_genes():
     )
     subsets = {tuple(g[1:]) for g in tab[keys.GENES].to_pylist()}
     assert all(len(s) == 10 for s in subsets) and len(subsets) > 30
+
+
+def test_thinned_views_keep_each_count_with_probability_p_per_cell():
+    from data_ingest.tokenize import thin_csr
+
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, (200, 100)).astype(np.float32)
+    counts[0, :3] = [500, 1000, 70]  # a few large counts (the normal approximation)
+    X = sp.csr_matrix(counts)
+    ids, keys_ = np.arange(200) + 1000, np.full(200, 7)
+    first, second = (thin_csr(X, 0.5, 0, ids, keys_, v) for v in (0, 1))
+    for view in (first, second):
+        assert (view.data <= X.data).all() and (view.data >= 0).all()
+        assert (view.data == np.rint(view.data)).all()
+        assert abs(view.data.sum() / X.data.sum() - 0.5) < 0.01
+        assert np.all(
+            np.abs(view[0, :3].toarray() - [250, 500, 35]) < 5 * np.sqrt([125, 250, 17.5])
+        )
+    # Independent views: given the counts, their noise is uncorrelated.
+    d1, d2 = first.data - X.data / 2, second.data - X.data / 2
+    assert abs(np.corrcoef(d1, d2)[0, 1]) < 0.05
+    # A cell's draw depends on its id, key and view only, not on the cells read with it.
+    alone = thin_csr(X[5:6], 0.5, 0, ids[5:6], keys_[5:6], 0)
+    assert np.array_equal(alone.data, first[5].data)
+    assert not np.array_equal(thin_csr(X, 0.5, 0, ids, keys_ + 1, 0).data, first.data)
+    # Normalised values (not counts) are kept or dropped whole.
+    logs = sp.csr_matrix(np.log1p(counts) + 0.01 * (counts > 0))
+    view = thin_csr(logs, 0.5, 0, ids, keys_, 0)
+    assert np.all((view.data == 0) | np.isclose(view.data, logs.data))
+    assert 0.45 < np.mean(view.data > 0) < 0.55
+
+
+def test_attach_views_match_cells_and_fall_back_to_the_record():
+    from data_ingest.tokenize import attach_views
+
+    X, genes = _cells(n=6)
+    vocab = GeneVocab.from_genes(genes)
+    cfg = TokenizerConfig(max_seq_len=100)
+    args = (X.indices, X.data, np.arange(6) + 10, vocab.lookup(genes), cfg, vocab.cls_id)
+    records = tokenize_csr(X.indptr, *args)
+    gene_type = records.schema.field(keys.GENES).type
+    lost = records.take([4, 2, 0])  # cells 11, 13, 15 lost, the others shuffled
+    lost = lost.set_column(0, keys.GENES, pa.array([[vocab.cls_id]] * 3, gene_type))
+    out = attach_views(records, [records.take([5, 4, 3, 2, 1, 0]), lost])
+    own = records.column(keys.GENES).to_pylist()
+    assert out.column(keys.VIEW_GENES[0]).to_pylist() == own
+    got = out.column(keys.VIEW_GENES[1]).to_pylist()
+    assert [g == [vocab.cls_id] for g in got] == [True, False, True, False, True, False]
+    assert [got[i] for i in (1, 3, 5)] == [own[i] for i in (1, 3, 5)]
+    assert out.column(keys.VIEW_VALUES[1]).to_pylist()[1] == records[keys.VALUES].to_pylist()[1]

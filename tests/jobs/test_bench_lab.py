@@ -34,3 +34,17 @@ def test_thinned_count_views_add_a_contrast_term(tmp_path):
     last = json.loads(out.read_text())["history"][-1]
     # Symmetric InfoNCE over 16 cells: about ln 16 = 2.77 before any learning, never negative.
     assert 0.0 < last["train_thin"] < 4.0
+
+
+def test_thinned_views_through_the_records_as_the_pipeline_makes_them(tmp_path):
+    out = tmp_path / "lab.json"
+    argv = [
+        "--data", "exact", "--cells", "400", "--genes", "100", "--types", "3", "--datasets", "2",
+        "--steps", "4", "--eval-every", "4", "--d", "16", "--layers", "1", "--heads", "2",
+        "--eval-cells", "80", "--batch", "16", "--view", "0.5",
+        "--objectives", '{"cce": 1.0, "cce_view": "thinned", "cce_temp": 0.1, "gep": 0.02}',
+        "--out", str(out),
+    ]  # fmt: skip
+    assert lab.main(argv) == 0
+    last = json.loads(out.read_text())["history"][-1]
+    assert 0.0 < last["train_cce"] < 4.0 and last["train_gep"] > 0.0

@@ -61,5 +61,9 @@ def test_unknown_keys_and_bad_values():
         load_config(None, ["train.zero_stage=4"])
     with pytest.raises(ConfigError, match="key.sub=value"):
         load_config(None, ["train.lr"])
+    with pytest.raises(ConfigError, match="needs data.tokenizer.thinned_view"):
+        load_config(None, ["objectives.cce=1", "objectives.cce_view=thinned"])
+    with pytest.raises(ConfigError, match="keep probability"):
+        load_config(None, ["data.tokenizer.thinned_view=1.5"])
     with pytest.raises(ConfigError, match="no config file"):
         load_config("does/not/exist.yaml")

@@ -149,3 +149,44 @@ def test_gepc_hidden_queries_genes_the_embedding_never_saw():
         from scgpt_dist.config import ExperimentConfig
 
         ExperimentConfig(model=ModelConfig(do_mvc=False), objectives=obj)
+
+
+def test_thinned_views_are_contrasted_with_each_other():
+    """objectives.cce_view: thinned — CCE pulls the `<cls>` of a cell's two thinned records together: the
+    loss changes when only a view changes, and a batch without views is a clear error."""
+    from data_ingest import keys
+    from scgpt_dist.collate import Batch, mask_values
+    from scgpt_dist.config import ObjectiveConfig
+    from scgpt_dist.train_module import compute_loss
+
+    torch.manual_seed(0)
+    model = build_model(
+        ModelConfig(d_model=16, n_heads=2, n_layers=2, d_hid=32, n_batches=2, dropout=0.0), 40, 0
+    )
+    b, length = 4, 12
+    genes = torch.randint(3, 40, (b, length))
+    genes[:, 0] = 1  # <cls>
+    values = torch.randint(1, 20, (b, length)).float()
+    values[:, 0] = keys.PAD_VALUE
+    cells, labels = torch.tensor([0, 1, 0, 1]), torch.full((b,), -1)
+
+    def batch_with(first, second):
+        views = tuple(
+            Batch(g, v, g == 0, cells, labels, torch.arange(b))
+            for g, v in ((genes[:, :8], first), (genes[:, 4:], second))
+        )
+        return Batch(genes, values, genes == 0, cells, labels, torch.arange(b), views=views)
+
+    _, mask = mask_values(values, 0.4, torch.Generator().manual_seed(1))
+    masked = values.masked_fill(mask, -1.0)
+    obj = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.1)
+    first, second = (values[:, :8] // 2).clamp(min=1), (values[:, 4:] // 3).clamp(min=1)
+    first[:, 0] = keys.PAD_VALUE
+    loss, parts = compute_loss(model, batch_with(first, second), masked, mask, obj)
+    other, _ = compute_loss(model, batch_with(first, second.flip(0)), masked, mask, obj)
+    assert set(parts) == {"cce"} and torch.isfinite(loss) and abs(float(loss - other)) > 1e-4
+    loss.backward()
+    assert model.transformer_encoder.layers[0].self_attn.Wqkv.weight.grad.abs().sum() > 0
+    no_view = Batch(genes, values, genes == 0, cells, labels, torch.arange(b))
+    with pytest.raises(ValueError, match="data.tokenizer.thinned_view"):
+        compute_loss(model, no_view, masked, mask, obj)
