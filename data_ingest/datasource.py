@@ -62,7 +62,9 @@ def read_token_table(
     output order and the slots are closed up at the end, so the records are built once, in place; the
     working memory is `len(joinids) x max_seq_len x 6` bytes (split a long unordered request:
     `SLOT_CELLS` cells at a time). With `compact`, the records have `record_schema(src, tok, cls_id,
-    compact=True)`'s narrower token types (and the working memory shrinks with them).
+    compact=True)`'s narrower token types (and the working memory shrinks with them). With
+    `tok.thinned_view`, each cell's two thinned copies are tokenised into slots of their own (three times
+    the working memory) and attached as `VIEW_COLUMNS` (`attach_views`).
     """
     schema = record_schema(src, tok, cls_id, compact)
     joinids = np.asarray(joinids, dtype=np.int64)
@@ -95,7 +97,9 @@ def read_token_table(
     lengths = np.empty(n, np.int64)
     views = []
     if tok.thinned_view > 0:  # slots of the two views' records, in the same places
-        views = [(np.empty_like(genes), np.empty_like(values), np.empty(n, np.int64)) for _ in "12"]
+        views = [
+            (np.empty_like(genes), np.empty_like(values), np.empty(n, np.int64)) for _ in range(2)
+        ]
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs_cols = [keys.SOMA_JOINID, src.batch_key] + ([src.label_key] if src.label_key else [])
         obs = exp.obs.read(coords=(joinids,), column_names=obs_cols).concat().to_pandas()
@@ -181,8 +185,8 @@ def read_token_table(
     table = _slot_records(genes, values, lengths, cell_at, stride, joinids, batch, labels, base)
     if not views:
         return table
-    halves = [_slot_records(*v, cell_at, stride, joinids, batch, labels, base) for v in views]
-    return attach_views(table, halves)
+    thinned = [_slot_records(*v, cell_at, stride, joinids, batch, labels, base) for v in views]
+    return attach_views(table, thinned)
 
 
 def _slot_records(
@@ -219,7 +223,8 @@ def record_schema(
     src: ResolvedSource, tok: TokenizerConfig, cls_id: int, compact: bool = True
 ) -> pa.Schema:
     """The schema of `read_token_table`'s records: `RECORD_SCHEMA`, or with `compact` the narrowest token
-    types for this vocabulary (every id `src.feature_tokens` maps to, and `cls_id`) and `tok.n_bins`."""
+    types for this vocabulary (every id `src.feature_tokens` maps to, and `cls_id`) and `tok.n_bins`; with
+    `tok.thinned_view` plus the views' token columns (`VIEW_COLUMNS`) of the same types."""
     schema = RECORD_SCHEMA
     if compact:
         n_tokens = max(int(np.max(src.feature_tokens, initial=-1)), cls_id) + 1
