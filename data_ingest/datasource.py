@@ -52,6 +52,7 @@ def read_token_table(
     order_key: np.ndarray | None = None,
     compact: bool = False,
     readers: int = 1,
+    views: bool = False,
 ) -> pa.Table:
     """Read and tokenize the cells `joinids` (sorted) of `src`, `io_cells` at a time, the X queries on
     `readers` threads ahead of the tokenizer.
@@ -62,11 +63,12 @@ def read_token_table(
     output order and the slots are closed up at the end, so the records are built once, in place; the
     working memory is `len(joinids) x max_seq_len x 6` bytes (split a long unordered request:
     `SLOT_CELLS` cells at a time). With `compact`, the records have `record_schema(src, tok, cls_id,
-    compact=True)`'s narrower token types (and the working memory shrinks with them). With
-    `tok.thinned_view`, each cell's two thinned copies are tokenised into slots of their own (three times
-    the working memory) and attached as `VIEW_COLUMNS` (`attach_views`).
+    compact=True)`'s narrower token types (and the working memory shrinks with them). With `views`
+    and `tok.thinned_view` (the training stream asks for them; evaluation and caches never need them),
+    each cell's two thinned copies are tokenised into slots of their own (three times the working memory)
+    and attached as `VIEW_COLUMNS` (`attach_views`).
     """
-    schema = record_schema(src, tok, cls_id, compact)
+    schema = record_schema(src, tok, cls_id, compact, views)
     joinids = np.asarray(joinids, dtype=np.int64)
     stats = stats if stats is not None else TokenizeStats()
     if order_key is None and len(joinids) > SLOT_CELLS:
@@ -81,6 +83,7 @@ def read_token_table(
                     io_cells,
                     compact=compact,
                     readers=readers,
+                    views=views,
                 )
                 for lo in range(0, len(joinids), SLOT_CELLS)
             ]
@@ -95,9 +98,9 @@ def read_token_table(
     genes = np.empty(n * stride, schema.field(keys.GENES).type.value_type.to_pandas_dtype())
     values = np.empty(n * stride, schema.field(keys.VALUES).type.value_type.to_pandas_dtype())
     lengths = np.empty(n, np.int64)
-    views = []
-    if tok.thinned_view > 0:  # slots of the two views' records, in the same places
-        views = [
+    view_slots = []
+    if VIEW_COLUMNS[0] in schema.names:  # slots of the two views' records, in the same places
+        view_slots = [
             (np.empty_like(genes), np.empty_like(values), np.empty(n, np.int64)) for _ in range(2)
         ]
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
@@ -139,8 +142,9 @@ def read_token_table(
                     if k + readers < len(ahead):
                         pending.append(pool.submit(read_x, ahead[k + readers]))
                     check_values(vals)
+                    segments = _segments(ids, rows)
                     tokenize_segments_into(
-                        *_segments(ids, rows),
+                        *segments,
                         cols,
                         vals,
                         ids,
@@ -153,13 +157,12 @@ def read_token_table(
                         values,
                         lengths[lo:hi],
                     )
-                    if views:
+                    if view_slots:
                         # Each cell's draws come from its id and (in the stream) its position in the
                         # epoch: other views each epoch, the same ones on a resume.
-                        segments = _segments(ids, rows)
                         epoch_keys = np.zeros(hi - lo) if order_key is None else order_key[lo:hi]
                         thinned = np.empty(len(vals), np.float32)
-                        for v, (v_genes, v_values, v_lengths) in enumerate(views):
+                        for v, (v_genes, v_values, v_lengths) in enumerate(view_slots):
                             streams = thin_streams(tok.seed, ids, epoch_keys, v)
                             thin_segments(*segments, cols, vals, streams, tok.thinned_view, thinned)
                             tokenize_segments_into(
@@ -183,9 +186,9 @@ def read_token_table(
     cell_at[slot] = np.arange(n)
     base = pa.schema([f for f in schema if f.name not in VIEW_COLUMNS])
     table = _slot_records(genes, values, lengths, cell_at, stride, joinids, batch, labels, base)
-    if not views:
+    if not view_slots:
         return table
-    thinned = [_slot_records(*v, cell_at, stride, joinids, batch, labels, base) for v in views]
+    thinned = [_slot_records(*v, cell_at, stride, joinids, batch, labels, base) for v in view_slots]
     return attach_views(table, thinned)
 
 
@@ -220,16 +223,20 @@ def _slot_records(
 
 
 def record_schema(
-    src: ResolvedSource, tok: TokenizerConfig, cls_id: int, compact: bool = True
+    src: ResolvedSource,
+    tok: TokenizerConfig,
+    cls_id: int,
+    compact: bool = True,
+    views: bool = False,
 ) -> pa.Schema:
     """The schema of `read_token_table`'s records: `RECORD_SCHEMA`, or with `compact` the narrowest token
     types for this vocabulary (every id `src.feature_tokens` maps to, and `cls_id`) and `tok.n_bins`; with
-    `tok.thinned_view` plus the views' token columns (`VIEW_COLUMNS`) of the same types."""
+    `views` and `tok.thinned_view` plus the views' token columns (`VIEW_COLUMNS`) of the same types."""
     schema = RECORD_SCHEMA
     if compact:
         n_tokens = max(int(np.max(src.feature_tokens, initial=-1)), cls_id) + 1
         schema = compact_record_schema(n_tokens, tok.n_bins)
-    if tok.thinned_view > 0:
+    if views and tok.thinned_view > 0:
         for name, key in zip(VIEW_COLUMNS, TOKEN_COLUMNS * 2, strict=True):
             schema = schema.append(pa.field(name, schema.field(key).type))
     return schema

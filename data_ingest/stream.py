@@ -358,7 +358,14 @@ def _read_positions(
         table = table.cast(record_schema(src, tok, cls_id))
     else:  # the records come out in position order
         table = read_token_table(
-            src, sorted_ids, tok, cls_id, order_key=sorted_pos, compact=True, readers=readers
+            src,
+            sorted_ids,
+            tok,
+            cls_id,
+            order_key=sorted_pos,
+            compact=True,
+            readers=readers,
+            views=True,
         )
         pos = sorted_pos[np.searchsorted(sorted_ids, table.column(keys.CELL_ID).to_numpy())]
     return table.append_column(POS_COLUMN, pa.array(pos, pa.int64()))
@@ -417,7 +424,7 @@ class _RankTasks:
 
     @property
     def block_schema(self) -> pa.Schema:
-        return _block_schema(record_schema(self.src, self.tok, self.cls_id))
+        return _block_schema(record_schema(self.src, self.tok, self.cls_id, views=True))
 
     @property
     def token_bytes(self) -> int:

@@ -294,12 +294,10 @@ def attach_views(records: pa.Table, views: list[pa.Table]) -> pa.Table:
     for i, view in enumerate(views):
         vids = view.column(keys.CELL_ID).to_numpy()
         order = np.argsort(vids, kind="stable")
-        at = (
-            order[np.searchsorted(vids, ids, sorter=order).clip(0, len(vids) - 1)]
-            if len(vids)
-            else ids
-        )
-        found = (vids[at] == ids) if len(vids) else np.zeros(len(ids), bool)
+        at, found = np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
+        if len(vids):
+            at = order[np.searchsorted(vids, ids, sorter=order).clip(0, len(vids) - 1)]
+            found = vids[at] == ids
         both = pa.concat_tables([view.select(list(TOKEN_COLUMNS)).cast(tokens.schema), tokens])
         picked = both.take(pa.array(np.where(found, at, len(vids) + np.arange(len(ids)))))
         for name, key in ((keys.VIEW_GENES[i], keys.GENES), (keys.VIEW_VALUES[i], keys.VALUES)):

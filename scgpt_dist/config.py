@@ -188,11 +188,11 @@ class ObjectiveConfig:
     each with its true values; the two embeddings can only agree through what the gene sets share (cell type,
     state, batch), not through the identity of the input. Costs the same as `dropout` (one extra pass over
     the tokens). Experimental: on the Splat simulation the halves were matched by something other than the
-    cell type (docs/learning.md section 4). `thinned`: the masked input of GEP and a second record of the
-    cell made from its counts thinned binomially (`tokenizer.thinned_view`), tokenised afresh (its own bins
-    and top genes): the views share the cell's expression profile, not its counting noise or its bins (one
-    extra pass over the tokens; the objective that finds cell types on the Splat simulation, docs/learning.md
-    section 4)."""
+    cell type (docs/learning.md section 4). `thinned`: two more records of the cell, each
+    made from its counts thinned binomially (`tokenizer.thinned_view`) and tokenised afresh (its own bins and
+    top genes), contrasted in both directions: the views share the cell's expression profile, not all of its
+    counting noise or its bins (two extra passes over the tokens; the objective that finds cell types on the
+    Splat simulation, docs/learning.md section 4)."""
 
     def __post_init__(self) -> None:
         if self.gepc_hidden_target not in ("value", "presence"):
@@ -461,7 +461,7 @@ class ExperimentConfig:
         if thinned and not self.data.tokenizer.thinned_view:
             raise ValueError(
                 "objectives.cce_view=thinned needs data.tokenizer.thinned_view (a keep probability, "
-                "e.g. 0.5) so that the records carry a thinned view; set it or choose another cce_view"
+                "e.g. 0.5) so that the records carry thinned views; set it or choose another cce_view"
             )
         if self.model.d_model % self.model.n_heads:
             raise ValueError(

@@ -157,9 +157,8 @@ def total_loss(
         elif name == "ecs":
             value = ecs_loss(out["cell_emb"], cfg.ecs_threshold)
         elif name == "cce":
-            if (
-                "cce_view1" in out
-            ):  # objectives.cce_view: split or thinned (train_module.compute_loss)
+            # objectives.cce_view split or thinned: the views come from train_module.compute_loss
+            if "cce_view1" in out:
                 one, two = out["cce_view1"], out["cce_view2"]
                 value = cce_loss(one, two, cfg.cce_temp)
                 if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor

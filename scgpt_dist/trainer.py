@@ -279,7 +279,7 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
 
 
 def _cls_only_table(cls_id: int) -> pa.Table:
-    """One record holding only `<cls>` (and so its thinned view): nothing to mask, so its loss and
+    """One record holding only `<cls>` (and so do its thinned views): nothing to mask, so its loss and
     gradients are zero."""
     schema = RECORD_SCHEMA
     record = {GENES: [cls_id], VALUES: [PAD_VALUE], BATCH: 0, MODALITY: 0, CELL_ID: -1, LABEL: -1}

@@ -200,9 +200,12 @@ def test_thinned_views_are_deterministic_subsets_drawn_anew_each_epoch(demo_soma
     plain = TokenizerConfig(max_seq_len=1000)  # every expressed gene
     tok = TokenizerConfig(max_seq_len=1000, thinned_view=0.5)
     records = read_token_table(resolved, ids, plain, vocab.cls_id)
-    table = read_token_table(resolved, ids, tok, vocab.cls_id, order_key=np.arange(200))
+    # Only the training stream asks for views; evaluation reads the records alone.
+    assert read_token_table(resolved, ids, tok, vocab.cls_id).equals(records)
+    kw = dict(order_key=np.arange(200), views=True)
+    table = read_token_table(resolved, ids, tok, vocab.cls_id, **kw)
     assert table.select(records.column_names).equals(records)
-    assert table.schema.equals(record_schema(resolved, tok, vocab.cls_id, compact=False))
+    assert table.schema.equals(record_schema(resolved, tok, vocab.cls_id, False, views=True))
     full = table[keys.GENES].to_pylist()
     one, two = (table[g].to_pylist() for g in keys.VIEW_GENES)
     # The demo's values are log-normalised: each view keeps each gene whole with p = 0.5.
@@ -213,11 +216,11 @@ def test_thinned_views_are_deterministic_subsets_drawn_anew_each_epoch(demo_soma
         kept = np.mean([(len(v) - 1) / (len(f) - 1) for f, v in zip(full, view, strict=True)])
         assert 0.4 < kept < 0.6
     assert one != two
-    again = read_token_table(resolved, ids, tok, vocab.cls_id, order_key=np.arange(200))
+    again = read_token_table(resolved, ids, tok, vocab.cls_id, **kw)
     assert again.equals(table)
-    moved = read_token_table(resolved, ids, tok, vocab.cls_id, order_key=np.arange(200) + 7)
-    assert moved[keys.VIEW_GENES[0]].to_pylist() != one
-    compact = read_token_table(
-        resolved, ids, tok, vocab.cls_id, order_key=np.arange(200), compact=True
+    moved = read_token_table(
+        resolved, ids, tok, vocab.cls_id, order_key=kw["order_key"] + 7, views=True
     )
+    assert moved[keys.VIEW_GENES[0]].to_pylist() != one
+    compact = read_token_table(resolved, ids, tok, vocab.cls_id, compact=True, **kw)
     assert widen(compact).equals(table)
