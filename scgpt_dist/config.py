@@ -193,6 +193,10 @@ class ObjectiveConfig:
     top genes), contrasted in both directions: the views share the cell's expression profile, not all of its
     counting noise or its bins (two extra passes over the tokens; the objective that finds cell types on the
     Splat simulation, docs/learning.md section 4)."""
+    cce_gather: bool = True
+    """With several data-parallel ranks, contrast each rank's cells against the views of the whole global
+    batch (a differentiable all-gather), as the reference gathers its CCE embeddings; false contrasts each
+    rank's micro-batch alone (fewer negatives, no collective)."""
 
     def __post_init__(self) -> None:
         if self.gepc_hidden_target not in ("value", "presence"):

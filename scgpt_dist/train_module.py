@@ -169,8 +169,11 @@ def compute_loss(
     obj: ObjectiveConfig,
     device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
+    gather: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward pass(es) of one micro-batch and the weighted objectives (loss, detached parts).
+
+    gather: CCE takes its negatives from every data-parallel rank (see `losses.total_loss`).
 
     values_in: (B, L) input values with the GEP-masked positions `mask` (B, L) set to the mask value. With
     `obj.generative` the masked genes are unknown genes (generative attention mask); with
@@ -244,6 +247,7 @@ def compute_loss(
         batch=cells,
         labels=batch.label.to(dev),
         cell_prompt_mask=prompt_mask,
+        gather=gather,
     )
 
 
@@ -263,6 +267,7 @@ class TrainModule:
     def __init__(self, cfg: ExperimentConfig, vocab: GeneVocab, world_size: int, rank: int):
         self.cfg = cfg
         self.rank = rank
+        self.world_size = world_size
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = build_model(cfg.model, len(vocab), vocab.pad_id)
         model.transformer_encoder.gradient_checkpointing = cfg.train.activation_checkpointing
@@ -289,8 +294,9 @@ class TrainModule:
         if self._dtype is not None:
             values_in = values_in.to(self._dtype)
         loss, parts = compute_loss(
-            self.engine, batch, values_in, mask, obj, self.device, generator=gen
-        )
+            self.engine, batch, values_in, mask, obj, self.device, generator=gen,
+            gather=obj.cce_gather and self.world_size > 1,
+        )  # fmt: skip
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss)
         self.engine.step()

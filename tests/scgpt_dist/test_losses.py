@@ -230,3 +230,75 @@ def test_cell_prompt_needs_the_generative_mask():
     out, target, mask = _outputs()
     with pytest.raises(ValueError, match="cell-prompt pass"):
         total_loss(out, target, mask, ObjectiveConfig(generative=True, gen_cell_prompt=1.0))
+
+
+def _gathered_cce_rank(rank: int, world: int, init: str, sizes: list[int], queue) -> None:
+    """One gloo rank: its rows of a shared global batch, the thinned-view CCE over every rank's views."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        one_all = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1))
+        two_all = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(2))
+        one_all.requires_grad_(True)
+        two_all.requires_grad_(True)
+        lo = sum(sizes[:rank])
+        local = slice(lo, lo + sizes[rank])
+        out = {"cce_view1": one_all[local], "cce_view2": two_all[local]}
+        cfg = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.2)
+        empty = torch.zeros(1, 1)
+        loss, _ = total_loss(out, empty, empty.bool(), cfg, gather=True)
+        loss.backward()
+        queue.put((rank, float(loss), one_all.grad[local].clone(), two_all.grad[local].clone()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[3, 3], [4, 2]])
+def test_gathered_cce_is_the_global_batch_contrast(tmp_path, sizes):
+    """With a real 2-rank gloo group, each rank's anchors meet every rank's views as negatives: the loss is
+    the single-process contrast of the global batch restricted to the rank's anchors, and the gradients
+    reaching each rank's rows (summed over ranks' losses) are the single-process gradients."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init = f"file://{tmp_path / 'pg'}"
+    procs = [
+        ctx.Process(target=_gathered_cce_rank, args=(r, 2, init, sizes, queue)) for r in range(2)
+    ]
+    for p in procs:
+        p.start()
+    got = dict((r, (loss, g1, g2)) for r, loss, g1, g2 in (queue.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    one = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    two = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    losses = []
+    for r, n in enumerate(sizes):
+        lo = sum(sizes[:r])
+        a, b = one[lo : lo + n], two[lo : lo + n]
+        rank_loss = 0.5 * (cce_loss(a, two, 0.2, lo) + cce_loss(b, one, 0.2, lo))
+        # by hand: the full similarity matrix's rows for this rank's anchors
+        sim = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(two, dim=1).T
+        expected = torch.nn.functional.cross_entropy(sim / 0.2, torch.arange(n) + lo)
+        assert float(cce_loss(a, two, 0.2, lo).detach()) == pytest.approx(float(expected), rel=1e-5)
+        assert got[r][0] == pytest.approx(float(rank_loss.detach()), rel=1e-5)
+        losses.append(rank_loss)
+    # data parallelism averages the ranks' gradients: d(mean of rank losses) / d rows, times the world size
+    torch.stack(losses).sum().backward()
+    for r, n in enumerate(sizes):
+        lo = sum(sizes[:r])
+        assert torch.allclose(got[r][1], one.grad[lo : lo + n], atol=1e-6)
+        assert torch.allclose(got[r][2], two.grad[lo : lo + n], atol=1e-6)
+
+
+def test_gather_without_a_process_group_is_the_local_batch():
+    cfg = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.2)
+    one, two = torch.randn(5, 8), torch.randn(5, 8)
+    empty = torch.zeros(1, 1)
+    out = {"cce_view1": one, "cce_view2": two}
+    gathered, _ = total_loss(out, empty, empty.bool(), cfg, gather=True)
+    local, _ = total_loss(out, empty, empty.bool(), cfg, gather=False)
+    assert float(gathered) == pytest.approx(float(local))
