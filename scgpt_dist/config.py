@@ -197,11 +197,20 @@ class ObjectiveConfig:
     """With several data-parallel ranks, contrast each rank's cells against the views of the whole global
     batch (a differentiable all-gather), as the reference gathers its CCE embeddings; false contrasts each
     rank's micro-batch alone (fewer negatives, no collective)."""
+    cce_negatives: str = "all"
+    """Which cells are a CCE anchor's negatives: `all` (every other cell of the batch) or `same_batch`
+    (only cells of the anchor's own batch label, e.g. dataset: a feature shared by a whole dataset then
+    cannot tell a cell's view from its negatives, so the contrast gains nothing by encoding the dataset;
+    experimental, docs/learning.md section 4)."""
 
     def __post_init__(self) -> None:
         if self.gepc_hidden_target not in ("value", "presence"):
             raise ValueError(
                 f"objectives.gepc_hidden_target={self.gepc_hidden_target!r}; use value or presence"
+            )
+        if self.cce_negatives not in ("all", "same_batch"):
+            raise ValueError(
+                f"objectives.cce_negatives={self.cce_negatives!r}; use all or same_batch"
             )
         if self.cce_view not in CCE_VIEWS:
             raise ValueError(

@@ -91,14 +91,21 @@ def ecs_loss(cell_emb: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def cce_loss(
-    cell_emb: torch.Tensor, cell_emb2: torch.Tensor, temp: float, offset: int = 0
+    cell_emb: torch.Tensor,
+    cell_emb2: torch.Tensor,
+    temp: float,
+    offset: int = 0,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive cell embedding: each cell's two views are positives, other cells negatives.
 
     cell_emb: (B, D) the anchors; cell_emb2: (N, D) the candidates, N >= B, where anchor i's positive is
-    row `offset + i` (N = B, offset 0 within one micro-batch; the global batch with `gather_rows`).
+    row `offset + i` (N = B, offset 0 within one micro-batch; the global batch with `gather_rows`);
+    allowed: (B, N) which candidates count for each anchor (its positive must be one), default all.
     """
     sim = F.cosine_similarity(cell_emb[:, None, :], cell_emb2[None, :, :], dim=-1) / temp  # (B, N)
+    if allowed is not None:
+        sim = sim.masked_fill(~allowed, float("-inf"))
     target = torch.arange(sim.shape[0], device=sim.device) + offset
     return F.cross_entropy(sim, target)
 
@@ -219,9 +226,16 @@ def total_loss(
             if gather:  # the other ranks' views are negatives too
                 all_one, offset = gather_rows(one)
                 all_two, _ = gather_rows(two)
-            value = cce_loss(one, all_two, cfg.cce_temp, offset)
+            allowed = None
+            if cfg.cce_negatives == "same_batch":
+                if batch is None:
+                    raise ValueError("objectives.cce_negatives=same_batch needs the batch labels")
+                mine = batch.to(torch.float32)[:, None]  # exact for any realistic label count
+                every = gather_rows(mine)[0] if gather else mine
+                allowed = mine == every.T  # (B, N): candidates from the anchor's own batch
+            value = cce_loss(one, all_two, cfg.cce_temp, offset, allowed)
             if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor
-                value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset))
+                value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset, allowed))
         elif name == "dar":
             if batch is None:
                 raise ValueError("objectives.dar needs the batch labels")
