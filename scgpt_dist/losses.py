@@ -221,18 +221,17 @@ def total_loss(
                     "objectives.cce needs two views: the model run with cce=True, or "
                     "out['cce_view1'] / out['cce_view2'] (see train_module.compute_loss)"
                 )
-            offset = 0
-            all_one, all_two = one, two
-            if gather:  # the other ranks' views are negatives too
-                all_one, offset = gather_rows(one)
-                all_two, _ = gather_rows(two)
+            same_batch = cfg.cce_negatives == "same_batch"
+            if same_batch and batch is None:
+                raise ValueError("objectives.cce_negatives=same_batch needs the batch labels")
+            # both views (and the batch labels) in one tensor: one collective per step, not one each
+            cols = [one, two] + ([batch.to(one.dtype)[:, None]] if same_batch else [])
+            rows, offset = gather_rows(torch.cat(cols, 1)) if gather else (torch.cat(cols, 1), 0)
+            d = one.shape[1]
+            all_one, all_two = rows[:, :d], rows[:, d : 2 * d]
             allowed = None
-            if cfg.cce_negatives == "same_batch":
-                if batch is None:
-                    raise ValueError("objectives.cce_negatives=same_batch needs the batch labels")
-                mine = batch.to(torch.float32)[:, None]  # exact for any realistic label count
-                every = gather_rows(mine)[0] if gather else mine
-                allowed = mine == every.T  # (B, N): candidates from the anchor's own batch
+            if same_batch:  # (B, N): candidates from the anchor's own batch
+                allowed = batch.to(one.dtype)[:, None] == rows[None, :, 2 * d]
             value = cce_loss(one, all_two, cfg.cce_temp, offset, allowed)
             if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor
                 value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset, allowed))

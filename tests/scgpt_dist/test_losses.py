@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_ingest import keys
 from scgpt_dist.collate import Batch, mask_values
@@ -232,70 +233,75 @@ def test_cell_prompt_needs_the_generative_mask():
         total_loss(out, target, mask, ObjectiveConfig(generative=True, gen_cell_prompt=1.0))
 
 
-def _gathered_cce_rank(rank: int, world: int, init: str, sizes: list[int], queue) -> None:
-    """One gloo rank: its rows of a shared global batch, the thinned-view CCE over every rank's views."""
+def _gathered_cce_rank(rank: int, world: int, init: str, cases: list[list[int]], queue) -> None:
+    """One gloo rank: for each case (rows per rank), its rows of a shared global batch and the thinned-view
+    CCE over every rank's views."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
-        one_all = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1))
-        two_all = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(2))
-        one_all.requires_grad_(True)
-        two_all.requires_grad_(True)
-        lo = sum(sizes[:rank])
-        local = slice(lo, lo + sizes[rank])
-        out = {"cce_view1": one_all[local], "cce_view2": two_all[local]}
-        cfg = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.2)
-        empty = torch.zeros(1, 1)
-        loss, _ = total_loss(out, empty, empty.bool(), cfg, gather=True)
-        loss.backward()
-        queue.put((rank, float(loss), one_all.grad[local].clone(), two_all.grad[local].clone()))
+        for case, sizes in enumerate(cases):
+            one_all = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1))
+            two_all = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(2))
+            one_all.requires_grad_(True)
+            two_all.requires_grad_(True)
+            lo = sum(sizes[:rank])
+            local = slice(lo, lo + sizes[rank])
+            out = {"cce_view1": one_all[local], "cce_view2": two_all[local]}
+            cfg = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.2)
+            empty = torch.zeros(1, 1)
+            loss, _ = total_loss(out, empty, empty.bool(), cfg, gather=True)
+            loss.backward()
+            grads = (one_all.grad[local].clone(), two_all.grad[local].clone())
+            queue.put((case, rank, float(loss.detach()), *grads))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("sizes", [[3, 3], [4, 2]])
-def test_gathered_cce_is_the_global_batch_contrast(tmp_path, sizes):
+def test_gathered_cce_is_the_global_batch_contrast(tmp_path):
     """With a real 2-rank gloo group, each rank's anchors meet every rank's views as negatives: the loss is
     the single-process contrast of the global batch restricted to the rank's anchors, and the gradients
-    reaching each rank's rows (summed over ranks' losses) are the single-process gradients."""
+    reaching each rank's rows (summed over ranks' losses) are the single-process gradients; equal and
+    unequal micro-batches."""
     import torch.multiprocessing as mp
 
+    cases = [[3, 3], [4, 2]]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     init = f"file://{tmp_path / 'pg'}"
     procs = [
-        ctx.Process(target=_gathered_cce_rank, args=(r, 2, init, sizes, queue)) for r in range(2)
+        ctx.Process(target=_gathered_cce_rank, args=(r, 2, init, cases, queue)) for r in range(2)
     ]
     for p in procs:
         p.start()
-    got = dict((r, (loss, g1, g2)) for r, loss, g1, g2 in (queue.get(timeout=120) for _ in procs))
+    got = {(c, r): rest for c, r, *rest in (queue.get(timeout=120) for _ in range(4))}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    one = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1)).requires_grad_(
-        True
-    )
-    two = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(2)).requires_grad_(
-        True
-    )
-    losses = []
-    for r, n in enumerate(sizes):
-        lo = sum(sizes[:r])
-        a, b = one[lo : lo + n], two[lo : lo + n]
-        rank_loss = 0.5 * (cce_loss(a, two, 0.2, lo) + cce_loss(b, one, 0.2, lo))
-        # by hand: the full similarity matrix's rows for this rank's anchors
-        sim = torch.nn.functional.normalize(a, dim=1) @ torch.nn.functional.normalize(two, dim=1).T
-        expected = torch.nn.functional.cross_entropy(sim / 0.2, torch.arange(n) + lo)
-        assert float(cce_loss(a, two, 0.2, lo).detach()) == pytest.approx(float(expected), rel=1e-5)
-        assert got[r][0] == pytest.approx(float(rank_loss.detach()), rel=1e-5)
-        losses.append(rank_loss)
-    # data parallelism averages the ranks' gradients: d(mean of rank losses) / d rows, times the world size
-    torch.stack(losses).sum().backward()
-    for r, n in enumerate(sizes):
-        lo = sum(sizes[:r])
-        assert torch.allclose(got[r][1], one.grad[lo : lo + n], atol=1e-6)
-        assert torch.allclose(got[r][2], two.grad[lo : lo + n], atol=1e-6)
+    for case, sizes in enumerate(cases):
+        one = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(1))
+        two = torch.randn(sum(sizes), 8, generator=torch.Generator().manual_seed(2))
+        one.requires_grad_(True)
+        two.requires_grad_(True)
+        losses = []
+        for r, n in enumerate(sizes):
+            lo = sum(sizes[:r])
+            a, b = one[lo : lo + n], two[lo : lo + n]
+            rank_loss = 0.5 * (cce_loss(a, two, 0.2, lo) + cce_loss(b, one, 0.2, lo))
+            # by hand: the full similarity matrix's rows for this rank's anchors
+            sim = F.normalize(a, dim=1) @ F.normalize(two, dim=1).T
+            expected = F.cross_entropy(sim / 0.2, torch.arange(n) + lo)
+            assert float(cce_loss(a, two, 0.2, lo).detach()) == pytest.approx(
+                float(expected), rel=1e-5
+            )
+            assert got[case, r][0] == pytest.approx(float(rank_loss.detach()), rel=1e-5)
+            losses.append(rank_loss)
+        # data parallelism averages the ranks' gradients: d(mean of rank losses) / d rows, x world size
+        torch.stack(losses).sum().backward()
+        for r, n in enumerate(sizes):
+            lo = sum(sizes[:r])
+            assert torch.allclose(got[case, r][1], one.grad[lo : lo + n], atol=1e-6)
+            assert torch.allclose(got[case, r][2], two.grad[lo : lo + n], atol=1e-6)
 
 
 def test_gather_without_a_process_group_is_the_local_batch():
