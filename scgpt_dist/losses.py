@@ -131,8 +131,9 @@ class _AllGather(torch.autograd.Function):
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every data-parallel rank's rows of x (B_r, D), in rank order, and where this rank's rows start.
 
-    Differentiable: the gradient reaching another rank's copy flows back to that rank. Ranks may hold different numbers of rows (the sizes are gathered first). Without an initialised
-    process group of several ranks, x itself and offset 0.
+    Differentiable: the gradient reaching another rank's copy flows back to that rank. Ranks may hold
+    different numbers of rows (the sizes are gathered first). Without an initialised process group of
+    several ranks, x itself and offset 0.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return x, 0
