@@ -33,6 +33,7 @@ from data_ingest.tokenize import (
     record_table,
     thin_streams,
     tokenize_segments_into,
+    view_tokenizer,
 )
 from data_ingest.tokenize_kernel import compact_slots, coo_segments, thin_segments
 
@@ -162,6 +163,7 @@ def read_token_table(
                         # epoch: other views each epoch, the same ones on a resume.
                         epoch_keys = np.zeros(hi - lo) if order_key is None else order_key[lo:hi]
                         thinned = np.empty(len(vals), np.float32)
+                        view_tok = view_tokenizer(tok)
                         for v, (v_genes, v_values, v_lengths) in enumerate(view_slots):
                             streams = thin_streams(tok.seed, ids, epoch_keys, v)
                             thin_segments(*segments, cols, vals, streams, tok.thinned_view, thinned)
@@ -171,7 +173,7 @@ def read_token_table(
                                 thinned,
                                 ids,
                                 src.feature_tokens,
-                                tok,
+                                view_tok,
                                 cls_id,
                                 TokenizeStats(),
                                 starts[lo:hi],

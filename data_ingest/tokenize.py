@@ -19,6 +19,7 @@ task size), and a block of cells is tokenized by compiled per-cell loops (`data_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,6 +107,10 @@ class TokenizerConfig:
     its counts thinned independently (`thin_csr`: every count kept with probability p) and tokenised
     afresh (its own bins and top genes), for the thinned-view contrast (objectives.cce_view: thinned): the
     views share the cell's type, state and batch, and only part of its counting noise."""
+    view_max_seq_len: int = 0
+    """Tokens per thinned view, `<cls>` included (0: `max_seq_len`). A view keeps its cell's most expressed
+    genes (with `gene_selection: top`), so shorter views cost less attention and still show the type
+    (docs/learning.md measures it)."""
     gene_selection: str = "top"
     """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
     the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
@@ -123,6 +128,11 @@ class TokenizerConfig:
             raise ValueError(
                 f"tokenizer.thinned_view={self.thinned_view}; it is a keep probability in (0, 1), "
                 "or 0 for no view"
+            )
+        if self.view_max_seq_len and not 2 <= self.view_max_seq_len <= self.max_seq_len:
+            raise ValueError(
+                f"tokenizer.view_max_seq_len={self.view_max_seq_len}; it needs room for <cls> and a "
+                f"gene and at most max_seq_len={self.max_seq_len} (0 means max_seq_len)"
             )
         if self.n_bins < 3:
             raise ValueError(
@@ -284,6 +294,13 @@ def thin_csr(
         out,
     )
     return sp.csr_matrix((out, X.indices, X.indptr), shape=X.shape)
+
+
+def view_tokenizer(tok: TokenizerConfig) -> TokenizerConfig:
+    """The tokenizer of the thinned views: `tok` with `view_max_seq_len` tokens per cell when it is set."""
+    if not tok.view_max_seq_len or tok.view_max_seq_len == tok.max_seq_len:
+        return tok
+    return dataclasses.replace(tok, max_seq_len=tok.view_max_seq_len)
 
 
 def attach_views(records: pa.Table, views: list[pa.Table]) -> pa.Table:

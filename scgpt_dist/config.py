@@ -114,6 +114,11 @@ class ModelConfig:
     """Layers of the CLS head (reference default)."""
     do_dab: bool = False
     """Build the gradient-reversal batch discriminator (DAR objective); needs n_batches."""
+    cce_batch_offset: bool = False
+    """CCE compares each view's cell embedding plus a learned vector of its batch (one per batch, zero at
+    init), not the embedding alone: the contrast can tell datasets apart through that vector, so the cell
+    embedding need not carry the batch to do so (as the GEPC decoder reads the batch from its own input
+    rather than from `<cls>`). Unlike DAR it removes nothing that predicts the batch (docs/learning.md)."""
     attention: str = "sdpa"
     """Attention backend: `sdpa` (PyTorch, padded batch with a boolean mask), `varlen` (packed tokens, one
     call per group of equal-length cells: padding costs nothing), `flash` (flash-attn 2 varlen, GPU; falls
@@ -197,20 +202,11 @@ class ObjectiveConfig:
     """With several data-parallel ranks, contrast each rank's cells against the views of the whole global
     batch (a differentiable all-gather), as the reference gathers its CCE embeddings; false contrasts each
     rank's micro-batch alone (fewer negatives, no collective)."""
-    cce_negatives: str = "all"
-    """Which cells are a CCE anchor's negatives: `all` (every other cell of the batch) or `same_batch`
-    (only cells of the anchor's own batch label, e.g. dataset: a feature shared by a whole dataset then
-    cannot tell a cell's view from its negatives, so the contrast gains nothing by encoding the dataset;
-    experimental, docs/learning.md section 4)."""
 
     def __post_init__(self) -> None:
         if self.gepc_hidden_target not in ("value", "presence"):
             raise ValueError(
                 f"objectives.gepc_hidden_target={self.gepc_hidden_target!r}; use value or presence"
-            )
-        if self.cce_negatives not in ("all", "same_batch"):
-            raise ValueError(
-                f"objectives.cce_negatives={self.cce_negatives!r}; use all or same_batch"
             )
         if self.cce_view not in CCE_VIEWS:
             raise ValueError(
@@ -470,6 +466,11 @@ class ExperimentConfig:
                 raise ValueError(
                     f"objectives.{obj} > 0 needs model.{field_name} set; set it or objectives.{obj}=0"
                 )
+        if self.model.cce_batch_offset and not self.objectives.cce:
+            raise ValueError(
+                "model.cce_batch_offset is a vector CCE adds to each view; set objectives.cce > 0 "
+                "or model.cce_batch_offset=false"
+            )
         thinned = self.objectives.cce > 0 and self.objectives.cce_view == "thinned"
         if thinned and not self.data.tokenizer.thinned_view:
             raise ValueError(

@@ -95,17 +95,13 @@ def cce_loss(
     cell_emb2: torch.Tensor,
     temp: float,
     offset: int = 0,
-    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Contrastive cell embedding: each cell's two views are positives, other cells negatives.
 
     cell_emb: (B, D) the anchors; cell_emb2: (N, D) the candidates, N >= B, where anchor i's positive is
-    row `offset + i` (N = B, offset 0 within one micro-batch; the global batch with `gather_rows`);
-    allowed: (B, N) which candidates count for each anchor (its positive must be one), default all.
+    row `offset + i` (N = B, offset 0 within one micro-batch; the global batch with `gather_rows`).
     """
     sim = F.cosine_similarity(cell_emb[:, None, :], cell_emb2[None, :, :], dim=-1) / temp  # (B, N)
-    if allowed is not None:
-        sim = sim.masked_fill(~allowed, float("-inf"))
     target = torch.arange(sim.shape[0], device=sim.device) + offset
     return F.cross_entropy(sim, target)
 
@@ -222,20 +218,13 @@ def total_loss(
                     "objectives.cce needs two views: the model run with cce=True, or "
                     "out['cce_view1'] / out['cce_view2'] (see train_module.compute_loss)"
                 )
-            same_batch = cfg.cce_negatives == "same_batch"
-            if same_batch and batch is None:
-                raise ValueError("objectives.cce_negatives=same_batch needs the batch labels")
-            # both views (and the batch labels) in one tensor: one collective per step, not one each
-            cols = [one, two] + ([batch.to(one.dtype)[:, None]] if same_batch else [])
-            rows, offset = gather_rows(torch.cat(cols, 1)) if gather else (torch.cat(cols, 1), 0)
-            d = one.shape[1]
-            all_one, all_two = rows[:, :d], rows[:, d : 2 * d]
-            allowed = None
-            if same_batch:  # (B, N): candidates from the anchor's own batch
-                allowed = batch.to(one.dtype)[:, None] == rows[None, :, 2 * d]
-            value = cce_loss(one, all_two, cfg.cce_temp, offset, allowed)
+            all_one, all_two, offset = one, two, 0
+            if gather:  # both views in one tensor: one collective per step, not one each
+                rows, offset = gather_rows(torch.cat([one, two], 1))
+                all_one, all_two = rows.split(one.shape[1], 1)
+            value = cce_loss(one, all_two, cfg.cce_temp, offset)
             if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor
-                value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset, allowed))
+                value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset))
         elif name == "dar":
             if batch is None:
                 raise ValueError("objectives.dar needs the batch labels")

@@ -300,11 +300,16 @@ class ScGPT(nn.Module):
 
     def __init__(self, cfg: ModelConfig, n_tokens: int, pad_id: int):
         super().__init__()
-        needs_batches = cfg.use_batch_labels or cfg.domain_spec_batchnorm == "dsbn" or cfg.do_dab
+        needs_batches = (
+            cfg.use_batch_labels
+            or cfg.domain_spec_batchnorm == "dsbn"
+            or cfg.do_dab
+            or cfg.cce_batch_offset
+        )
         if needs_batches and cfg.n_batches < 1:
             raise ValueError(
-                "model.use_batch_labels / domain_spec_batchnorm=dsbn / do_dab need model.n_batches >= 1 "
-                "(filled in from the data)"
+                "model.use_batch_labels / domain_spec_batchnorm=dsbn / do_dab / cce_batch_offset need "
+                "model.n_batches >= 1 (filled in from the data)"
             )
         self.cfg = cfg
         self.n_tokens = n_tokens
@@ -336,6 +341,9 @@ class ScGPT(nn.Module):
             self.mvc_decoder = MVCDecoder(d, d_cell, cfg.explicit_zero_prob)
         if cfg.do_dab:
             self.grad_reverse_discriminator = AdversarialDiscriminator(d, cfg.n_batches)
+        if cfg.cce_batch_offset:
+            self.cce_batch_offset = nn.Embedding(cfg.n_batches, d)  # (n_batches, D)
+            nn.init.zeros_(self.cce_batch_offset.weight)
         self.init_weights()
 
     def init_weights(self) -> None:

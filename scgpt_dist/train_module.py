@@ -180,6 +180,7 @@ def compute_loss(
     `obj.gen_cell_prompt` a second pass generates every gene from the first pass's cell embedding.
     """
     dev = device
+    inner = getattr(model, "module", model)  # the model inside a DeepSpeed engine
     optional = {
         k: v.to(dev)
         for k, v in {"modality": batch.modality, "perturbation": batch.perturbation}.items()
@@ -199,7 +200,6 @@ def compute_loss(
     if split or obj.gepc_hidden > 0:
         query = None
         if obj.gepc_hidden > 0:
-            inner = getattr(model, "module", model)  # the model inside a DeepSpeed engine
             n_tokens = inner.encoder.embedding.num_embeddings
             q_genes, q_target, q_mask = hidden_queries(
                 batch.genes, batch.values, mask & ~batch.padding, n_tokens,
@@ -238,6 +238,11 @@ def compute_loss(
             **optional,
         )
         out["cell_prompt_gep"] = second["gep"]  # (B, L)
+    if obj.cce > 0 and inner.cfg.cce_batch_offset:  # each view plus its batch's learned vector
+        if "cce_view1" not in out:
+            out["cce_view1"], out["cce_view2"] = out["cell_emb"], out["cell_emb2"]
+        offset = inner.cce_batch_offset(cells)  # (B, D)
+        out["cce_view1"], out["cce_view2"] = out["cce_view1"] + offset, out["cce_view2"] + offset
     out = {k: v.float() for k, v in out.items()}
     return total_loss(
         out,

@@ -33,7 +33,13 @@ import torch
 
 from data_ingest import keys
 from data_ingest.synth import CensusSynthConfig, sample_census
-from data_ingest.tokenize import TokenizerConfig, attach_views, thin_csr, tokenize_csr
+from data_ingest.tokenize import (
+    TokenizerConfig,
+    attach_views,
+    thin_csr,
+    tokenize_csr,
+    view_tokenizer,
+)
 from scgpt_dist.collate import collate, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
 from scgpt_dist.evaluate import embedding_scores, gep_baselines, model_scores, with_fixed_masks
@@ -120,6 +126,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "each count kept with this probability, each tokenised afresh (objectives.cce_view=thinned "
         "contrasts the two); 0 = off",
     )
+    add("--view-len", type=int, default=0, help="tokenizer.view_max_seq_len (0: --max-len)")
     add("--thin-weight", type=float, default=1.0, help="weight of the thinned-views contrast")
     add("--thin-temp", type=float, default=0.1, help="its temperature")
     add("--mask", type=float, default=0.4)
@@ -167,6 +174,7 @@ def main(argv: list[str]) -> int:
         gene_selection=a.select,
         tie_break=a.tie,
         include_zero_genes=a.zeros,
+        view_max_seq_len=a.view_len,
     )
     table = token_table(X, types, datasets, tok)
     rng = np.random.default_rng(a.seed)
@@ -224,7 +232,9 @@ def main(argv: list[str]) -> int:
             halves = []
             for v in range(2):
                 Xv = thin_csr(X[cells], a.view, a.seed, cells, np.full(len(cells), step), v)
-                halves.append(token_table(Xv, types[cells], datasets[cells], tok, cells))
+                halves.append(
+                    token_table(Xv, types[cells], datasets[cells], view_tokenizer(tok), cells)
+                )
             records = attach_views(records, halves)
         b = collate(records, PAD_ID)
         values_in, mask = mask_values(b.values, a.mask, gen)

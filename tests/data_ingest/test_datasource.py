@@ -10,6 +10,7 @@ from data_ingest.datasource import SomaTokenDatasource, read_token_table, record
 from data_ingest.source import ALL, HOLDOUT, TRAIN, SomaCellSource, SourceConfig
 from data_ingest.tokenize import (
     RECORD_SCHEMA,
+    VIEW_COLUMNS,
     TokenizerConfig,
     compact_record_schema,
     record_table,
@@ -224,3 +225,29 @@ def test_thinned_views_are_deterministic_subsets_drawn_anew_each_epoch(demo_soma
     assert moved[keys.VIEW_GENES[0]].to_pylist() != one
     compact = read_token_table(resolved, ids, tok, vocab.cls_id, compact=True, **kw)
     assert widen(compact).equals(table)
+
+
+def test_shorter_views_keep_their_most_expressed_genes(demo_soma):
+    """tokenizer.view_max_seq_len: each view is its thinned counts tokenised with that many tokens (its
+    top genes), the main record keeps max_seq_len; a view length over max_seq_len is a config error."""
+    src, vocab = _source(demo_soma)
+    resolved = src.resolve(vocab, TRAIN)
+    ids = resolved.joinids[:100]
+    kw = dict(order_key=np.arange(100), views=True)
+    full = TokenizerConfig(max_seq_len=1000, thinned_view=0.5)
+    short = TokenizerConfig(max_seq_len=1000, thinned_view=0.5, view_max_seq_len=16)
+    long_table = read_token_table(resolved, ids, full, vocab.cls_id, **kw)
+    table = read_token_table(resolved, ids, short, vocab.cls_id, **kw)
+    main = [c for c in table.column_names if c not in VIEW_COLUMNS]
+    assert table.select(main).equals(long_table.select(main))
+    for g, v in zip(keys.VIEW_GENES, keys.VIEW_VALUES, strict=True):
+        genes, values = table[g].to_pylist(), table[v].to_pylist()
+        all_genes, all_values = long_table[g].to_pylist(), long_table[v].to_pylist()
+        assert max(map(len, genes)) == 16 and max(map(len, all_genes)) > 16
+        for kept, vals, every, every_vals in zip(genes, values, all_genes, all_values, strict=True):
+            assert set(kept) <= set(every) and len(kept) == min(16, len(every))
+            # the kept genes are the view's most expressed: none left out is above the lowest kept
+            left_out = [b for gene, b in zip(every, every_vals, strict=True) if gene not in kept]
+            assert not left_out or max(left_out) <= min(vals[1:]) + 1e-6
+    with pytest.raises(ValueError, match="view_max_seq_len"):
+        TokenizerConfig(max_seq_len=64, view_max_seq_len=128)

@@ -312,27 +312,3 @@ def test_gather_without_a_process_group_is_the_local_batch():
     gathered, _ = total_loss(out, empty, empty.bool(), cfg, gather=True)
     local, _ = total_loss(out, empty, empty.bool(), cfg, gather=False)
     assert float(gathered) == pytest.approx(float(local))
-
-
-def test_same_batch_negatives_leave_out_other_batches():
-    """cce_negatives=same_batch: an anchor's softmax runs over its own batch's cells only; with one batch
-    label it is the plain contrast."""
-    one, two = torch.randn(6, 8), torch.randn(6, 8)
-    batch = torch.tensor([0, 0, 0, 1, 1, 1])
-    empty = torch.zeros(1, 1)
-    out = {"cce_view1": one, "cce_view2": two}
-    cfg = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.2)
-    same = ObjectiveConfig(**{**cfg.__dict__, "cce_negatives": "same_batch"})
-    got, _ = total_loss(out, empty, empty.bool(), same, batch=batch)
-    halves = [
-        0.5 * (cce_loss(one[s], two[s], 0.2) + cce_loss(two[s], one[s], 0.2))
-        for s in (slice(0, 3), slice(3, 6))
-    ]
-    assert float(got) == pytest.approx(float(torch.stack(halves).mean()), rel=1e-5)
-    plain, _ = total_loss(out, empty, empty.bool(), cfg, batch=batch)
-    one_label, _ = total_loss(out, empty, empty.bool(), same, batch=torch.zeros(6))
-    assert float(one_label) == pytest.approx(float(plain), rel=1e-5)
-    with pytest.raises(ValueError, match="same_batch needs the batch labels"):
-        total_loss(out, empty, empty.bool(), same)
-    with pytest.raises(ValueError, match="cce_negatives"):
-        ObjectiveConfig(cce_negatives="other")

@@ -190,3 +190,56 @@ def test_thinned_views_are_contrasted_with_each_other():
     no_view = Batch(genes, values, genes == 0, cells, labels, torch.arange(b))
     with pytest.raises(ValueError, match="data.tokenizer.thinned_view"):
         compute_loss(model, no_view, masked, mask, obj)
+
+
+def test_cce_batch_offset_adds_a_learned_vector_per_batch_to_each_view():
+    """model.cce_batch_offset: the contrast compares each view's `<cls>` plus its batch's vector (zero at
+    init, so the first loss is the plain one), the vectors learn, `cell_emb` itself is untouched, and
+    without CCE the option is a config error."""
+    from data_ingest import keys
+    from scgpt_dist.collate import Batch
+    from scgpt_dist.config import ExperimentConfig, ObjectiveConfig
+    from scgpt_dist.losses import cce_loss
+    from scgpt_dist.train_module import compute_loss
+
+    cfg = dict(d_model=16, n_heads=2, n_layers=1, d_hid=32, n_batches=2, dropout=0.0)
+    torch.manual_seed(0)
+    plain = build_model(ModelConfig(**cfg), 40, 0)
+    model = build_model(ModelConfig(**cfg, cce_batch_offset=True), 40, 0)
+    missing, extra = model.load_state_dict(plain.state_dict(), strict=False)
+    assert missing == ["cce_batch_offset.weight"] and not extra
+    b, length = 6, 10
+    genes = torch.randint(3, 40, (b, length))
+    genes[:, 0] = 1
+    values = torch.randint(1, 20, (b, length)).float()
+    values[:, 0] = keys.PAD_VALUE
+    cells, labels = torch.tensor([0, 1, 0, 1, 1, 0]), torch.full((b,), -1)
+    views = tuple(
+        Batch(g, v, g == 0, cells, labels, torch.arange(b))
+        for g, v in ((genes[:, :7], values[:, :7]), (genes[:, 3:], values[:, 3:].clone()))
+    )
+    views[1].values[:, 0] = keys.PAD_VALUE
+    batch = Batch(genes, values, genes == 0, cells, labels, torch.arange(b), views=views)
+    mask = torch.zeros(b, length, dtype=torch.bool)
+    obj = ObjectiveConfig(gep=0.0, gepc=0.0, cce=1.0, cce_view="thinned", cce_temp=0.1)
+    base, _ = compute_loss(plain, batch, values, mask, obj)
+    first, _ = compute_loss(model, batch, values, mask, obj)
+    assert torch.allclose(base, first)
+    with torch.no_grad():
+        model.cce_batch_offset.weight.normal_()
+    loss, _ = compute_loss(model, batch, values, mask, obj)
+    with torch.no_grad():
+        one, two = (model(v.genes, v.values, v.padding, cells)["cell_emb"] for v in views)
+        shift = model.cce_batch_offset.weight[cells]
+        expected = 0.5 * (
+            cce_loss(one + shift, two + shift, 0.1) + cce_loss(two + shift, one + shift, 0.1)
+        )
+    assert torch.allclose(loss, expected, atol=1e-5) and not torch.allclose(loss, base)
+    loss.backward()
+    assert (
+        model.cce_batch_offset.weight.grad.abs().sum(1) > 0
+    ).all()  # both batches' vectors learn
+    with pytest.raises(ValueError, match="model.cce_batch_offset"):
+        ExperimentConfig(
+            model=ModelConfig(cce_batch_offset=True), objectives=ObjectiveConfig(cce=0.0)
+        )
