@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
@@ -28,9 +29,11 @@ from data_ingest.tokenize import (
     TokenizerConfig,
     TokenizeStats,
     attach_views,
+    batch_log_profile,
     check_values,
     compact_record_schema,
     record_table,
+    restyled_keep,
     thin_streams,
     tokenize_segments_into,
     view_tokenizer,
@@ -70,6 +73,11 @@ def read_token_table(
     and attached as `VIEW_COLUMNS` (`attach_views`).
     """
     schema = record_schema(src, tok, cls_id, compact, views)
+    if views and tok.view_restyle and src.batch_log_profile is None:
+        raise ValueError(
+            "tokenizer.view_restyle needs each batch's expression profile on the source "
+            "(ResolvedSource.batch_log_profile, set by data_ingest.source.attach_batch_profile)"
+        )
     joinids = np.asarray(joinids, dtype=np.int64)
     stats = stats if stats is not None else TokenizeStats()
     if order_key is None and len(joinids) > SLOT_CELLS:
@@ -164,9 +172,22 @@ def read_token_table(
                         epoch_keys = np.zeros(hi - lo) if order_key is None else order_key[lo:hi]
                         thinned = np.empty(len(vals), np.float32)
                         view_tok = view_tokenizer(tok)
+                        if tok.view_restyle:
+                            entry_cell = np.searchsorted(ids, rows)
                         for v, (v_genes, v_values, v_lengths) in enumerate(view_slots):
                             streams = thin_streams(tok.seed, ids, epoch_keys, v)
-                            thin_segments(*segments, cols, vals, streams, tok.thinned_view, thinned)
+                            if tok.view_restyle:
+                                keep = restyled_keep(
+                                    tok.thinned_view,
+                                    src.batch_log_profile,
+                                    batch[lo:hi],
+                                    streams,
+                                    entry_cell,
+                                    cols,
+                                )
+                            else:
+                                keep = np.full(len(vals), tok.thinned_view)
+                            thin_segments(*segments, cols, vals, streams, keep, thinned)
                             tokenize_segments_into(
                                 *segments,
                                 cols,
@@ -242,6 +263,46 @@ def record_schema(
         for name, key in zip(VIEW_COLUMNS, TOKEN_COLUMNS * 2, strict=True):
             schema = schema.append(pa.field(name, schema.field(key).type))
     return schema
+
+
+PROFILE_CELLS = 20_000
+"""Cells `attach_batch_profile` reads at most, split evenly over the batches (all of a smaller batch)."""
+
+
+def attach_batch_profile(
+    src: ResolvedSource, cells: int = PROFILE_CELLS, seed: int = 0
+) -> ResolvedSource:
+    """`src` with `batch_log_profile` measured on a sample of its cells: up to `cells / n_batches` cells
+    of each batch (at least 20), drawn with `seed`. One X read of the sample; the profile holds
+    `n_batches x n_vars` float32 and travels with every read task."""
+    n_batches = len(src.batch_categories)
+    n_vars = len(src.feature_tokens)
+    rng = np.random.default_rng(seed)
+    with open_experiment(src.soma_uri, src.tiledb_config) as exp:
+        obs = (
+            exp.obs.read(coords=(src.joinids,), column_names=[keys.SOMA_JOINID, src.batch_key])
+            .concat()
+            .to_pandas()
+        )
+        codes = pd.Categorical(
+            obs[src.batch_key].astype(str), categories=src.batch_categories
+        ).codes.astype(np.int64)
+        ids = obs[keys.SOMA_JOINID].to_numpy().astype(np.int64)
+        per_batch = max(20, cells // max(n_batches, 1))
+        picked = []
+        for b in range(n_batches):
+            members = ids[codes == b]
+            if len(members) > per_batch:
+                members = rng.choice(members, per_batch, replace=False)
+            picked.append(members)
+        sample = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+        X = exp.ms[src.measurement].X[src.layer]
+        rows, cols, vals = _coo_arrays(list(X.read(coords=(sample,)).tables()))
+    batch_of = pd.Series(codes, index=ids).reindex(sample).to_numpy()
+    local = np.searchsorted(sample, rows)
+    counts = sp.csr_matrix((vals.astype(np.float64), (local, cols)), shape=(len(sample), n_vars))
+    profile = batch_log_profile(counts, batch_of, n_batches)
+    return dataclasses.replace(src, batch_log_profile=profile)
 
 
 def _coo_arrays(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

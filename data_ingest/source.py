@@ -71,6 +71,9 @@ class ResolvedSource:
     label_categories: list[str] = field(default_factory=list)
     tiledb_config: dict[str, str] | None = None
     """TileDB settings to open `soma_uri` with (e.g. S3 region for the public census)."""
+    batch_log_profile: np.ndarray | None = None
+    """`(len(batch_categories), n_vars)` log mean expression per batch (`tokenize.batch_log_profile`), for
+    restyled views (`tokenizer.view_restyle`); `datasource.attach_batch_profile` sets it."""
 
 
 def holdout_mask(joinids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -111,6 +111,12 @@ class TokenizerConfig:
     """Tokens per thinned view, `<cls>` included (0: `max_seq_len`). A view keeps its cell's most expressed
     genes (with `gene_selection: top`), so shorter views cost less attention and still show the type
     (docs/learning.md measures it)."""
+    view_restyle: bool = False
+    """Thin each view's gene `g` with keep probability `thinned_view x m[t, g] / m[b, g]` (at most 1),
+    where `b` is the cell's batch, `t` a batch drawn at random for each view, and `m` each batch's mean
+    normalised expression (`batch_log_profile`): the two views of a cell come in the gene-wise styles of
+    two random batches, so the contrast cannot match them by their batch and learns an embedding that
+    does not carry it (docs/learning.md, section 4)."""
     gene_selection: str = "top"
     """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
     the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
@@ -133,6 +139,11 @@ class TokenizerConfig:
             raise ValueError(
                 f"tokenizer.view_max_seq_len={self.view_max_seq_len}; it needs room for <cls> and a "
                 f"gene and at most max_seq_len={self.max_seq_len} (0 means max_seq_len)"
+            )
+        if self.view_restyle and not self.thinned_view:
+            raise ValueError(
+                "tokenizer.view_restyle restyles the thinned views; set tokenizer.thinned_view "
+                "(a keep probability, e.g. 0.5) or turn view_restyle off"
             )
         if self.n_bins < 3:
             raise ValueError(
@@ -276,21 +287,86 @@ def thin_streams(seed: int, cell_ids: np.ndarray, epoch_keys: np.ndarray, view: 
     return mix64(cell_streams(seed, cell_ids, SALT_THIN + view) ^ keys_)
 
 
+SALT_RESTYLE = 0x5E57
+"""Hash purpose: the batch whose style a restyled view takes (`restyled_keep`), from the view's stream."""
+RESTYLE_PSEUDO = 0.01
+"""Added to each batch's mean normalised expression (per 10,000 counts) before the log: a gene a batch
+never shows is restyled towards (almost) absent, not by an infinite factor."""
+RESTYLE_MAX_LOG = 3.0
+"""Largest |log ratio| of two batches' profiles a restyled view applies (a factor of 20 either way)."""
+
+
+def batch_log_profile(X: sp.csr_matrix, batch: np.ndarray, n_batches: int) -> np.ndarray:
+    """`(n_batches, n_genes)` float32: log of each batch's mean expression per 10,000 counts (+
+    `RESTYLE_PSEUDO`) over the cells of `X` (counts, one row per cell, `batch[i]` its batch code). A batch
+    with no cell in `X` gets the mean over all cells."""
+    X = sp.csr_matrix(X, dtype=np.float64)
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    norm = sp.diags(np.where(lib > 0, 1e4 / np.maximum(lib, 1e-12), 0.0)) @ X
+    batch = np.asarray(batch, np.int64)
+    onehot = sp.csr_matrix(
+        (np.ones(len(batch)), (batch, np.arange(len(batch)))), shape=(n_batches, len(batch))
+    )
+    counts = np.asarray(onehot.sum(axis=1)).ravel()
+    sums = np.asarray((onehot @ norm).todense())
+    overall = np.asarray(norm.mean(axis=0)).ravel() if len(batch) else np.zeros(X.shape[1])
+    means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], overall[None, :])
+    return np.log(means + RESTYLE_PSEUDO).astype(np.float32)
+
+
+def restyled_keep(
+    p: float,
+    log_profile: np.ndarray,
+    batch: np.ndarray,
+    streams: np.ndarray,
+    entry_cell: np.ndarray,
+    cols: np.ndarray,
+) -> np.ndarray:
+    """Keep probability of each entry of a restyled thinned view (`TokenizerConfig.view_restyle`): cell
+    `i` (batch `batch[i]`, view stream `streams[i]`) takes the style of batch `t_i`, drawn from its stream,
+    so entry `e` (cell `entry_cell[e]`, gene column `cols[e]`) is kept with probability
+    `p x exp(log_profile[t, g] - log_profile[b, g])`, the log ratio clipped to `RESTYLE_MAX_LOG` and the
+    probability to 1."""
+    n_batches = log_profile.shape[0]
+    target = mix64(np.asarray(streams, np.uint64) ^ np.uint64(SALT_RESTYLE)) % np.uint64(n_batches)
+    target = target.astype(np.int64)[entry_cell]
+    own = np.asarray(batch, np.int64)[entry_cell]
+    cols = np.asarray(cols, np.int64)
+    ratio = np.clip(
+        log_profile[target, cols] - log_profile[own, cols], -RESTYLE_MAX_LOG, RESTYLE_MAX_LOG
+    )
+    return np.minimum(1.0, p * np.exp(ratio.astype(np.float64)))
+
+
 def thin_csr(
-    X: sp.csr_matrix, p: float, seed: int, cell_ids: np.ndarray, epoch_keys: np.ndarray, view: int
+    X: sp.csr_matrix,
+    p: float,
+    seed: int,
+    cell_ids: np.ndarray,
+    epoch_keys: np.ndarray,
+    view: int,
+    restyle: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> sp.csr_matrix:
     """`X` (cells `cell_ids`) with every count kept with probability `p` (`tokenize_kernel.thin_segments`;
-    the same draws as the stream's read tasks make for the same cell, key and view)."""
+    the same draws as the stream's read tasks make for the same cell, key and view). With `restyle =
+    (log_profile, batch)` each cell is restyled as `restyled_keep` says."""
     n = X.shape[0]
     out = np.empty(len(X.data), np.float32)
+    streams = thin_streams(seed, cell_ids, epoch_keys, view)
+    indices = X.indices.astype(np.int64)
+    if restyle is None:
+        keep = np.full(len(X.data), float(p))
+    else:
+        entry_cell = np.repeat(np.arange(n), np.diff(X.indptr))
+        keep = restyled_keep(p, restyle[0], restyle[1], streams, entry_cell, indices)
     tokenize_kernel.thin_segments(
         np.arange(n + 1, dtype=np.int64),
         X.indptr[:-1].astype(np.int64),
         X.indptr[1:].astype(np.int64),
-        X.indices.astype(np.int64),
+        indices,
         X.data.astype(np.float64),
-        thin_streams(seed, cell_ids, epoch_keys, view),
-        float(p),
+        streams,
+        keep,
         out,
     )
     return sp.csr_matrix((out, X.indices, X.indptr), shape=X.shape)

@@ -541,17 +541,18 @@ def _uniform(h):
 
 
 @numba.njit(cache=True, nogil=True)
-def thin_segments(seg_ptr, seg_lo, seg_hi, indices, data, streams, p, out):
-    """Binomially thin cell `i`'s entries (its segments, as `tokenize_into` takes them) with keep
-    probability `p`, drawing from `streams[i]` and each entry's column only, so a cell's draw does not
-    depend on which cells are read with it. A whole-number value is a count: each of its units is kept
-    with probability `p` (above 64 units, a normal approximation of the binomial); any other value is
-    kept whole with probability `p`. Writes the thinned values to `out` at the entries' places."""
+def thin_segments(seg_ptr, seg_lo, seg_hi, indices, data, streams, keep, out):
+    """Binomially thin cell `i`'s entries (its segments, as `tokenize_into` takes them), entry `e` with
+    keep probability `keep[e]`, drawing from `streams[i]` and each entry's column only, so a cell's draw
+    does not depend on which cells are read with it. A whole-number value is a count: each of its units is
+    kept with probability `keep[e]` (above 64 units, a normal approximation of the binomial); any other
+    value is kept whole with that probability. Writes the thinned values to `out` at the entries' places."""
     big = 64
     for i in range(len(seg_ptr) - 1):
         for s in range(seg_ptr[i], seg_ptr[i + 1]):
             for e in range(seg_lo[s], seg_hi[s]):
                 v = data[e]
+                p = keep[e]
                 h = _gene_hash(streams[i], indices[e])
                 if v <= 0:
                     out[e] = 0.0

@@ -25,6 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from data_ingest.datasource import attach_batch_profile
 from data_ingest.keys import BATCH, CELL_ID, GENES, LABEL, MODALITY, PAD_VALUE, VALUES
 from data_ingest.source import TRAIN, SomaCellSource
 from data_ingest.stream import StreamStats, rank_batches
@@ -479,6 +480,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         from scgpt_dist.warmstart import replay_selection
 
         resolved, replay_counts = replay_selection(resolved, cfg.data.replay)
+    if cfg.data.tokenizer.view_restyle:  # each batch's profile, for the restyled views
+        resolved = attach_batch_profile(resolved, seed=cfg.data.tokenizer.seed)
     if cfg.model.use_batch_labels and cfg.model.n_batches == 0:
         cfg.model.n_batches = len(resolved.batch_categories)
     data_info = {

@@ -36,6 +36,7 @@ from data_ingest.synth import CensusSynthConfig, sample_census
 from data_ingest.tokenize import (
     TokenizerConfig,
     attach_views,
+    batch_log_profile,
     thin_csr,
     tokenize_csr,
     view_tokenizer,
@@ -127,6 +128,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "contrasts the two); 0 = off",
     )
     add("--view-len", type=int, default=0, help="tokenizer.view_max_seq_len (0: --max-len)")
+    add(
+        "--restyle",
+        action="store_true",
+        help="tokenizer.view_restyle: each view thinned towards a random batch's gene profile",
+    )
     add("--thin-weight", type=float, default=1.0, help="weight of the thinned-views contrast")
     add("--thin-temp", type=float, default=0.1, help="its temperature")
     add("--mask", type=float, default=0.4)
@@ -220,6 +226,12 @@ def main(argv: list[str]) -> int:
         )
         return row
 
+    profile = None
+    if (
+        a.restyle
+    ):  # each batch's profile over the training cells, as attach_batch_profile measures it
+        train_cells = table.column(keys.CELL_ID).to_numpy()[train]
+        profile = batch_log_profile(X[train_cells], datasets[train_cells], int(datasets.max()) + 1)
     gen = torch.Generator().manual_seed(a.seed)
     t1 = time.perf_counter()
     history = [evaluate(0, {})]
@@ -231,7 +243,10 @@ def main(argv: list[str]) -> int:
             cells = records.column(keys.CELL_ID).to_numpy()
             halves = []
             for v in range(2):
-                Xv = thin_csr(X[cells], a.view, a.seed, cells, np.full(len(cells), step), v)
+                restyle = None if profile is None else (profile, datasets[cells])
+                Xv = thin_csr(
+                    X[cells], a.view, a.seed, cells, np.full(len(cells), step), v, restyle
+                )
                 halves.append(
                     token_table(Xv, types[cells], datasets[cells], view_tokenizer(tok), cells)
                 )

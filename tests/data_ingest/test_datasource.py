@@ -6,7 +6,12 @@ import pytest
 import ray
 
 from data_ingest import keys
-from data_ingest.datasource import SomaTokenDatasource, read_token_table, record_schema
+from data_ingest.datasource import (
+    SomaTokenDatasource,
+    attach_batch_profile,
+    read_token_table,
+    record_schema,
+)
 from data_ingest.source import ALL, HOLDOUT, TRAIN, SomaCellSource, SourceConfig
 from data_ingest.tokenize import (
     RECORD_SCHEMA,
@@ -251,3 +256,30 @@ def test_shorter_views_keep_their_most_expressed_genes(demo_soma):
             assert not left_out or max(left_out) <= min(vals[1:]) + 1e-6
     with pytest.raises(ValueError, match="view_max_seq_len"):
         TokenizerConfig(max_seq_len=64, view_max_seq_len=128)
+
+
+def test_restyled_views_need_the_batch_profile_and_leave_the_record_alone(demo_soma):
+    """tokenizer.view_restyle: the views are thinned towards random batches' profiles
+    (`attach_batch_profile`, one per batch over the training cells); the main record is unchanged and a
+    source without the profile is refused."""
+    src, vocab = _source(demo_soma)
+    resolved = src.resolve(vocab, TRAIN)
+    ids = resolved.joinids[:200]
+    kw = dict(order_key=np.arange(200), views=True)
+    plain = TokenizerConfig(max_seq_len=1000, thinned_view=0.5)
+    tok = TokenizerConfig(max_seq_len=1000, thinned_view=0.5, view_restyle=True)
+    with pytest.raises(ValueError, match="batch_log_profile"):
+        read_token_table(resolved, ids, tok, vocab.cls_id, **kw)
+    styled = attach_batch_profile(resolved)
+    profile = styled.batch_log_profile
+    assert profile.shape == (len(resolved.batch_categories), len(resolved.feature_tokens))
+    assert np.isfinite(profile).all() and len(resolved.batch_categories) > 1
+    before = read_token_table(styled, ids, plain, vocab.cls_id, **kw)
+    table = read_token_table(styled, ids, tok, vocab.cls_id, **kw)
+    main = [c for c in table.column_names if c not in VIEW_COLUMNS]
+    assert table.select(main).equals(before.select(main))
+    assert table[keys.VIEW_GENES[0]].to_pylist() != before[keys.VIEW_GENES[0]].to_pylist()
+    full = table[keys.GENES].to_pylist()
+    for g in keys.VIEW_GENES:
+        assert all(set(v) <= set(f) for f, v in zip(full, table[g].to_pylist(), strict=True))
+    assert read_token_table(styled, ids, tok, vocab.cls_id, **kw).equals(table)

@@ -205,3 +205,45 @@ def test_attach_views_match_cells_and_fall_back_to_the_record():
     assert [g == [vocab.cls_id] for g in got] == [True, False, True, False, True, False]
     assert [got[i] for i in (1, 3, 5)] == [own[i] for i in (1, 3, 5)]
     assert out.column(keys.VIEW_VALUES[1]).to_pylist()[1] == records[keys.VALUES].to_pylist()[1]
+
+
+def test_restyled_views_thin_each_gene_towards_a_random_batchs_profile():
+    """tokenizer.view_restyle: a view of a cell of batch b takes batch t's gene-wise style (t drawn per
+    cell and view), by keeping gene g with probability p x m[t, g] / m[b, g] (at most 1)."""
+    from data_ingest.tokenize import batch_log_profile, restyled_keep, thin_csr, thin_streams
+
+    rng = np.random.default_rng(0)
+    n, g = 4000, 20
+    batch = np.repeat([0, 1], n // 2)
+    rate = np.full((2, g), 4.0)
+    rate[1, :5] = 16.0  # batch 1 shows genes 0-4 (17 / 5 =) 3.4 times as strongly
+    X = sp.csr_matrix(rng.poisson(rate[batch]).astype(np.float32) + 1)  # every gene in every cell
+    profile = batch_log_profile(X, batch, 2)
+    shift = profile[1] - profile[0]  # per 10,000 counts: the library size moves every gene alike
+    assert np.allclose(shift[:5] - shift[5:].mean(), np.log(3.4), atol=0.05)
+    assert np.allclose(shift[5:], shift[5:].mean(), atol=0.05)
+
+    ids, keys_ = np.arange(n) + 50, np.zeros(n)
+    streams = thin_streams(0, ids, keys_, 0)
+    entry_cell = np.repeat(np.arange(n), np.diff(X.indptr))
+    keep = restyled_keep(0.2, profile, batch, streams, entry_cell, X.indices)
+    first = sp.csr_matrix((keep, X.indices, X.indptr), shape=X.shape).toarray()
+    ratio = first[:, 0] / first[:, 10]  # gene 0 against an unshifted gene, per cell
+    restyled = ~np.isclose(first[:, 10], 0.2)  # cells that took the other batch's style
+    assert 0.45 < restyled.mean() < 0.55  # the style is drawn over both batches
+    assert np.allclose(ratio[(batch == 0) & restyled], 3.4, rtol=0.1)
+    assert np.allclose(ratio[(batch == 1) & restyled], 1 / 3.4, rtol=0.1)
+    assert np.allclose(ratio[~restyled], 1.0)
+    assert restyled_keep(0.5, profile, batch, streams, entry_cell, X.indices).max() == 1.0
+
+    view = thin_csr(X, 0.2, 0, ids, keys_, 0, restyle=(profile, batch))
+    assert (view.data == np.rint(view.data)).all() and (view.data <= X.data).all()
+    up = (batch == 0) & restyled
+    kept = np.asarray(view[up][:, :5].sum()) / X[up][:, :5].sum()
+    assert abs(kept - first[up, :5].mean()) < 0.02
+    # The same cells, ids and keys draw the same views; without restyle, the plain thinning.
+    assert np.array_equal(thin_csr(X, 0.2, 0, ids, keys_, 0, (profile, batch)).data, view.data)
+    plain = thin_csr(X, 0.2, 0, ids, keys_, 0)
+    assert np.array_equal(plain[~restyled].data, view[~restyled].data)
+    with pytest.raises(ValueError, match="view_restyle"):
+        TokenizerConfig(view_restyle=True)
