@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         linear_probe_accuracy,
         model_scores,
         pca_embedding,
+        type_only_batch_knn,
     )
     from scgpt_dist.inference import EMBEDDING_KEY
     from scgpt_dist.model import build_model
@@ -256,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean_cosine_random_init": init["mean_cosine"],
         "knn_batch_scgpt": scgpt.get("knn_batch"),
         "knn_batch_pca": pca_scores["knn_batch"],
+        "knn_batch_type_only": type_only_batch_knn(labels, batches, seed=cfg.eval.seed),
         "chance_type": float((counts / counts.sum()).max()),
         "chance_batch": float((bcounts / bcounts.sum()).max()),
         "annotation": ann,
@@ -349,6 +351,7 @@ def write_report(out: Path, r: dict, hist: dict, adata, labels_key: str) -> None
         f"{r['linear_probe_type_random_init']:.3f} | | {r['mean_cosine_random_init']:.3f} |",
         f"| PCA-50 | {r['knn_type_pca']:.3f} | {r['linear_probe_type_pca']:.3f} | "
         f"{r['knn_batch_pca']:.3f} | |",
+        f"| the cell type alone (perfectly integrated) | | | {r['knn_batch_type_only']:.3f} | |",
         f"| chance (largest class) | {r['chance_type']:.3f} | {r['chance_type']:.3f} | "
         f"{r['chance_batch']:.3f} | |",
         "",
@@ -386,7 +389,8 @@ def format_summary(r: dict) -> str:
             f"linear probe     : X_scGPT {r['linear_probe_type_scgpt']:.3f}  PCA-50 "
             f"{r['linear_probe_type_pca']:.3f}  init {r['linear_probe_type_random_init']:.3f}",
             f"mean cosine      : {r['mean_cosine']:.3f} (init {r['mean_cosine_random_init']:.3f}); batch kNN "
-            f"{r['knn_batch_scgpt']:.3f} (PCA {r['knn_batch_pca']:.3f}, chance {r['chance_batch']:.3f})",
+            f"{r['knn_batch_scgpt']:.3f} (PCA {r['knn_batch_pca']:.3f}, type alone "
+            f"{r['knn_batch_type_only']:.3f}, chance {r['chance_batch']:.3f})",
             f"annotation F1    : pretrained {ann['pretrained_macro_f1']:.3f} ± {ann['pretrained_macro_f1_sd']:.3f}"
             f"  scratch {ann['scratch_macro_f1']:.3f} ± {ann['scratch_macro_f1_sd']:.3f}",
             f"time to learning : step {r['steps_to_learning']}, {_minutes(r['minutes_to_learning'])}; "

@@ -64,6 +64,7 @@ def test_outputs_a_user_can_open(learned):
     for key in (
         "knn_type_scgpt", "knn_type_pca", "knn_type_random_init", "mean_cosine", "gep_mse",
         "gep_baselines", "annotation", "minutes", "linear_probe_type_scgpt", "knn_batch_scgpt",
+        "knn_batch_type_only",
     ):  # fmt: skip
         assert key in r
     assert set(r["gep_baselines"]) == {"per_gene_mean", "per_gene_batch_mean", "per_gene_type_mean"}

@@ -94,3 +94,15 @@ def test_mean_pairwise_cosine():
     brute = C[np.triu_indices(40, 1)].mean()
     assert mean_pairwise_cosine(X) == pytest.approx(brute)
     assert mean_pairwise_cosine(np.ones((10, 3)) + 1e-9 * X[:10, :3]) == pytest.approx(1.0)
+
+
+def test_type_only_batch_knn_is_the_floor_a_type_keeping_embedding_cannot_go_below():
+    """Where every dataset has the same type mix, knowing the type says nothing of the dataset (batch kNN
+    at the largest dataset's share); where each type lives in one dataset, it says everything."""
+    from scgpt_dist.evaluate import type_only_batch_knn
+
+    rng = np.random.default_rng(0)
+    types = rng.integers(0, 4, 2000)
+    mixed = rng.integers(0, 4, 2000)  # datasets independent of the type
+    assert abs(type_only_batch_knn(types, mixed) - np.bincount(mixed).max() / 2000) < 0.05
+    assert type_only_batch_knn(types, types) == 1.0
