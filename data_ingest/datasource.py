@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ from data_ingest.tokenize import (
     view_tokenizer,
 )
 from data_ingest.tokenize_kernel import compact_slots, coo_segments, thin_segments
+
+log = logging.getLogger(__name__)
 
 IO_CELLS = 2048
 """Cells per X read query inside a read task: bounds the raw (COO) data held at once, whatever the task size."""
@@ -76,7 +79,7 @@ def read_token_table(
     if views and tok.view_restyle and src.batch_log_profile is None:
         raise ValueError(
             "tokenizer.view_restyle needs each batch's expression profile on the source "
-            "(ResolvedSource.batch_log_profile, set by data_ingest.source.attach_batch_profile)"
+            "(ResolvedSource.batch_log_profile, set by data_ingest.datasource.attach_batch_profile)"
         )
     joinids = np.asarray(joinids, dtype=np.int64)
     stats = stats if stats is not None else TokenizeStats()
@@ -277,6 +280,12 @@ def attach_batch_profile(
     `n_batches x n_vars` float32 and travels with every read task."""
     n_batches = len(src.batch_categories)
     n_vars = len(src.feature_tokens)
+    if n_batches < 2:
+        log.warning(
+            "tokenizer.view_restyle: the cells come from one %s, so the views keep its style; "
+            "restyling needs cells of several batches",
+            src.batch_key,
+        )
     rng = np.random.default_rng(seed)
     with open_experiment(src.soma_uri, src.tiledb_config) as exp:
         obs = (
