@@ -15,15 +15,6 @@ BIN = Path(sys.executable).parent
 RAY_CLI = str(BIN / "ray")
 
 
-def project_env(**extra: str) -> dict[str, str]:
-    """os.environ with this environment's bin directory first on PATH (for processes, such as Ray nodes
-    and the jobs they run, that start `python` themselves), plus `extra`."""
-    env = {**os.environ, **extra}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 

@@ -1,17 +1,55 @@
-"""cluster/local: a head and a second Ray node on 127.0.0.1 as separate processes (1 CPU each); pretraining
-submitted with `ray job submit` runs its two workers on both nodes (ZeRO-3 across them); teardown ends
-exactly that cluster."""
+"""cluster/local: a head and a second Ray node on 127.0.0.1 as separate processes (1 CPU each), with token
+auth; `ray job submit -- python -m jobs.pretrain ...` round trip: the job succeeds, runs its two workers on
+both nodes (ZeRO-3 across them) and consolidates its model; teardown ends exactly that cluster.
+
+This is the suite's one `ray job submit` test: a single `ray start --head` node is the same path with one
+node fewer, and each extra cluster costs the suite about two minutes on 2 cores."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from tests.conftest import REPO
-from tests.jobs.test_job_submit import _free_port, submit_pretrain
+from tests.conftest import RAY_CLI, REPO, TINY_CONFIG
 
 LOCAL = REPO / "cluster" / "local"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def submit_pretrain(address: str, env: dict, overrides: list[str]) -> subprocess.CompletedProcess:
+    """`ray job submit -- python -m jobs.pretrain --config tiny.yaml <overrides>`, blocking until the job ends.
+
+    The job server can answer before the head's agent takes jobs: retry that one error for up to 2 minutes.
+    """
+    cmd = [RAY_CLI, "job", "submit", "--address", address, "--", "python", "-m", "jobs.pretrain",
+           "--config", str(TINY_CONFIG), *overrides]  # fmt: skip
+    deadline = time.time() + 120
+    while True:
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path.home()
+        )
+        if "No available agent" not in res.stdout + res.stderr or time.time() > deadline:
+            return res
+        time.sleep(3)
+
+
+def _agent_logs(state: Path) -> str:
+    """The head's agent and raylet logs, for a failure message."""
+    logs = state / "ray" / "session_latest" / "logs"
+    parts = []
+    for name in ("dashboard_agent.log", "raylet.out", "runtime_env_agent.log"):
+        path = logs / name
+        if path.is_file():
+            parts.append(f"\n--- {name} ---\n" + path.read_text()[-2500:])
+    return "".join(parts)
 
 
 def _ray_start_pids(state_dir: Path) -> list[int]:
@@ -69,7 +107,8 @@ def test_two_node_cluster_runs_workers_on_both_nodes(demo_soma, tmp_path):
                 f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
             ],
         )
-        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1500:] + _agent_logs(state)
+        assert "succeeded" in res.stdout
         meta = json.loads((out / "checkpoints" / "step_00000004" / "meta.json").read_text())
         assert meta["world_size"] == 2 and meta["zero_stage"] == 3
         assert len(set(meta["worker_nodes"])) == 2  # rank 0 and rank 1 ran on different nodes

@@ -6,6 +6,7 @@ import sys
 import anndata as ad
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from data_ingest.demo_data import load_pbmc
@@ -17,6 +18,17 @@ def _run(*args):
     return subprocess.run(
         [sys.executable, "-m", "jobs.embed", *args], capture_output=True, text=True, timeout=300
     )
+
+
+def _run_here(capsys, *args) -> tuple[int, str]:
+    """What `python -m jobs.embed <args>` does (its `__main__` is `run_main(main)`), in this process:
+    (exit code, stderr). The CLI itself is run as a process once, in test_embed_bad_inputs."""
+    from jobs._cli import run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: embed.main(list(args)))
+    return exit_.value.code, capsys.readouterr().err
 
 
 def test_embed_writes_normalized_embeddings(pretrained, tmp_path):
@@ -43,15 +55,15 @@ def test_embed_writes_normalized_embeddings(pretrained, tmp_path):
     assert np.std(emb, axis=0).mean() > 1e-3  # cells get different embeddings
 
 
-def test_embed_bad_inputs(pretrained, tmp_path):
+def test_embed_bad_inputs(pretrained, tmp_path, capsys):
     model = pretrained["second"]["model_dir"]
     res = _run("--checkpoint", model, "--h5ad", str(tmp_path / "missing.h5ad"))
     assert res.returncode == 2 and "no .h5ad file" in res.stderr
 
     corrupt = tmp_path / "corrupt.h5ad"
     corrupt.write_bytes(b"not an hdf5 file")
-    res = _run("--checkpoint", model, "--h5ad", str(corrupt))
-    assert res.returncode == 2 and "not a readable .h5ad" in res.stderr
+    code, err = _run_here(capsys, "--checkpoint", model, "--h5ad", str(corrupt))
+    assert code == 2 and "not a readable .h5ad" in err
 
     unknown = ad.AnnData(
         X=sp.csr_matrix(np.ones((4, 3), np.float32)),
@@ -59,9 +71,9 @@ def test_embed_bad_inputs(pretrained, tmp_path):
     )
     path = tmp_path / "unknown.h5ad"
     unknown.write_h5ad(path)
-    res = _run("--checkpoint", model, "--h5ad", str(path))
-    assert res.returncode == 2 and "none of the 3 genes are in the model's vocabulary" in res.stderr
+    code, err = _run_here(capsys, "--checkpoint", model, "--h5ad", str(path))
+    assert code == 2 and "none of the 3 genes are in the model's vocabulary" in err
     assert not (tmp_path / "unknown_scgpt.h5ad").exists()
 
-    res = _run("--checkpoint", str(tmp_path), "--h5ad", str(path))
-    assert res.returncode == 2 and "lacks model.safetensors" in res.stderr
+    code, err = _run_here(capsys, "--checkpoint", str(tmp_path), "--h5ad", str(path))
+    assert code == 2 and "lacks model.safetensors" in err
