@@ -273,10 +273,11 @@ PROFILE_CELLS = 20_000
 
 
 def attach_batch_profile(
-    src: ResolvedSource, cells: int = PROFILE_CELLS, seed: int = 0
+    src: ResolvedSource, cells: int = PROFILE_CELLS, seed: int = 0, depth: bool = True
 ) -> ResolvedSource:
     """`src` with `batch_log_profile` measured on a sample of its cells: up to `cells / n_batches` cells
-    of each batch (at least 20), drawn with `seed`. One X read of the sample; the profile holds
+    of each batch (at least 20), drawn with `seed`; with `depth` (`tokenizer.view_restyle_depth`) each
+    batch's median depth is part of its profile. One X read of the sample; the profile holds
     `n_batches x n_vars` float32 and travels with every read task."""
     n_batches = len(src.batch_categories)
     n_vars = len(src.feature_tokens)
@@ -310,7 +311,7 @@ def attach_batch_profile(
     batch_of = pd.Series(codes, index=ids).reindex(sample).to_numpy()
     local = np.searchsorted(sample, rows)
     counts = sp.csr_matrix((vals.astype(np.float64), (local, cols)), shape=(len(sample), n_vars))
-    profile = batch_log_profile(counts, batch_of, n_batches)
+    profile = batch_log_profile(counts, batch_of, n_batches, depth=depth)
     return dataclasses.replace(src, batch_log_profile=profile)
 
 

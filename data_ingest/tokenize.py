@@ -117,6 +117,11 @@ class TokenizerConfig:
     normalised expression (`batch_log_profile`): the two views of a cell come in the gene-wise styles of
     two random batches, so the contrast cannot match them by their batch and learns an embedding that
     does not carry it (docs/learning.md, section 4)."""
+    view_restyle_depth: bool = True
+    """With `view_restyle`: a batch's style includes its sequencing depth, so `m[t, g]` is batch `t`'s
+    mean count of gene `g` at its median library size and a view of a cell from a shallow batch restyled
+    towards a deep one keeps more of its counts (at most all). Without it the views keep their own
+    batch's depth, which the contrast then uses to match them (docs/learning.md, section 4)."""
     gene_selection: str = "top"
     """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
     the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
@@ -296,10 +301,14 @@ RESTYLE_MAX_LOG = 3.0
 """Largest |log ratio| of two batches' profiles a restyled view applies (a factor of 20 either way)."""
 
 
-def batch_log_profile(X: sp.csr_matrix, batch: np.ndarray, n_batches: int) -> np.ndarray:
+def batch_log_profile(
+    X: sp.csr_matrix, batch: np.ndarray, n_batches: int, depth: bool = False
+) -> np.ndarray:
     """`(n_batches, n_genes)` float32: log of each batch's mean expression per 10,000 counts (+
     `RESTYLE_PSEUDO`) over the cells of `X` (counts, one row per cell, `batch[i]` its batch code). A batch
-    with no cell in `X` gets the mean over all cells."""
+    with no cell in `X` gets the mean over all cells. With `depth` each batch's row is also shifted by
+    the log of its median library size over 10,000 (the overall median for a batch without cells), so
+    two rows' difference is the ratio of the batches' expected counts at their typical depths."""
     X = sp.csr_matrix(X, dtype=np.float64)
     lib = np.asarray(X.sum(axis=1)).ravel()
     norm = sp.diags(np.where(lib > 0, 1e4 / np.maximum(lib, 1e-12), 0.0)) @ X
@@ -311,7 +320,16 @@ def batch_log_profile(X: sp.csr_matrix, batch: np.ndarray, n_batches: int) -> np
     sums = np.asarray((onehot @ norm).todense())
     overall = np.asarray(norm.mean(axis=0)).ravel() if len(batch) else np.zeros(X.shape[1])
     means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], overall[None, :])
-    return np.log(means + RESTYLE_PSEUDO).astype(np.float32)
+    profile = np.log(means + RESTYLE_PSEUDO)
+    if depth:
+        median_all = np.median(lib[lib > 0]) if (lib > 0).any() else 1e4
+        medians = np.full(n_batches, median_all)
+        for b in np.unique(batch):
+            cells = lib[(batch == b) & (lib > 0)]
+            if len(cells):
+                medians[b] = np.median(cells)
+        profile += np.log(medians / 1e4)[:, None]
+    return profile.astype(np.float32)
 
 
 def restyled_keep(

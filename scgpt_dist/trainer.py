@@ -481,7 +481,9 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
 
         resolved, replay_counts = replay_selection(resolved, cfg.data.replay)
     if cfg.data.tokenizer.view_restyle:  # each batch's profile, for the restyled views
-        resolved = attach_batch_profile(resolved, seed=cfg.data.tokenizer.seed)
+        resolved = attach_batch_profile(
+            resolved, seed=cfg.data.tokenizer.seed, depth=cfg.data.tokenizer.view_restyle_depth
+        )
     if cfg.model.use_batch_labels and cfg.model.n_batches == 0:
         cfg.model.n_batches = len(resolved.batch_categories)
     data_info = {

@@ -133,6 +133,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="tokenizer.view_restyle: each view thinned towards a random batch's gene profile",
     )
+    add(
+        "--restyle-depth",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="tokenizer.view_restyle_depth: the restyled style includes the batch's median depth",
+    )
     add("--thin-weight", type=float, default=1.0, help="weight of the thinned-views contrast")
     add("--thin-temp", type=float, default=0.1, help="its temperature")
     add("--mask", type=float, default=0.4)
@@ -231,7 +237,9 @@ def main(argv: list[str]) -> int:
         a.restyle
     ):  # each batch's profile over the training cells, as attach_batch_profile measures it
         train_cells = table.column(keys.CELL_ID).to_numpy()[train]
-        profile = batch_log_profile(X[train_cells], datasets[train_cells], int(datasets.max()) + 1)
+        profile = batch_log_profile(
+            X[train_cells], datasets[train_cells], int(datasets.max()) + 1, depth=a.restyle_depth
+        )
     gen = torch.Generator().manual_seed(a.seed)
     t1 = time.perf_counter()
     history = [evaluate(0, {})]

@@ -247,3 +247,33 @@ def test_restyled_views_thin_each_gene_towards_a_random_batchs_profile():
     assert np.array_equal(plain[~restyled].data, view[~restyled].data)
     with pytest.raises(ValueError, match="view_restyle"):
         TokenizerConfig(view_restyle=True)
+
+
+def test_restyled_depth_is_each_batchs_median_library_size():
+    """tokenizer.view_restyle_depth: the profile also carries each batch's median depth, so a view of a
+    cell from a batch sequenced half as deep, restyled towards the deep batch, keeps about twice the counts."""
+    from data_ingest.tokenize import batch_log_profile, restyled_keep, thin_streams
+
+    rng = np.random.default_rng(1)
+    n, g = 4000, 30
+    batch = np.repeat([0, 1, 2], [2000, 2000, 0])[:n]  # batch 2 has no cell
+    rate = np.full((2, g), 10.0)
+    rate[1] *= 2.0  # batch 1: the same genes at twice the depth
+    X = sp.csr_matrix(rng.poisson(rate[batch]).astype(np.float32) + 1)
+    plain = batch_log_profile(X, batch, 3)
+    deep = batch_log_profile(X, batch, 3, depth=True)
+    assert np.allclose(plain[1] - plain[0], 0.0, atol=0.05)  # per 10,000 counts: no difference
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    medians = np.median(lib[batch == 0]), np.median(lib[batch == 1])
+    assert np.allclose(deep[0] - plain[0], np.log(medians[0] / 1e4), atol=1e-5)
+    assert np.allclose(deep[1] - plain[1], np.log(medians[1] / 1e4), atol=1e-5)
+    assert np.allclose(deep[1] - deep[0], np.log(21 / 11), atol=0.05)  # (2 x 10 + 1) / (10 + 1)
+    assert np.allclose(deep[2] - plain[2], np.log(np.median(lib) / 1e4))  # no cell: overall median
+
+    streams = thin_streams(0, np.arange(n), np.zeros(n), 0)
+    entry_cell = np.repeat(np.arange(n), np.diff(X.indptr))
+    keep = restyled_keep(0.25, deep[:2], batch, streams, entry_cell, X.indices)
+    per_cell = np.bincount(entry_cell, keep, minlength=n) / np.diff(X.indptr)
+    to_deep = (batch == 0) & (per_cell > 0.3)  # shallow cells restyled towards the deep batch
+    assert 0.4 < to_deep[batch == 0].mean() < 0.6
+    assert np.allclose(per_cell[to_deep], 0.25 * medians[1] / medians[0], rtol=0.03)
