@@ -30,6 +30,7 @@ from data_ingest.tokenize import (
     TokenizerConfig,
     TokenizeStats,
     attach_views,
+    batch_log_depths,
     batch_log_profile,
     check_values,
     compact_record_schema,
@@ -76,6 +77,18 @@ def read_token_table(
     and attached as `VIEW_COLUMNS` (`attach_views`).
     """
     schema = record_schema(src, tok, cls_id, compact, views)
+    if (
+        views
+        and tok.view_restyle
+        and tok.view_restyle_depth == "cell"
+        and src.batch_log_profile is not None
+        and src.batch_log_depths is None
+    ):
+        raise ValueError(
+            "tokenizer.view_restyle_depth: cell needs each batch's library sizes on the source "
+            "(ResolvedSource.batch_log_depths, set by data_ingest.datasource.attach_batch_profile "
+            "with depth='cell')"
+        )
     if views and tok.view_restyle and src.batch_log_profile is None:
         raise ValueError(
             "tokenizer.view_restyle needs each batch's expression profile on the source "
@@ -175,8 +188,12 @@ def read_token_table(
                         epoch_keys = np.zeros(hi - lo) if order_key is None else order_key[lo:hi]
                         thinned = np.empty(len(vals), np.float32)
                         view_tok = view_tokenizer(tok)
+                        depth = None
                         if tok.view_restyle:
                             entry_cell = np.searchsorted(ids, rows)
+                            if tok.view_restyle_depth == "cell":
+                                lib = np.bincount(entry_cell, vals, minlength=hi - lo)
+                                depth = (src.batch_log_depths, np.log(np.maximum(lib, 1.0)))
                         for v, (v_genes, v_values, v_lengths) in enumerate(view_slots):
                             streams = thin_streams(tok.seed, ids, epoch_keys, v)
                             if tok.view_restyle:
@@ -187,6 +204,7 @@ def read_token_table(
                                     streams,
                                     entry_cell,
                                     cols,
+                                    depth,
                                 )
                             else:
                                 keep = np.full(len(vals), tok.thinned_view)
@@ -273,11 +291,12 @@ PROFILE_CELLS = 20_000
 
 
 def attach_batch_profile(
-    src: ResolvedSource, cells: int = PROFILE_CELLS, seed: int = 0, depth: bool = True
+    src: ResolvedSource, cells: int = PROFILE_CELLS, seed: int = 0, depth: str = "dataset"
 ) -> ResolvedSource:
     """`src` with `batch_log_profile` measured on a sample of its cells: up to `cells / n_batches` cells
-    of each batch (at least 20), drawn with `seed`; with `depth` (`tokenizer.view_restyle_depth`) each
-    batch's median depth is part of its profile. One X read of the sample; the profile holds
+    of each batch (at least 20), drawn with `seed`. `depth` is `tokenizer.view_restyle_depth`: with
+    `dataset` each batch's median depth is part of its profile, with `cell` the quantiles of its library
+    sizes are kept too (`batch_log_depths`). One X read of the sample; the profile holds
     `n_batches x n_vars` float32 and travels with every read task."""
     n_batches = len(src.batch_categories)
     n_vars = len(src.feature_tokens)
@@ -311,8 +330,11 @@ def attach_batch_profile(
     batch_of = pd.Series(codes, index=ids).reindex(sample).to_numpy()
     local = np.searchsorted(sample, rows)
     counts = sp.csr_matrix((vals.astype(np.float64), (local, cols)), shape=(len(sample), n_vars))
-    profile = batch_log_profile(counts, batch_of, n_batches, depth=depth)
-    return dataclasses.replace(src, batch_log_profile=profile)
+    profile = batch_log_profile(counts, batch_of, n_batches, depth=depth == "dataset")
+    depths = None
+    if depth == "cell":
+        depths = batch_log_depths(np.asarray(counts.sum(axis=1)).ravel(), batch_of, n_batches)
+    return dataclasses.replace(src, batch_log_profile=profile, batch_log_depths=depths)
 
 
 def _coo_arrays(tables: list[pa.Table]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

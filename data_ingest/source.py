@@ -74,6 +74,9 @@ class ResolvedSource:
     batch_log_profile: np.ndarray | None = None
     """`(len(batch_categories), n_vars)` log mean expression per batch (`tokenize.batch_log_profile`), for
     restyled views (`tokenizer.view_restyle`); `datasource.attach_batch_profile` sets it."""
+    batch_log_depths: np.ndarray | None = None
+    """`(len(batch_categories), tokenize.DEPTH_QUANTILES)` quantiles of each batch's log library size
+    (`tokenize.batch_log_depths`), for `tokenizer.view_restyle_depth: cell`; set with the profile."""
 
 
 def holdout_mask(joinids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -80,6 +80,7 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 TIE_BREAKS = ("random", "mid")
+RESTYLE_DEPTHS = ("dataset", "cell", "off")
 GENE_SELECTIONS = ("random", "top")
 
 
@@ -117,11 +118,15 @@ class TokenizerConfig:
     normalised expression (`batch_log_profile`): the two views of a cell come in the gene-wise styles of
     two random batches, so the contrast cannot match them by their batch and learns an embedding that
     does not carry it (docs/learning.md, section 4)."""
-    view_restyle_depth: bool = True
-    """With `view_restyle`: a batch's style includes its sequencing depth, so `m[t, g]` is batch `t`'s
-    mean count of gene `g` at its median library size and a view of a cell from a shallow batch restyled
-    towards a deep one keeps more of its counts (at most all). Without it the views keep their own
-    batch's depth, which the contrast then uses to match them (docs/learning.md, section 4)."""
+    view_restyle_depth: str = "dataset"
+    """With `view_restyle`, what a restyled view takes of the target batch's sequencing depth: `dataset`
+    (the default) batch `t`'s median library size (the view keeps its cell's depth relative to its own
+    batch's median); `cell` the library size of a random cell of batch `t` (a quantile drawn from the
+    view's stream), so the two views of a cell share no depth at all; `off` none (per-10,000-count
+    profiles: the view keeps its cell's depth). A deeper target keeps more counts, at most all. Depth the
+    views share is what the contrast matches them by, and the embedding then carries the dataset through
+    it; on Splat `dataset` learns the type sooner and leaves less dataset in the embedding than `cell`
+    (docs/learning.md, section 4)."""
     gene_selection: str = "top"
     """Which expressed genes a cell with more than `max_seq_len - 1` keeps: `random` (a uniform subset, as
     the scGPT reference) or `top` (its most highly expressed, as Geneformer's rank encoding; equal values
@@ -144,6 +149,11 @@ class TokenizerConfig:
             raise ValueError(
                 f"tokenizer.view_max_seq_len={self.view_max_seq_len}; it needs room for <cls> and a "
                 f"gene and at most max_seq_len={self.max_seq_len} (0 means max_seq_len)"
+            )
+        if self.view_restyle_depth not in RESTYLE_DEPTHS:
+            raise ValueError(
+                f"tokenizer.view_restyle_depth={self.view_restyle_depth!r}; choose one of "
+                f"{RESTYLE_DEPTHS}"
             )
         if self.view_restyle and not self.thinned_view:
             raise ValueError(
@@ -299,6 +309,11 @@ RESTYLE_PSEUDO = 0.01
 never shows is restyled towards (almost) absent, not by an infinite factor."""
 RESTYLE_MAX_LOG = 3.0
 """Largest |log ratio| of two batches' profiles a restyled view applies (a factor of 20 either way)."""
+SALT_RESTYLE_DEPTH = 0x5E58
+"""Hash purpose: which quantile of the target batch's library sizes a view takes (`view_restyle_depth:
+cell`), from the view's stream."""
+DEPTH_QUANTILES = 33
+"""Quantiles of each batch's log library size kept for `view_restyle_depth: cell` (0%, 3.125%, ... 100%)."""
 
 
 def batch_log_profile(
@@ -332,6 +347,20 @@ def batch_log_profile(
     return profile.astype(np.float32)
 
 
+def batch_log_depths(lib: np.ndarray, batch: np.ndarray, n_batches: int) -> np.ndarray:
+    """`(n_batches, DEPTH_QUANTILES)` float32: evenly spaced quantiles of the log library size `lib` of
+    each batch's cells (cells with no count left out; the overall ones for a batch without cells)."""
+    lib = np.asarray(lib, np.float64)
+    batch = np.asarray(batch, np.int64)
+    q = np.linspace(0.0, 1.0, DEPTH_QUANTILES)
+    some = lib > 0
+    overall = np.quantile(np.log(lib[some]), q) if some.any() else np.full(len(q), np.log(1e4))
+    out = np.tile(overall, (n_batches, 1))
+    for b in np.unique(batch[some]):
+        out[b] = np.quantile(np.log(lib[some & (batch == b)]), q)
+    return out.astype(np.float32)
+
+
 def restyled_keep(
     p: float,
     log_profile: np.ndarray,
@@ -339,21 +368,31 @@ def restyled_keep(
     streams: np.ndarray,
     entry_cell: np.ndarray,
     cols: np.ndarray,
+    depth: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Keep probability of each entry of a restyled thinned view (`TokenizerConfig.view_restyle`): cell
     `i` (batch `batch[i]`, view stream `streams[i]`) takes the style of batch `t_i`, drawn from its stream,
     so entry `e` (cell `entry_cell[e]`, gene column `cols[e]`) is kept with probability
     `p x exp(log_profile[t, g] - log_profile[b, g])`, the log ratio clipped to `RESTYLE_MAX_LOG` and the
-    probability to 1."""
+    probability to 1. With `depth = (log_depths, cell_log_lib)` (`view_restyle_depth: cell`; per-10,000
+    profiles) the view also takes the depth of a random cell of batch `t`: the log ratio gains
+    `log_depths[t, u_i] - cell_log_lib[i]`, `u_i` a quantile drawn from the cell's stream."""
     n_batches = log_profile.shape[0]
-    target = mix64(np.asarray(streams, np.uint64) ^ np.uint64(SALT_RESTYLE)) % np.uint64(n_batches)
-    target = target.astype(np.int64)[entry_cell]
+    streams = np.asarray(streams, np.uint64)
+    target_cell = (mix64(streams ^ np.uint64(SALT_RESTYLE)) % np.uint64(n_batches)).astype(np.int64)
+    target = target_cell[entry_cell]
     own = np.asarray(batch, np.int64)[entry_cell]
     cols = np.asarray(cols, np.int64)
-    ratio = np.clip(
-        log_profile[target, cols] - log_profile[own, cols], -RESTYLE_MAX_LOG, RESTYLE_MAX_LOG
-    )
-    return np.minimum(1.0, p * np.exp(ratio.astype(np.float64)))
+    ratio = log_profile[target, cols].astype(np.float64) - log_profile[own, cols]
+    if depth is not None:
+        log_depths, cell_log_lib = depth
+        u = (
+            mix64(streams ^ np.uint64(SALT_RESTYLE_DEPTH)) % np.uint64(log_depths.shape[1])
+        ).astype(np.int64)
+        shift = log_depths[target_cell, u].astype(np.float64) - np.asarray(cell_log_lib, np.float64)
+        ratio = ratio + shift[entry_cell]
+    ratio = np.clip(ratio, -RESTYLE_MAX_LOG, RESTYLE_MAX_LOG)
+    return np.minimum(1.0, p * np.exp(ratio))
 
 
 def thin_csr(
@@ -364,10 +403,12 @@ def thin_csr(
     epoch_keys: np.ndarray,
     view: int,
     restyle: tuple[np.ndarray, np.ndarray] | None = None,
+    log_depths: np.ndarray | None = None,
 ) -> sp.csr_matrix:
     """`X` (cells `cell_ids`) with every count kept with probability `p` (`tokenize_kernel.thin_segments`;
     the same draws as the stream's read tasks make for the same cell, key and view). With `restyle =
-    (log_profile, batch)` each cell is restyled as `restyled_keep` says."""
+    (log_profile, batch)` each cell is restyled as `restyled_keep` says; with `log_depths` also to a random
+    cell's depth of the target batch (the library sizes are the rows of `X`)."""
     n = X.shape[0]
     out = np.empty(len(X.data), np.float32)
     streams = thin_streams(seed, cell_ids, epoch_keys, view)
@@ -376,7 +417,11 @@ def thin_csr(
         keep = np.full(len(X.data), float(p))
     else:
         entry_cell = np.repeat(np.arange(n), np.diff(X.indptr))
-        keep = restyled_keep(p, restyle[0], restyle[1], streams, entry_cell, indices)
+        depth = None
+        if log_depths is not None:
+            lib = np.asarray(X.sum(axis=1), np.float64).ravel()
+            depth = (log_depths, np.log(np.maximum(lib, 1.0)))
+        keep = restyled_keep(p, restyle[0], restyle[1], streams, entry_cell, indices, depth)
     tokenize_kernel.thin_segments(
         np.arange(n + 1, dtype=np.int64),
         X.indptr[:-1].astype(np.int64),

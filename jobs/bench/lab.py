@@ -34,8 +34,10 @@ import torch
 from data_ingest import keys
 from data_ingest.synth import CensusSynthConfig, sample_census
 from data_ingest.tokenize import (
+    RESTYLE_DEPTHS,
     TokenizerConfig,
     attach_views,
+    batch_log_depths,
     batch_log_profile,
     thin_csr,
     tokenize_csr,
@@ -135,9 +137,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     add(
         "--restyle-depth",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="tokenizer.view_restyle_depth: the restyled style includes the batch's median depth",
+        choices=RESTYLE_DEPTHS,
+        default="dataset",
+        help="tokenizer.view_restyle_depth: a view takes the target batch's median depth (dataset), "
+        "a random cell's depth of it (cell) or keeps its own (off)",
     )
     add("--thin-weight", type=float, default=1.0, help="weight of the thinned-views contrast")
     add("--thin-temp", type=float, default=0.1, help="its temperature")
@@ -232,14 +235,18 @@ def main(argv: list[str]) -> int:
         )
         return row
 
-    profile = None
+    profile = log_depths = None
     if (
         a.restyle
     ):  # each batch's profile over the training cells, as attach_batch_profile measures it
         train_cells = table.column(keys.CELL_ID).to_numpy()[train]
+        n_batches = int(datasets.max()) + 1
         profile = batch_log_profile(
-            X[train_cells], datasets[train_cells], int(datasets.max()) + 1, depth=a.restyle_depth
+            X[train_cells], datasets[train_cells], n_batches, depth=a.restyle_depth == "dataset"
         )
+        if a.restyle_depth == "cell":
+            lib = np.asarray(X[train_cells].sum(axis=1)).ravel()
+            log_depths = batch_log_depths(lib, datasets[train_cells], n_batches)
     gen = torch.Generator().manual_seed(a.seed)
     t1 = time.perf_counter()
     history = [evaluate(0, {})]
@@ -253,7 +260,14 @@ def main(argv: list[str]) -> int:
             for v in range(2):
                 restyle = None if profile is None else (profile, datasets[cells])
                 Xv = thin_csr(
-                    X[cells], a.view, a.seed, cells, np.full(len(cells), step), v, restyle
+                    X[cells],
+                    a.view,
+                    a.seed,
+                    cells,
+                    np.full(len(cells), step),
+                    v,
+                    restyle,
+                    log_depths,
                 )
                 halves.append(
                     token_table(Xv, types[cells], datasets[cells], view_tokenizer(tok), cells)

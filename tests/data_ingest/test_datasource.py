@@ -270,10 +270,25 @@ def test_restyled_views_need_the_batch_profile_and_leave_the_record_alone(demo_s
     tok = TokenizerConfig(max_seq_len=1000, thinned_view=0.5, view_restyle=True)
     with pytest.raises(ValueError, match="batch_log_profile"):
         read_token_table(resolved, ids, tok, vocab.cls_id, **kw)
-    styled = attach_batch_profile(resolved)
+    styled = attach_batch_profile(resolved)  # view_restyle_depth: dataset, the default
     profile = styled.batch_log_profile
     assert profile.shape == (len(resolved.batch_categories), len(resolved.feature_tokens))
     assert np.isfinite(profile).all() and len(resolved.batch_categories) > 1
+    assert styled.batch_log_depths is None
+    # view_restyle_depth: cell also keeps each batch's library-size quantiles, and needs them.
+    per_cell = attach_batch_profile(resolved, depth="cell")
+    assert per_cell.batch_log_depths.shape[0] == len(resolved.batch_categories)
+    assert np.isfinite(per_cell.batch_log_depths).all()
+    tok_cell = TokenizerConfig(
+        max_seq_len=1000, thinned_view=0.5, view_restyle=True, view_restyle_depth="cell"
+    )
+    with pytest.raises(ValueError, match="batch_log_depths"):
+        read_token_table(styled, ids, tok_cell, vocab.cls_id, **kw)
+    cell_views = read_token_table(per_cell, ids, tok_cell, vocab.cls_id, **kw)
+    main = [c for c in cell_views.column_names if c not in VIEW_COLUMNS]
+    assert cell_views.select(main).equals(
+        read_token_table(per_cell, ids, plain, vocab.cls_id, **kw).select(main)
+    )
     before = read_token_table(styled, ids, plain, vocab.cls_id, **kw)
     table = read_token_table(styled, ids, tok, vocab.cls_id, **kw)
     main = [c for c in table.column_names if c not in VIEW_COLUMNS]

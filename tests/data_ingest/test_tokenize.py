@@ -250,8 +250,9 @@ def test_restyled_views_thin_each_gene_towards_a_random_batchs_profile():
 
 
 def test_restyled_depth_is_each_batchs_median_library_size():
-    """tokenizer.view_restyle_depth: the profile also carries each batch's median depth, so a view of a
-    cell from a batch sequenced half as deep, restyled towards the deep batch, keeps about twice the counts."""
+    """tokenizer.view_restyle_depth: dataset: the profile also carries each batch's median depth, so a
+    view of a cell from a batch sequenced half as deep, restyled towards the deep batch, keeps about twice
+    the counts."""
     from data_ingest.tokenize import batch_log_profile, restyled_keep, thin_streams
 
     rng = np.random.default_rng(1)
@@ -261,7 +262,7 @@ def test_restyled_depth_is_each_batchs_median_library_size():
     rate[1] *= 2.0  # batch 1: the same genes at twice the depth
     X = sp.csr_matrix(rng.poisson(rate[batch]).astype(np.float32) + 1)
     plain = batch_log_profile(X, batch, 3)
-    deep = batch_log_profile(X, batch, 3, depth=True)
+    deep = batch_log_profile(X, batch, 3, depth=True)  # view_restyle_depth: dataset
     assert np.allclose(plain[1] - plain[0], 0.0, atol=0.05)  # per 10,000 counts: no difference
     lib = np.asarray(X.sum(axis=1)).ravel()
     medians = np.median(lib[batch == 0]), np.median(lib[batch == 1])
@@ -277,3 +278,38 @@ def test_restyled_depth_is_each_batchs_median_library_size():
     to_deep = (batch == 0) & (per_cell > 0.3)  # shallow cells restyled towards the deep batch
     assert 0.4 < to_deep[batch == 0].mean() < 0.6
     assert np.allclose(per_cell[to_deep], 0.25 * medians[1] / medians[0], rtol=0.03)
+
+
+def test_restyled_depth_per_cell_takes_a_random_cell_of_the_target_batch():
+    """tokenizer.view_restyle_depth: cell: a view takes the library size of a random cell of the target
+    batch (a quantile of its log library sizes), so a cell's two views share no depth."""
+    from data_ingest.tokenize import DEPTH_QUANTILES, batch_log_depths, restyled_keep, thin_streams
+
+    rng = np.random.default_rng(2)
+    n, g = 3000, 10
+    batch = np.repeat([0, 1], n // 2)
+    lib = np.exp(rng.normal(np.where(batch == 0, 6.0, 7.0), 0.3))
+    log_depths = batch_log_depths(lib, batch, 3)  # batch 2: no cell, the overall quantiles
+    assert log_depths.shape == (3, DEPTH_QUANTILES)
+    assert np.allclose(log_depths[0], np.quantile(np.log(lib[:1500]), np.linspace(0, 1, 33)))
+    assert np.allclose(log_depths[2], np.quantile(np.log(lib), np.linspace(0, 1, 33)))
+
+    flat = np.zeros((2, g), np.float32)  # the same gene profile: only the depth restyles
+    entry_cell = np.repeat(np.arange(n), g)
+    cols = np.tile(np.arange(g), n)
+    own = np.log(lib)
+    taken = []
+    for view in (0, 1):
+        streams = thin_streams(0, np.arange(n), np.zeros(n), view)
+        keep = restyled_keep(0.05, flat, batch, streams, entry_cell, cols, (log_depths[:2], own))
+        per_cell = keep.reshape(n, g)[:, 0]
+        assert np.allclose(keep.reshape(n, g), per_cell[:, None])  # one factor per cell
+        target_log_lib = np.log(per_cell / 0.05) + own  # never clipped at p = 0.05 here
+        nearest = np.abs(target_log_lib[:, None] - log_depths[:2].reshape(1, -1)).min(axis=1)
+        assert nearest.max() < 1e-4  # always one of the target batches' quantiles
+        taken.append(target_log_lib)
+    deep = np.abs(taken[0][:, None] - log_depths[1][None, :]).min(axis=1) < 1e-4
+    assert 0.4 < deep.mean() < 0.6  # both batches are drawn as targets
+    assert np.corrcoef(taken[0], taken[1])[0, 1] < 0.2  # the two views' depths are independent
+    with pytest.raises(ValueError, match="view_restyle_depth"):
+        TokenizerConfig(thinned_view=0.5, view_restyle=True, view_restyle_depth="median")
