@@ -18,19 +18,31 @@ from scgpt_dist.checkpoint import CheckpointError, validate_checkpoint
 from tests.conftest import TINY_CONFIG
 
 
-def test_worker_killed_mid_run_resumes(ray_local, tiny_overrides, tmp_path):
-    """SIGKILL of rank 1's process after the first checkpoint: Ray Train starts a new worker group, which
-    resumes from the newest complete checkpoint and finishes, with every step logged once."""
+def _pretrain_while(fault, overrides: list[str]) -> dict:
+    """`run_pretraining` of the tiny config in this process (the session's Ray) while `fault(done)` runs
+    in a thread; `done` (a threading.Event) is set when the run ends, so the thread can stop looking."""
     import threading
 
     from scgpt_dist.config import load_config
     from scgpt_dist.trainer import run_pretraining
 
+    done = threading.Event()
+    thread = threading.Thread(target=fault, args=(done,), daemon=True)
+    thread.start()
+    try:
+        return run_pretraining(load_config(TINY_CONFIG, overrides))
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_worker_killed_mid_run_resumes(ray_local, tiny_overrides, tmp_path):
+    """SIGKILL of rank 1's process after the first checkpoint: Ray Train starts a new worker group, which
+    resumes from the newest complete checkpoint and finishes, with every step logged once."""
     out = tmp_path / "run"
     victim: dict = {}
-    done = threading.Event()
 
-    def kill_rank_1_after_first_checkpoint() -> None:
+    def kill_rank_1_after_first_checkpoint(done) -> None:
         while not done.is_set():
             try:
                 validate_checkpoint(out / "checkpoints" / "step_00000004")
@@ -41,25 +53,17 @@ def test_worker_killed_mid_run_resumes(ray_local, tiny_overrides, tmp_path):
             os.kill(victim["pid"], signal.SIGKILL)
             return
 
-    killer = threading.Thread(target=kill_rank_1_after_first_checkpoint, daemon=True)
-    killer.start()
-    try:
-        summary = run_pretraining(
-            load_config(
-                TINY_CONFIG,
-                tiny_overrides
-                + [
-                    "train.max_steps=20",
-                    "train.checkpoint_every=4",
-                    "train.max_failures=1",
-                    "train.keep_checkpoints=2",
-                    "train.keep_best_checkpoint=false",
-                ],
-            )
-        )
-    finally:
-        done.set()
-        killer.join()
+    summary = _pretrain_while(
+        kill_rank_1_after_first_checkpoint,
+        tiny_overrides
+        + [
+            "train.max_steps=20",
+            "train.checkpoint_every=4",
+            "train.max_failures=1",
+            "train.keep_checkpoints=2",
+            "train.keep_best_checkpoint=false",
+        ],
+    )
     assert victim, "rank 1 was never killed"
     assert summary["step"] == 20
     restarted = json.loads((out / "workers" / "rank_1.json").read_text())
@@ -256,16 +260,11 @@ def test_stall_watchdog_names_the_data_stream(ray_local, tiny_overrides, tmp_pat
 def test_read_task_killed_mid_run(ray_local, tiny_overrides, tmp_path):
     """SIGKILL of a Ray Data read task's worker process while the run streams: the run still finishes,
     with every logged step once."""
-    import threading
     from pathlib import Path
 
-    from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
-
     killed: list[str] = []
-    done = threading.Event()
 
-    def kill_first_read_task() -> None:
+    def kill_first_read_task(done) -> None:
         while not done.is_set() and not killed:
             for proc_dir in Path("/proc").iterdir():
                 if not proc_dir.name.isdigit():
@@ -280,25 +279,17 @@ def test_read_task_killed_mid_run(ray_local, tiny_overrides, tmp_path):
                     break
             time.sleep(0.01)
 
-    killer = threading.Thread(target=kill_first_read_task, daemon=True)
-    killer.start()
-    try:
-        summary = run_pretraining(
-            load_config(
-                TINY_CONFIG,
-                tiny_overrides
-                + [
-                    "data.stream.task_cells=32",  # many short read tasks
-                    "train.max_steps=30",
-                    "train.checkpoint_every=10",
-                    "train.max_failures=1",
-                    "eval.every=0",
-                ],
-            )
-        )
-    finally:
-        done.set()
-        killer.join()
+    summary = _pretrain_while(
+        kill_first_read_task,
+        tiny_overrides
+        + [
+            "data.stream.task_cells=32",  # many short read tasks
+            "train.max_steps=30",
+            "train.checkpoint_every=10",
+            "train.max_failures=1",
+            "eval.every=0",
+        ],
+    )
     assert killed, "no read task was seen running"
     assert summary["step"] == 30
     steps = [
