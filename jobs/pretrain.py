@@ -4,8 +4,8 @@
     ray job submit --address http://127.0.0.1:8265 -- python -m jobs.pretrain --config ... [overrides]
 
 Running again with the same `output_dir` resumes from its latest complete checkpoint. Exit codes: 0 done,
-2 bad input (one `error:` line), 75 stopped early by a preemption signal (SIGTERM to the job or a draining
-node) after writing a checkpoint: run the same command again to continue.
+2 bad input (one `error:` line), 75 stopped early by a preemption signal (SIGTERM to the job, or a draining
+node with `train.on_node_drain=stop`) after writing a checkpoint: run the same command again to continue.
 """
 
 from __future__ import annotations

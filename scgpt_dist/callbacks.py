@@ -202,6 +202,7 @@ class CheckpointCallback:
                     "worker_nodes": nodes,
                     "zero_stage": self.cfg.train.zero_stage,
                     "loss": metrics.get("loss"),
+                    "node_drain": bool(metrics.get("node_drain")),  # written because a node drains
                     "data": self.data_info,
                     "vocab_fingerprint": self.vocab.fingerprint(),
                     "pending_metrics": pending_metrics or [],

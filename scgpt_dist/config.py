@@ -222,6 +222,7 @@ class ObjectiveConfig:
 
 
 LR_SCHEDULES = ("cosine", "constant", "wsd")
+DRAIN_ACTIONS = ("checkpoint", "stop")
 
 
 @dataclass
@@ -270,8 +271,15 @@ class TrainConfig:
     torch_threads: int = 1
     """Intra-op threads per worker (CPU)."""
     stop_poll_s: float = 2.0
-    """Seconds between checks for a stop request (SIGTERM to the job, a draining node); when one comes the
-    workers checkpoint after the current step and the job exits with 75 (`scgpt_dist.preemption`)."""
+    """Seconds between checks for a stop request (SIGTERM to the job) or a draining node (`on_node_drain`);
+    on SIGTERM the workers checkpoint after the current step and the job exits with 75
+    (`scgpt_dist.preemption`)."""
+    on_node_drain: str = "checkpoint"
+    """When Ray drains a node that holds a rank (a spot notice, an autoscaler scale-down, KubeRay):
+    `checkpoint` writes a checkpoint after the current step and trains on; when the node goes, Ray Train
+    restarts the workers on the nodes left (or a replacement) and they resume from that checkpoint, so
+    nothing is lost and nobody resubmits. `stop` checkpoints and ends the job with 75, as SIGTERM does (for
+    a cluster that gets no replacement and is too small without the node)."""
     stall_timeout_s: float = 1800.0
     """A worker that makes no progress (no batch, no finished step, checkpoint or evaluation) for this long
     says what it is stuck in and exits (code 76), so the run fails or restarts instead of hanging; 0 = off."""
@@ -308,6 +316,10 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(
                 f"train.lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}"
+            )
+        if self.on_node_drain not in DRAIN_ACTIONS:
+            raise ValueError(
+                f"train.on_node_drain={self.on_node_drain!r}; choose one of {DRAIN_ACTIONS}"
             )
         if not 0.0 < self.decay_fraction <= 1.0:
             raise ValueError(

@@ -1,14 +1,17 @@
-"""Stopping a run on purpose: preemption (SIGTERM to the job, a spot reclaim, a Kubernetes eviction) or a
-Ray node drain. The workers finish the step they are in, write a checkpoint, and the job exits with
-`EXIT_PREEMPTED`; submitting the same command again continues at that step and data position.
+"""Stopping or saving a run on purpose: preemption (SIGTERM to the job, a spot reclaim, a Kubernetes eviction)
+or a Ray node drain.
 
-Two sources, one decision:
-- the driver's SIGTERM handler sets a `StopFlag` actor (what `ray job stop`, `kill`, a pod's termination
-  send to the job's entry point);
-- Ray Train's preemption info on the workers (`ray.train.get_preemption_info()`, set when a node that holds a
-  rank is draining: autoscaler scale-down, a cloud's spot notice, KubeRay).
+- SIGTERM to the job's entry point (what `ray job stop`, `kill`, a pod's termination send): the driver's
+  handler sets a `StopFlag` actor; the workers finish the step they are in, write a checkpoint, and the job
+  exits with `EXIT_PREEMPTED`; submitting the same command again continues at that step and data position.
+- A node that holds a rank starts draining (autoscaler scale-down, a cloud's spot notice, KubeRay): Ray
+  Train's preemption watcher tells the workers (`ray.train.get_preemption_info()`). With
+  `train.on_node_drain: checkpoint` (the default) the workers write a checkpoint after the current step and
+  train on; when the node goes, Ray Train restarts the worker group on what is left (counted against its
+  preemption budget, not `train.max_failures`) and every rank resumes from that checkpoint. With `stop`
+  they checkpoint and the job exits as on SIGTERM.
 Every rank polls both at most every `train.stop_poll_s` seconds and the ranks agree with one all-reduce per
-step, so they all stop after the same step.
+step, so they all act after the same step.
 """
 
 from __future__ import annotations
@@ -80,17 +83,21 @@ class SigtermRelay:
 
 
 class StopWatcher:
-    """On every rank: `should_stop()` is a collective that says whether the run must stop after this step.
+    """On every rank: `poll()` is a collective that says what to do after this step: `"stop"` (checkpoint
+    and end the run), `"checkpoint"` (checkpoint and train on) or None.
 
     Rank 0 keeps the clock: every `poll_s` it reads the `StopFlag`, and the ranks learn through one small
     all-reduce per step both its answer and whether to ask Ray Train for preemption info now
-    (`get_preemption_info` is itself a collective, so every rank must call it at the same step)."""
+    (`get_preemption_info` is itself a collective, so every rank must call it at the same step). A drain
+    acts once per set of draining nodes: the info stays set until the worker group is restarted."""
 
-    def __init__(self, flag, rank: int, poll_s: float):
+    def __init__(self, flag, rank: int, poll_s: float, on_drain: str = "checkpoint"):
         self.flag = flag
         self.rank = rank
         self.poll_s = poll_s
+        self.on_drain = on_drain
         self.reason: str | None = None
+        self._drained: set[str] = set()
         self._last = -float("inf")
 
     def _flag_reason(self) -> str | None:
@@ -101,7 +108,7 @@ class StopWatcher:
         except (ray.exceptions.RayError, TimeoutError):
             return None  # the driver is gone or slow: Ray Train ends the workers itself then
 
-    def should_stop(self) -> bool:
+    def poll(self) -> str | None:
         due = self.rank == 0 and time.monotonic() - self._last >= self.poll_s
         flagged = None
         if due:
@@ -113,21 +120,29 @@ class StopWatcher:
             dist.all_reduce(votes, op=dist.ReduceOp.MAX)
         if votes[0] > 0:
             self.reason = flagged or "SIGTERM"
-            return True
-        if votes[1] > 0 and self._draining(distributed):
-            self.reason = "node drain"
-            return True
-        return False
+            return "stop"
+        if votes[1] == 0 or not distributed:
+            return None
+        info = self._preemption_info()
+        nodes = set(getattr(info, "preempted_node_ids", None) or [])
+        if not nodes - self._drained:
+            return None
+        self._drained |= nodes
+        deadline = getattr(info, "deadline_ms", None)
+        left = f", {deadline / 1000 - time.time():.0f} s before its deadline" if deadline else ""
+        self.reason = (
+            f"node drain: {', '.join(sorted(n[:12] for n in nodes))} (ranks "
+            f"{sorted(getattr(info, 'preempted_ranks', []))}{left})"
+        )
+        return "stop" if self.on_drain == "stop" else "checkpoint"
 
     @staticmethod
-    def _draining(distributed: bool) -> bool:
-        """Ray Train's preemption info (a collective across the ranks); False outside Ray Train."""
-        if not distributed:
-            return False
+    def _preemption_info():
+        """Ray Train's preemption info (a collective across the ranks); None outside Ray Train."""
         try:
-            return ray.train.get_preemption_info() is not None
+            return ray.train.get_preemption_info()
         except (AttributeError, RuntimeError):
-            return False
+            return None
 
 
 EXIT_STALLED = 76

@@ -196,7 +196,9 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
     progress = (
         ProgressCallback(stop_at, state.step, cfg.train.progress_every_s) if rank == 0 else None
     )
-    stopper = StopWatcher(loop_config.get("stop_flag"), rank, cfg.train.stop_poll_s)
+    stopper = StopWatcher(
+        loop_config.get("stop_flag"), rank, cfg.train.stop_poll_s, cfg.train.on_node_drain
+    )
     eval_cb = None
     if loop_config.get("eval_set") is not None:
         eval_cb = EvalCallback(cfg, loop_config["eval_set"], rank, world, vocab.pad_id)
@@ -241,10 +243,18 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
                 win.parts[k] = win.parts.get(k, 0.0) + v
             if out.boundary:
                 state.step += 1
-                preempted = stopper.should_stop()  # a collective: every rank, every step
-                save = ckpt_cb.due(state.step) or state.step == stop_at or preempted
+                action = stopper.poll()  # a collective: every rank, every step
+                preempted = action == "stop"
+                save = ckpt_cb.due(state.step) or state.step == stop_at or action is not None
                 if preempted and rank == 0:
                     log.warning("stopping after step %d (%s)", state.step, stopper.reason)
+                elif action == "checkpoint" and rank == 0:
+                    log.warning(
+                        "%s: checkpoint at step %d, training goes on; when the node goes, Ray Train "
+                        "restarts the workers and they resume from it",
+                        stopper.reason,
+                        state.step,
+                    )
                 if eval_cb is not None and not preempted and eval_cb.due(state.step, stop_at):
                     watchdog.beat("eval", state.step)
                     eval_cb.run(module.engine.module, state.step, mlflow_cb)
@@ -258,7 +268,12 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
                     path = ckpt_cb.save(
                         module,
                         state.state_dict(),
-                        {"step": state.step, "loss": window_loss, "preempted": int(preempted)},
+                        {
+                            "step": state.step,
+                            "loss": window_loss,
+                            "preempted": int(preempted),
+                            "node_drain": int(action == "checkpoint"),
+                        },
                         pending,
                     )
                     if rank == 0:

@@ -65,5 +65,7 @@ def test_unknown_keys_and_bad_values():
         load_config(None, ["objectives.cce=1", "objectives.cce_view=thinned"])
     with pytest.raises(ConfigError, match="keep probability"):
         load_config(None, ["data.tokenizer.thinned_view=1.5"])
+    with pytest.raises(ConfigError, match=r"train.on_node_drain='restart'; choose one of"):
+        load_config(None, ["train.on_node_drain=restart"])
     with pytest.raises(ConfigError, match="no config file"):
         load_config("does/not/exist.yaml")
