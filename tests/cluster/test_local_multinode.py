@@ -189,7 +189,9 @@ def test_two_node_cluster_survives_a_node_drain_and_its_loss(demo_soma, tmp_path
         (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
         logged = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert sorted(logged) == sorted(set(logged)) and max(logged) == steps  # every step once
-        assert f"at step {saved[0]}" in log  # the restarted ranks: "rank r resumed from ... at step N"
+        assert (
+            f"at step {saved[0]}" in log
+        )  # the restarted ranks: "rank r resumed from ... at step N"
         assert (out / "model" / "model.safetensors").is_file()  # ZeRO-3 shards consolidated
     finally:
         if job is not None and job.poll() is None:
