@@ -124,15 +124,16 @@ class StopWatcher:
         if votes[1] == 0 or not distributed:
             return None
         info = self._preemption_info()
-        nodes = set(getattr(info, "preempted_node_ids", None) or [])
-        if not nodes - self._drained:
+        if info is None or not set(info.preempted_node_ids) - self._drained:
             return None
+        nodes = set(info.preempted_node_ids)
         self._drained |= nodes
-        deadline = getattr(info, "deadline_ms", None)
-        left = f", {deadline / 1000 - time.time():.0f} s before its deadline" if deadline else ""
+        left = ""
+        if info.deadline_ms:
+            left = f", {info.deadline_ms / 1000 - time.time():.0f} s before its deadline"
         self.reason = (
             f"node drain: {', '.join(sorted(n[:12] for n in nodes))} (ranks "
-            f"{sorted(getattr(info, 'preempted_ranks', []))}{left})"
+            f"{sorted(info.preempted_ranks)}{left})"
         )
         return "stop" if self.on_drain == "stop" else "checkpoint"
 
