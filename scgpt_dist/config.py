@@ -20,6 +20,7 @@ import yaml
 from data_ingest.source import SourceConfig
 from data_ingest.stream import StreamConfig
 from data_ingest.tokenize import TokenizerConfig
+from scgpt_dist.losses import model_problems
 
 
 @dataclass
@@ -460,26 +461,9 @@ class ExperimentConfig:
         self.train.resolved_grad_accum()
         if self.train.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"train.precision={self.train.precision!r}; choose fp32, bf16 or fp16")
-        presence = self.objectives.gepc_hidden_target == "presence"
-        needs = {
-            "gepc": ("do_mvc", self.model.do_mvc),
-            "gepc_hidden": (
-                "do_mvc" + (" and model.explicit_zero_prob" if presence else ""),
-                self.model.do_mvc and (self.model.explicit_zero_prob or not presence),
-            ),
-            "gep_zero": ("explicit_zero_prob", self.model.explicit_zero_prob),
-            "gepc_zero": (
-                "explicit_zero_prob",
-                self.model.explicit_zero_prob and self.model.do_mvc,
-            ),
-            "dar": ("do_dab", self.model.do_dab),
-            "cls": ("n_cls", self.model.n_cls > 0),
-        }
-        for obj, (field_name, ok) in needs.items():
-            if getattr(self.objectives, obj) and not ok:
-                raise ValueError(
-                    f"objectives.{obj} > 0 needs model.{field_name} set; set it or objectives.{obj}=0"
-                )
+        problems = model_problems(self.model, self.objectives)
+        if problems:
+            raise ValueError(problems[0])
         if self.model.cce_batch_offset and not self.objectives.cce:
             raise ValueError(
                 "model.cce_batch_offset is a vector CCE adds to each view; set objectives.cce > 0 "

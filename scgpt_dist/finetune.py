@@ -22,7 +22,8 @@ from data_ingest import keys
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.collate import Batch, collate, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
-from scgpt_dist.losses import total_loss
+from scgpt_dist.losses import enabled as enabled_objectives
+from scgpt_dist.losses import model_problems, total_loss
 from scgpt_dist.model import ScGPT, build_model
 
 log = logging.getLogger(__name__)
@@ -99,10 +100,9 @@ def finetune(
     """Train `model` in place on `table` (token records with `label` / `batch` as the objectives need).
     Returns per-epoch mean losses; `on_epoch(epoch, losses)` is called after each epoch."""
     obj = cfg.objectives
-    if obj.cls and model.cfg.n_cls <= 0:
-        raise ValueError("objectives.cls needs a model with n_cls > 0 (adapt_model(..., n_cls=K))")
-    if obj.dar and not model.cfg.do_dab:
-        raise ValueError("objectives.dar needs a model with do_dab=True")
+    problems = model_problems(model.cfg, obj)
+    if problems:  # adapt_model adds the heads (n_cls, do_dab, ...)
+        raise ValueError(problems[0])
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.freeze_encoder:
         for name, p in model.named_parameters():
@@ -111,7 +111,7 @@ def finetune(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.schedule_gamma)
-    masking = bool(obj.gep or obj.gepc or obj.gep_zero or obj.gepc_zero)
+    masking = any(o.masked for o in enabled_objectives(obj))
     history = []
     for epoch in range(cfg.epochs):
         model.train()

@@ -1,4 +1,4 @@
-"""Pretraining objectives, each a separate function, and their weighted sum.
+"""Pretraining objectives: each a loss function and one entry of `REGISTRY`, and their weighted sum.
 
 Formulas follow the scGPT reference (`scgpt/loss.py` and `TransformerModel.forward`): GEP and GEPC are masked
 MSEs, their explicit-zero variants masked Bernoulli NLLs of "value > 0", ECS is
@@ -8,11 +8,16 @@ cross-entropy over cosine similarities / temperature, DAR and CLS cross-entropie
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from scgpt_dist.config import ObjectiveConfig
+if TYPE_CHECKING:  # annotations only: the config module stays importable without torch
+    from scgpt_dist.config import ModelConfig, ObjectiveConfig
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -157,10 +162,150 @@ def cls_loss(cls_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(cls_logits, labels, ignore_index=-1)
 
 
-OBJECTIVES = (
-    "gep", "gepc", "gep_zero", "gepc_zero", "gepc_hidden", "gen_cell_prompt", "ecs", "cce", "dar", "cls",
-)  # fmt: skip
+@dataclass(frozen=True)
+class LossInputs:
+    """What an objective's loss reads. out: the model's outputs; target, mask: (B, L) true values and
+    GEP-masked positions; batch, labels: (B,) batch and cell-type codes; cell_prompt_mask: (B, L) the genes
+    the cell-prompt pass generates; gather: CCE takes its negatives from every data-parallel rank."""
+
+    out: dict[str, torch.Tensor]
+    target: torch.Tensor
+    mask: torch.Tensor
+    cfg: ObjectiveConfig
+    batch: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    cell_prompt_mask: torch.Tensor | None = None
+    gather: bool = False
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One pretraining / finetuning objective. Its weight is `ObjectiveConfig.<name>` (0 turns it off).
+
+    loss: its value on one micro-batch. needs: what the model must have for it, as the unmet `model.*`
+    setting (None when the model has it); checked when a config is validated and before finetuning.
+    masked: it trains on the GEP-masked positions (the finetune loop masks values only for these).
+    """
+
+    name: str
+    loss: Callable[[LossInputs], torch.Tensor]
+    needs: Callable[[ModelConfig, ObjectiveConfig], str | None] = lambda model, obj: None
+    masked: bool = False
+
+
+def _require(out: dict, key: str, what: str) -> None:
+    if key not in out:
+        raise ValueError(f"{what}; see train_module.compute_loss")
+
+
+def _gepc_hidden(x: LossInputs) -> torch.Tensor:
+    _require(
+        x.out,
+        "gepc_query",
+        "objectives.gepc_hidden needs the hidden-gene queries (out['gepc_query'])",
+    )
+    return gepc_hidden_loss(x.out, x.cfg.gepc_hidden_target)
+
+
+def _gen_cell_prompt(x: LossInputs) -> torch.Tensor:
+    if "cell_prompt_gep" not in x.out or x.cell_prompt_mask is None:
+        raise ValueError(
+            "objectives.gen_cell_prompt needs the cell-prompt pass's predictions "
+            "(out['cell_prompt_gep']) and its mask; see train_module.compute_loss"
+        )
+    return cell_prompt_loss(x.out, x.target, x.cell_prompt_mask)
+
+
+def _cce(x: LossInputs) -> torch.Tensor:
+    out, cfg = x.out, x.cfg
+    # objectives.cce_view split or thinned: the views come from train_module.compute_loss
+    if "cce_view1" in out:
+        one, two = out["cce_view1"], out["cce_view2"]
+    elif "cell_emb2" in out:
+        one, two = out["cell_emb"], out["cell_emb2"]
+    else:
+        raise ValueError(
+            "objectives.cce needs two views: the model run with cce=True, or "
+            "out['cce_view1'] / out['cce_view2'] (see train_module.compute_loss)"
+        )
+    all_one, all_two, offset = one, two, 0
+    if x.gather:  # both views in one tensor: one collective per step, not one each
+        rows, offset = gather_rows(torch.cat([one, two], 1))
+        all_one, all_two = rows.split(one.shape[1], 1)
+    value = cce_loss(one, all_two, cfg.cce_temp, offset)
+    if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor
+        value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset))
+    return value
+
+
+def _dar(x: LossInputs) -> torch.Tensor:
+    if x.batch is None:
+        raise ValueError("objectives.dar needs the batch labels")
+    return dar_loss(x.out["dar_logits"], x.batch)
+
+
+def _cls(x: LossInputs) -> torch.Tensor:
+    if x.labels is None:
+        raise ValueError("objectives.cls needs the cell-type labels")
+    return cls_loss(x.out["cls_logits"], x.labels)
+
+
+def _mvc(model: ModelConfig, obj: ObjectiveConfig) -> str | None:
+    return None if model.do_mvc else "do_mvc"
+
+
+def _zero_prob(model: ModelConfig, obj: ObjectiveConfig) -> str | None:
+    return None if model.explicit_zero_prob else "explicit_zero_prob"
+
+
+def _gepc_hidden_needs(model: ModelConfig, obj: ObjectiveConfig) -> str | None:
+    presence = obj.gepc_hidden_target == "presence"
+    if model.do_mvc and (model.explicit_zero_prob or not presence):
+        return None
+    return "do_mvc" + (" and model.explicit_zero_prob" if presence else "")
+
+
+REGISTRY: tuple[Objective, ...] = (
+    Objective("gep", lambda x: gep_loss(x.out, x.target, x.mask), masked=True),
+    Objective("gepc", lambda x: gepc_loss(x.out, x.target, x.mask), _mvc, masked=True),
+    Objective(
+        "gep_zero", lambda x: gep_zero_loss(x.out, x.target, x.mask), _zero_prob, masked=True
+    ),
+    Objective(
+        "gepc_zero",
+        lambda x: gepc_zero_loss(x.out, x.target, x.mask),
+        lambda m, o: _zero_prob(m, o) or _mvc(m, o),
+        masked=True,
+    ),
+    Objective("gepc_hidden", _gepc_hidden, _gepc_hidden_needs),
+    Objective("gen_cell_prompt", _gen_cell_prompt),
+    Objective("ecs", lambda x: ecs_loss(x.out["cell_emb"], x.cfg.ecs_threshold)),
+    Objective("cce", _cce),
+    Objective("dar", _dar, lambda m, o: None if m.do_dab else "do_dab"),
+    Objective("cls", _cls, lambda m, o: None if m.n_cls > 0 else "n_cls"),
+)
+"""Every objective, in the order the total adds them. Adding one: its loss function, an entry here and
+its weight in `ObjectiveConfig`."""
+
+OBJECTIVES = tuple(o.name for o in REGISTRY)
 """Objective names; each is a weight in `ObjectiveConfig`."""
+
+
+def enabled(cfg: ObjectiveConfig) -> list[Objective]:
+    """The objectives with a non-zero weight, in registry order."""
+    return [o for o in REGISTRY if getattr(cfg, o.name)]
+
+
+def model_problems(model: ModelConfig, cfg: ObjectiveConfig) -> list[str]:
+    """One message per enabled objective the model cannot train (empty when all can)."""
+    problems = []
+    for o in enabled(cfg):
+        missing = o.needs(model, cfg)
+        if missing:
+            problems.append(
+                f"objectives.{o.name} > 0 needs model.{missing} set; set it or objectives.{o.name}=0"
+            )
+    return problems
 
 
 def total_loss(
@@ -173,66 +318,15 @@ def total_loss(
     cell_prompt_mask: torch.Tensor | None = None,
     gather: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Weighted sum of enabled objectives, and each one's value (detached) for logging.
+    """Weighted sum of the enabled objectives, and each one's value (detached) for logging.
 
-    out: the model's outputs; target, mask: (B, L) true values and masked positions; batch, labels: (B,),
-    needed by DAR and CLS; cell_prompt_mask: (B, L) the genes generated by the cell-prompt pass (whose
-    predictions are `out["cell_prompt_gep"]`), needed by gen_cell_prompt; gather: CCE contrasts against
-    every data-parallel rank's views (a collective: every rank must call it, training steps only).
+    Arguments as `LossInputs`; with gather, CCE is a collective: every rank must call it (training steps).
     """
+    x = LossInputs(out, target, mask, cfg, batch, labels, cell_prompt_mask, gather)
     parts: dict[str, torch.Tensor] = {}
     total = torch.zeros((), dtype=target.dtype, device=target.device)
-    for name in OBJECTIVES:
-        weight = getattr(cfg, name)
-        if not weight:
-            continue
-        if name in ("gep", "gepc", "gep_zero", "gepc_zero"):
-            fn = {"gep": gep_loss, "gepc": gepc_loss, "gep_zero": gep_zero_loss}.get(
-                name, gepc_zero_loss
-            )
-            value = fn(out, target, mask)
-        elif name == "gepc_hidden":
-            if "gepc_query" not in out:
-                raise ValueError(
-                    "objectives.gepc_hidden needs the hidden-gene queries (out['gepc_query']); "
-                    "see train_module.compute_loss"
-                )
-            value = gepc_hidden_loss(out, cfg.gepc_hidden_target)
-        elif name == "gen_cell_prompt":
-            if "cell_prompt_gep" not in out or cell_prompt_mask is None:
-                raise ValueError(
-                    "objectives.gen_cell_prompt needs the cell-prompt pass's predictions "
-                    "(out['cell_prompt_gep']) and its mask; see train_module.compute_loss"
-                )
-            value = cell_prompt_loss(out, target, cell_prompt_mask)
-        elif name == "ecs":
-            value = ecs_loss(out["cell_emb"], cfg.ecs_threshold)
-        elif name == "cce":
-            # objectives.cce_view split or thinned: the views come from train_module.compute_loss
-            if "cce_view1" in out:
-                one, two = out["cce_view1"], out["cce_view2"]
-            elif "cell_emb2" in out:
-                one, two = out["cell_emb"], out["cell_emb2"]
-            else:
-                raise ValueError(
-                    "objectives.cce needs two views: the model run with cce=True, or "
-                    "out['cce_view1'] / out['cce_view2'] (see train_module.compute_loss)"
-                )
-            all_one, all_two, offset = one, two, 0
-            if gather:  # both views in one tensor: one collective per step, not one each
-                rows, offset = gather_rows(torch.cat([one, two], 1))
-                all_one, all_two = rows.split(one.shape[1], 1)
-            value = cce_loss(one, all_two, cfg.cce_temp, offset)
-            if cfg.cce_view == "thinned":  # both directions, as neither view is the anchor
-                value = 0.5 * (value + cce_loss(two, all_one, cfg.cce_temp, offset))
-        elif name == "dar":
-            if batch is None:
-                raise ValueError("objectives.dar needs the batch labels")
-            value = dar_loss(out["dar_logits"], batch)
-        else:
-            if labels is None:
-                raise ValueError("objectives.cls needs the cell-type labels")
-            value = cls_loss(out["cls_logits"], labels)
-        parts[name] = value.detach()
-        total = total + weight * value
+    for objective in enabled(cfg):
+        value = objective.loss(x)
+        parts[objective.name] = value.detach()
+        total = total + getattr(cfg, objective.name) * value
     return total, parts

@@ -12,6 +12,7 @@ from data_ingest import keys
 from scgpt_dist.collate import Batch, mask_values
 from scgpt_dist.config import ExperimentConfig, ModelConfig, ObjectiveConfig
 from scgpt_dist.losses import (
+    REGISTRY,
     cce_loss,
     cls_loss,
     dar_loss,
@@ -20,6 +21,7 @@ from scgpt_dist.losses import (
     gepc_zero_loss,
     masked_bernoulli_nll,
     masked_mse,
+    model_problems,
     total_loss,
 )
 from scgpt_dist.model import build_model
@@ -166,6 +168,27 @@ def test_defaults_are_gep_and_gepc_only():
     out, target, mask = _outputs()
     _, parts = total_loss(out, target, mask, ObjectiveConfig())
     assert set(parts) == {"gep", "gepc"}
+
+
+def test_every_objective_has_a_weight_and_the_total_is_the_registry_sum():
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(ObjectiveConfig)}
+    for objective in REGISTRY:
+        assert objective.name in fields and isinstance(fields[objective.name].default, float)
+    # Each enabled entry's loss, weighted, in registry order; nothing else.
+    out, target, mask = _outputs()
+    cfg = ObjectiveConfig(gep=0.5, gepc=2.0, ecs=3.0)
+    total, parts = total_loss(out, target, mask, cfg)
+    assert list(parts) == ["gep", "gepc", "ecs"]
+    torch.testing.assert_close(total, 0.5 * parts["gep"] + 2.0 * parts["gepc"] + 3.0 * parts["ecs"])
+    # What a model lacks is said per objective, with the setting that fixes it.
+    lacking = ModelConfig(do_mvc=False)
+    assert model_problems(lacking, ObjectiveConfig(gep=1.0, gepc=0.0)) == []
+    assert model_problems(lacking, ObjectiveConfig(gepc=1.0, gepc_zero=1.0)) == [
+        "objectives.gepc > 0 needs model.do_mvc set; set it or objectives.gepc=0",
+        "objectives.gepc_zero > 0 needs model.explicit_zero_prob set; set it or objectives.gepc_zero=0",
+    ]
 
 
 def test_objectives_need_their_heads():
