@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import RAY_CLI, REPO, TINY_CONFIG
 
 LOCAL = REPO / "cluster" / "local"
@@ -102,6 +104,7 @@ def _metas(checkpoints: Path) -> dict[int, dict]:
     return out
 
 
+@pytest.mark.slow
 def test_two_node_cluster_survives_a_node_drain_and_its_loss(demo_soma, tmp_path):
     from mlflow.tracking import MlflowClient
 

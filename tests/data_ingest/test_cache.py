@@ -48,6 +48,7 @@ def _same(a, b):
     return len(a) == len(b) and all(x.equals(y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.slow
 def test_cache_hits_on_second_epoch_and_invalidates(ray_local, soma_copy, tmp_path):
     src = SomaCellSource(SourceConfig(soma_uri=str(soma_copy), layer="data"))
     vocab = GeneVocab.from_genes(src.gene_names())

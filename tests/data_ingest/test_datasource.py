@@ -39,6 +39,7 @@ def test_splits_are_disjoint_and_complete(demo_soma):
     assert len(every) == 700 + 300  # pbmc68k_reduced + synthetic
 
 
+@pytest.mark.slow
 def test_datasource_rows_schema_and_content(ray_local, demo_soma):
     src, vocab = _source(demo_soma)
     resolved = src.resolve(vocab, TRAIN)

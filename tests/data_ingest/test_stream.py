@@ -109,6 +109,7 @@ def test_chunks_are_joinid_aligned_and_tasks_respect_chunks_and_buffers():
     assert np.mean([len(np.unique(b)) for b in chunk_by_pos]) > 6
 
 
+@pytest.mark.slow
 def test_batches_straddling_buffers_resume_exactly(ray_local, resolved):
     res, vocab = resolved
     cfg = StreamConfig(chunk_size=8, buffer_size=100, task_cells=24, prefetch=2)  # 100 % 16 != 0

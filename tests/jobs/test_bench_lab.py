@@ -4,9 +4,12 @@ it. The recipe must get close to zero error within a few hundred steps (single p
 
 import json
 
+import pytest
+
 from jobs.bench import lab
 
 
+@pytest.mark.slow
 def test_the_recipe_reads_context_on_exact_data(tmp_path):
     out = tmp_path / "lab.json"
     argv = [

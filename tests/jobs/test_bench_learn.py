@@ -12,6 +12,8 @@ from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic
 from jobs.bench import learn
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
+
 TINY_LEARN = REPO / "jobs" / "configs" / "learn_tiny.yaml"
 
 

@@ -13,6 +13,8 @@ from data_ingest.demo_data import load_pbmc
 from jobs import embed
 from scgpt_dist.inference import EMBEDDING_KEY
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
+
 
 def _run(*args):
     return subprocess.run(

@@ -39,6 +39,7 @@ def test_classification_metrics_macro_averages():
     assert m["macro_recall"] == pytest.approx(0.5)  # class 1 never found
 
 
+@pytest.mark.slow
 def test_annotation_end_to_end_as_ray_task(pretrained, demo_soma, ray_local, tmp_path):
     out = tmp_path / "annot"
     args = [
@@ -79,6 +80,7 @@ def test_annotation_end_to_end_as_ray_task(pretrained, demo_soma, ray_local, tmp
     }
 
 
+@pytest.mark.slow
 def test_zeroshot_scores_embeddings_and_baselines(pretrained, demo_soma, tmp_path):
     out = tmp_path / "zs"
     args = [

@@ -100,6 +100,7 @@ def read_run_metrics(out: Path, run_id: str) -> dict:
     return run.data.metrics
 
 
+@pytest.mark.slow
 def test_integration_task_end_to_end(census, model_dir, tmp_path, capsys):
     out = tmp_path / "integ"
     assert main(["integration", *common(out, census, model_dir)]) == 0
@@ -138,6 +139,7 @@ def test_integration_needs_two_batches(model_dir, tmp_path, census):
         main(["integration", *args])
 
 
+@pytest.mark.slow
 def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
     from jobs.finetune.multiomics import concat_tokens, copy_pretrained_rows, extend_vocab_model
     from scgpt_dist.checkpoint import load_consolidated

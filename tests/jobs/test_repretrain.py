@@ -24,6 +24,8 @@ from scgpt_dist.checkpoint import find_latest_checkpoint
 from scgpt_dist.config import load_config
 from tests.conftest import TINY_CONFIG
 
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
+
 MODEL = "scgpt-repretrain-test"
 GENES = [f"G{i:04d}" for i in range(200)]
 NEW_A = [f"NEWA{i:02d}" for i in range(20)]

@@ -78,6 +78,7 @@ def test_bad_ablation_configs_say_what_to_fix(tmp_path):
         load_ablation_config(bad)
 
 
+@pytest.mark.slow
 def test_one_real_cell_pretrains_evaluates_and_logs_a_child_run(ray_local, demo_soma, tmp_path):
     from mlflow.tracking import MlflowClient
 

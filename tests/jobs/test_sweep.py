@@ -53,6 +53,7 @@ def _zeroshot_sweep(model_dir: Path, out: Path) -> SweepConfig:
     )
 
 
+@pytest.mark.slow
 def test_sweep_runs_cells_as_child_runs_and_resumes(ray_local, pretrained, tmp_path):
     from mlflow.tracking import MlflowClient
 

@@ -10,6 +10,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from scgpt_dist.callbacks import MlflowCallback, ProgressCallback
 
 
@@ -97,6 +99,7 @@ def _stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_mlflow_outage_keeps_metrics_and_training(tmp_path, caplog, monkeypatch):
     """A real tracking server stopped mid-run: commits fail fast with one warning and keep the metrics;
     after a restart on the same port the first commit writes all of them, each step once."""

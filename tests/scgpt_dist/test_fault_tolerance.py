@@ -12,10 +12,13 @@ import sys
 import time
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from scgpt_dist.checkpoint import CheckpointError, validate_checkpoint
 from tests.conftest import TINY_CONFIG
+
+pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
 
 
 def _pretrain_while(fault, overrides: list[str]) -> dict:

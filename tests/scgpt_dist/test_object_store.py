@@ -155,6 +155,7 @@ def _checkpoint_files(root) -> None:
     (root / "manifest_rank_0.json").write_text("{}")
 
 
+@pytest.mark.slow
 def test_upload_retries_through_an_outage(s3, s3_server, tmp_path, caplog):
     """The object store is down when a checkpoint upload starts and back 5 s later: the upload retries
     with backoff, warns, and completes. (The server is stopped before the upload, not during it: a stopped
@@ -174,6 +175,7 @@ def test_upload_retries_through_an_outage(s3, s3_server, tmp_path, caplog):
     assert find_latest_checkpoint(resolve(f"s3://{BUCKET}/outage"), verify_checksums=False) is None
 
 
+@pytest.mark.slow
 def test_upload_gives_up_with_a_clear_error_and_no_marker(s3, s3_server, tmp_path):
     """The store stays down: after the retries, an error naming the file and the store, and nothing in
     the store that a resume could take for a checkpoint."""
@@ -188,6 +190,7 @@ def test_upload_gives_up_with_a_clear_error_and_no_marker(s3, s3_server, tmp_pat
     assert find_latest_checkpoint(resolve(f"s3://{BUCKET}/gone")) is None
 
 
+@pytest.mark.slow
 def test_pretraining_with_checkpoints_on_s3(s3, ray_local, demo_soma, tmp_path):
     """Stop at step 6 and resume to 12 with every checkpoint in the bucket: manifests there, resume from the
     bucket's step 6, retention in the bucket, consolidated model local; then a corrupted shard object is

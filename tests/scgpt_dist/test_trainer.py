@@ -165,6 +165,7 @@ def test_consolidated_model_matches_checkpoint(pretrained):
     assert np.isfinite(sum(float(v.sum()) for v in state.values()))
 
 
+@pytest.mark.slow
 def test_resume_is_exact(pretrained, tmp_path):
     """Stopped at step 6 and resumed must equal one uninterrupted run: same data order, masks, optimizer and
     schedule, so the same losses and the same final weights."""

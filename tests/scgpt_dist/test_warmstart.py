@@ -166,6 +166,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, n_tokens: int) 
         engine.destroy()
 
 
+@pytest.mark.slow
 def test_load_into_zero2_and_zero3_engines(promoted, tmp_path):
     import torch.multiprocessing as mp
 
