@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._cli import quiet_ray_data, run_main, setup_logging
+from scgpt_dist.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -486,7 +487,7 @@ def collect_results(
     parent = client.get_run(parent_run_id)
     runs = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        filter_string=f"tags.{PARENT_RUN_TAG} = '{parent_run_id}'",
         max_results=10000,
     )
     rows = []

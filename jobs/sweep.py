@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._cli import run_main, setup_logging
+from scgpt_dist.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,6 @@ CELLS_DIR = "cells"
 DONE_FILE = "done.json"
 REPORT_DIR = "report"
 CSV_FILE = "results.csv"
-PARENT_RUN_TAG = "mlflow.parentRunId"
 SWEEP_EXPERIMENT = "scgpt-dist-sweeps"
 
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_dist import preprocess
 from scgpt_dist.integration import hvg_index
 from scgpt_dist.preprocess import is_count_matrix  # noqa: F401  (re-exported for the jobs)
 
@@ -74,12 +72,6 @@ def split_cells(
     if not seen.all():
         how += f"; {int((~seen).sum())} query cells of types absent from the reference dropped"
     return Split(reference=ref, query=qry[seen], how=how)
-
-
-def log_normalized(adata: ad.AnnData) -> sp.csr_matrix:
-    """Library-size normalised (1e4) log1p values of `adata.X`; values that are not counts are taken as already
-    log-normalised (e.g. pbmc68k_reduced's `.raw`)."""
-    return preprocess.log_normalized(adata.X)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:

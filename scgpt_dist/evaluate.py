@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from data_ingest import keys
+from scgpt_dist import preprocess
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.collate import _pad_lists, collate, mask_values
 
@@ -267,14 +268,14 @@ def type_only_batch_knn(
 
 
 def pca_embedding(X, n_comps: int = 50, log_normalize: bool = False, seed: int = 0) -> np.ndarray:
-    """PCA baseline: optional library-size normalization + log1p, then scaled PCA."""
+    """PCA baseline: optional library-size normalization + log1p (`preprocess.log_normalize`), then scaled
+    PCA."""
     import scipy.sparse as sp
     from sklearn.decomposition import PCA
 
-    X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
     if log_normalize:
-        lib = X.sum(1, keepdims=True)
-        X = np.log1p(X / np.maximum(lib, 1e-12) * 1e4)
+        X = preprocess.log_normalize(X)
+    X = X.toarray() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
     X = (X - X.mean(0)) / np.maximum(X.std(0), 1e-8)
     n = min(n_comps, X.shape[0] - 1, X.shape[1])
     return PCA(n_components=n, random_state=seed).fit_transform(X)

@@ -33,7 +33,7 @@ from data_ingest import keys
 from data_ingest.tokenize import TokenizerConfig
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.collate import Batch, collate
-from scgpt_dist.preprocess import log_normalize_counts
+from scgpt_dist.preprocess import log_normalize
 
 log = logging.getLogger(__name__)
 
@@ -116,15 +116,6 @@ def select_genes(
     return adata.var_names[idx].astype(str).tolist()
 
 
-def log_normalize(X, genes_idx: np.ndarray | None = None, target_sum: float = 1e4) -> np.ndarray:
-    """Dense log1p(counts / library size * target_sum), (N, genes), of the columns `genes_idx` (all when
-    None); the library size is always the cell's total over all its genes."""
-    X = log_normalize_counts(X, target_sum)
-    if genes_idx is not None:
-        X = X[:, genes_idx]
-    return X.toarray()
-
-
 # ----------------------------------------------------------------------------------------------- scores
 
 
@@ -132,7 +123,7 @@ def expression_level_scores(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
     """Null control (G, G): m_a + m_b, m = a gene's mean log-normalized expression. It knows no gene pairs, only
     how well expressed each gene is; a score that does no better than this has learned no network."""
     idx = adata.var_names.get_indexer(genes)
-    m = log_normalize(adata.X, idx).mean(0)  # (G,)
+    m = log_normalize(adata.X)[:, idx].toarray().mean(0)  # (G,), library sizes over all genes
     return m[:, None] + m[None, :]
 
 
@@ -142,7 +133,7 @@ def correlation_scores(adata: ad.AnnData, genes: list[str]) -> np.ndarray:
     idx = adata.var_names.get_indexer(genes)
     if (idx < 0).any():
         raise ValueError(f"{int((idx < 0).sum())} of the genes are not in the data's var_names")
-    Y = log_normalize(adata.X, idx)  # (N, G)
+    Y = log_normalize(adata.X)[:, idx].toarray()  # (N, G)
     Y = Y - Y.mean(0)
     norm = np.linalg.norm(Y, axis=0)  # (G,)
     Y = Y / np.where(norm > 0, norm, 1.0)

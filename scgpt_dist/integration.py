@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_dist.preprocess import log_normalize_counts
+from scgpt_dist.preprocess import log_normalize
 
 log = logging.getLogger(__name__)
 
@@ -144,9 +144,8 @@ class BaselineConfig:
     seed: int = 0
 
 
-def log_normalize(X) -> np.ndarray:
-    """Counts (N, G) -> log1p(counts / library size * 1e4), dense float32."""
-    return log_normalize_counts(X).toarray().astype(np.float32)
+def _dense_log(X) -> np.ndarray:
+    return log_normalize(X).toarray().astype(np.float32)
 
 
 def hvg_index(logX: np.ndarray, n_hvg: int) -> np.ndarray:
@@ -173,7 +172,7 @@ def pca_of(logX: np.ndarray, n_pcs: int, seed: int = 0) -> np.ndarray:
 def pca_baseline(counts, cfg: BaselineConfig | None = None) -> np.ndarray:
     """HVG + log-normalised PCA of counts (N, G): (N, n_pcs)."""
     cfg = cfg or BaselineConfig()
-    logX = log_normalize(counts)
+    logX = _dense_log(counts)
     return pca_of(logX[:, hvg_index(logX, cfg.n_hvg)], cfg.n_pcs, cfg.seed)
 
 
@@ -220,7 +219,7 @@ def scvi_baseline(
     X = sp.csr_matrix(counts, dtype=np.float32)
     check_counts(X)
     if hvg is None:
-        hvg = hvg_index(log_normalize(X), cfg.n_hvg)
+        hvg = hvg_index(_dense_log(X), cfg.n_hvg)
     adata = ad.AnnData(
         X=X[:, hvg].copy(), obs=pd.DataFrame({"batch": np.asarray(batches).astype(str)})
     )
@@ -256,7 +255,7 @@ def totalvi_baseline(
     cfg = cfg or BaselineConfig()
     X = sp.csr_matrix(rna_counts, dtype=np.float32)
     check_counts(X, "totalVI")
-    hvg = hvg_index(log_normalize(X), cfg.n_hvg)
+    hvg = hvg_index(_dense_log(X), cfg.n_hvg)
     n = X.shape[0]
     names = protein_names or [f"protein_{i}" for i in range(protein_counts.shape[1])]
     obs = pd.DataFrame({"batch": np.asarray(batches).astype(str)}, index=[str(i) for i in range(n)])

@@ -55,12 +55,6 @@ def targets_of(name: str) -> list[str]:
     return [g for g in name.split(keys.PERT_SEPARATOR) if g and g != keys.CONTROL_CONDITION]
 
 
-def log_normalize(X) -> sp.csr_matrix:
-    """log1p of counts normalized to NORMALIZE_TARGET_SUM per cell; values that are not whole numbers are
-    taken as already log-normalized and returned unchanged."""
-    return preprocess.log_normalized(X)
-
-
 @dataclass
 class PerturbationSplit:
     """Which perturbations train the model and which test it (no target gene of a test single is trained on)."""

@@ -16,18 +16,15 @@ def is_count_matrix(X) -> bool:
     return bool(data.size) and bool(np.allclose(data, np.round(data)))
 
 
-def log_normalize_counts(X, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
-    """log1p(counts / library size * target_sum), sparse (N, G) float64; empty cells stay zero."""
+def log_normalize(X, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
+    """log1p(counts / library size * target_sum) of a cells x genes matrix (N, G), sparse float64; empty
+    cells stay zero. The project's one library-size normalisation: every task, baseline and evaluation
+    calls it (`.toarray()` where a dense matrix is needed). Values that are not counts are taken as already
+    log-normalised (e.g. pbmc68k_reduced's `.raw`) and returned unchanged."""
     X = sp.csr_matrix(X, dtype=np.float64)
+    if not is_count_matrix(X):
+        return X
     lib = np.asarray(X.sum(1)).ravel()  # (N,)
     X = sp.csr_matrix(sp.diags(target_sum / np.maximum(lib, 1e-12)) @ X)
     X.data = np.log1p(X.data)
     return X
-
-
-def log_normalized(X) -> sp.csr_matrix:
-    """`log_normalize_counts` for counts; values that are not counts are taken as already log-normalised
-    (e.g. pbmc68k_reduced's `.raw`) and returned unchanged (sparse float64)."""
-    if not is_count_matrix(X):
-        return sp.csr_matrix(X, dtype=np.float64)
-    return log_normalize_counts(X)

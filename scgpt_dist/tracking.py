@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 
 RUN_ID_FILE = "mlflow_run_id"
+PARENT_RUN_TAG = "mlflow.parentRunId"
+"""The tag MLflow's UI nests a child run under its parent with (sweeps, scale ablations, finetune tasks)."""
 
 
 def tracking_uri(configured: str | None, output_dir: str | Path) -> str:

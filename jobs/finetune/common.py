@@ -24,12 +24,12 @@ import anndata as ad
 import numpy as np
 
 from jobs.report import Report
+from scgpt_dist.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 
 PBMC_SPEC = "pbmc68k_reduced"
 FINETUNE_EXPERIMENT = "scgpt-dist-finetune"
-PARENT_RUN_TAG = "mlflow.parentRunId"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from scgpt_dist.preprocess import log_normalize
+
 log = logging.getLogger(__name__)
 
 DESCRIPTION = "batch integration: GEP+GEPC+ECS+DAR(+DSBN) finetuning, scib metrics vs zero-shot, PCA, Harmony, scVI"
@@ -223,7 +225,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
         loaded = load_consolidated(args.checkpoint)
         cells = adata
         if args.hvg_tokens:
-            logX = ig.log_normalize(adata.X)
+            logX = log_normalize(adata.X).toarray().astype(np.float32)
             cells = adata[:, ig.hvg_index(logX, args.hvg_tokens)].copy()
         table = tokenize_anndata(cells, loaded.vocab, tokenizer_of(loaded, args))
         table = with_labels(table, batches=batch_codes)

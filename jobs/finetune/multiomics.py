@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.finetune import integration as integ
+from scgpt_dist.preprocess import log_normalize
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def joint_pca(
     variance so the small protein panel is not drowned by the genes: (N, n_pcs)."""
     from scgpt_dist import integration as ig
 
-    logX = ig.log_normalize(rna_counts)
+    logX = log_normalize(rna_counts).toarray().astype(np.float32)
     R = logX[:, ig.hvg_index(logX, n_hvg)]
     R = (R - R.mean(0)) / np.maximum(R.std(0), 1e-8) / np.sqrt(R.shape[1])
     Pn = clr(protein_counts)
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
             )
         rna_cells = rna
         if args.hvg_tokens:
-            rna_cells = rna[:, ig.hvg_index(ig.log_normalize(rna.X), args.hvg_tokens)].copy()
+            rna_cells = rna[:, ig.hvg_index(log_normalize(rna.X).toarray(), args.hvg_tokens)].copy()
         ext, added = extend_vocab_model(loaded, prot_names)
         rna_only = with_labels(tokenize_anndata(rna_cells, loaded.vocab, tok), batches=batch_codes)
         # Joint: RNA genes get the context left after the whole protein panel (proteins are dense).

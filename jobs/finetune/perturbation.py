@@ -18,6 +18,8 @@ import time
 
 import numpy as np
 
+from scgpt_dist.preprocess import log_normalize
+
 DESCRIPTION = (
     "perturbation response: flag-token finetuning vs no-change, mean, linear and additive baselines"
 )
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
     )
     allowed = set(loaded.vocab.to_dict()) if loaded is not None else None
     data = pt.build_response_data(
-        pt.log_normalize(adata.X),
+        log_normalize(adata.X),
         list(adata.var_names.astype(str)),
         labels,
         split.train,

@@ -38,10 +38,11 @@ def _batch_key(obs, requested: str | None) -> str | None:
 def run(args: argparse.Namespace, ctx) -> dict:
     from jobs.finetune.common import load_cells
     from scgpt_dist import integration as ig
-    from scgpt_dist.annotation import is_count_matrix, log_normalized
+    from scgpt_dist.annotation import is_count_matrix
     from scgpt_dist.checkpoint import load_consolidated
     from scgpt_dist.evaluate import knn_accuracy
     from scgpt_dist.inference import embed_anndata
+    from scgpt_dist.preprocess import log_normalize
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
     embeddings: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    logX = log_normalized(adata).toarray().astype(np.float32)
+    logX = log_normalize(adata.X).toarray().astype(np.float32)
     embeddings["hvg_pca50"] = ig.pca_of(logX[:, ig.hvg_index(logX, 2000)], 50, args.seed)
     seconds["hvg_pca50"] = time.perf_counter() - t0
     notes = []

@@ -14,6 +14,7 @@ from data_ingest import keys
 from data_ingest.perturb_synth import PerturbSynthConfig, make_perturbation_data
 from data_ingest.synth import CensusSynthConfig, CensusTruth
 from scgpt_dist import perturbation as pt
+from scgpt_dist.preprocess import log_normalize
 
 CENSUS = CensusSynthConfig(
     n_cells=3000,
@@ -71,7 +72,7 @@ def prepared(screen):
     names = sorted(set(labels) - {keys.CONTROL_CONDITION})
     split = pt.split_perturbations(names, 0.3, 0.5, seed=0)
     data = pt.build_response_data(
-        pt.log_normalize(screen.X), list(screen.var_names), labels, split.train, n_genes=47
+        log_normalize(screen.X), list(screen.var_names), labels, split.train, n_genes=47
     )
     return split, data
 
@@ -101,7 +102,7 @@ def test_context_genes_targets_first_from_training_cells(screen, prepared):
     assert data.ctrl.shape == (200, 47) and all(v.shape == (40, 47) for v in data.cells.values())
     with pytest.raises(ValueError, match="fewer than"):
         pt.build_response_data(
-            pt.log_normalize(screen.X),
+            log_normalize(screen.X),
             list(screen.var_names),
             screen.obs[keys.OBS_PERTURBATION].astype(str).to_numpy(),
             split.train,
