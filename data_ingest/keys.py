@@ -3,7 +3,7 @@
 One place for string keys, so a rename is a one-line change and a typo is an import error.
 """
 
-# Token record columns (DESIGN.md "Token record").
+# Token record columns (docs/architecture.md, "The token record").
 GENES = "genes"
 VALUES = "values"
 BATCH = "batch"

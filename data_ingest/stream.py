@@ -613,8 +613,8 @@ def rank_batches(
 
     Contract (what the training loop may rely on):
     - Every rank yields exactly `batches_per_rank(len(resolved.joinids), world_size, batch_size) -
-      start_batch` tables, each with `RECORD_SCHEMA` (DESIGN.md "Token record"); call it on every rank with
-      the same `seed`, `epoch`, `world_size`, `batch_size`, `cfg` and data selection.
+      start_batch` tables, each with `RECORD_SCHEMA` (docs/architecture.md, "The token record"); call it
+      on every rank with the same `seed`, `epoch`, `world_size`, `batch_size`, `cfg` and data selection.
     - Deterministic given `(seed, epoch, rank, world_size, batch_size, cfg, selection, tokenizer)`; a
       different epoch gives a different order. Ranks' cells are disjoint and no cell appears twice in an
       epoch; about `len(joinids) mod (world_size * batch_size)` cells sit out each epoch (different ones).

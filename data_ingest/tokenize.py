@@ -1,4 +1,4 @@
-"""Cells -> scGPT token records (DESIGN.md "Token record").
+"""Cells -> scGPT token records (docs/architecture.md, "The token record").
 
 A record holds `<cls>` first, then the selected genes' vocabulary ids and their per-cell bins. Selection keeps
 the cell's expressed genes in column order (when there are more than `max_seq_len - 1`, a uniformly random
