@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from scgpt_dist.inference import embed_anndata
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
 
     torch.manual_seed(loaded.config.train.seed)  # the run's initial weights
     init = build_model(loaded.config.model, len(loaded.vocab), loaded.vocab.pad_id).eval()

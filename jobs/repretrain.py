@@ -222,7 +222,7 @@ def _baseline(promoted, candidate, batch_categories):
     """The promoted model as a LoadedModel with the candidate's shapes: identical on the genes and batches
     it knows, average rows for new ones (the warm start with zero noise)."""
     from scgpt_dist.checkpoint import LoadedModel
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
     from scgpt_dist.warmstart import warm_start_state
 
     state, _ = warm_start_state(

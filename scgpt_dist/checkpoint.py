@@ -230,7 +230,7 @@ def load_consolidated(model_dir: str | Path, device: str = "cpu") -> LoadedModel
     """Load a consolidated model directory (safetensors only; nothing is unpickled)."""
     from safetensors.torch import load_file
 
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
 
     model_dir = Path(model_dir)
     for name in (keys.MODEL_FILE, keys.CONFIG_FILE, keys.VOCAB_FILE):

@@ -17,7 +17,7 @@ import torch
 from data_ingest import keys
 from scgpt_dist import preprocess
 from scgpt_dist.checkpoint import LoadedModel
-from scgpt_dist.collate import _pad_lists, collate, mask_values
+from scgpt_dist.model.collate import _pad_lists, collate, mask_values
 
 GEP_BASELINES = ("per_gene_mean", "per_gene_batch_mean", "per_gene_type_mean")
 """Context-free baselines of held-out GEP, from the coarsest to the cell-type ceiling."""

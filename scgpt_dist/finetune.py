@@ -20,11 +20,11 @@ import torch
 
 from data_ingest import keys
 from scgpt_dist.checkpoint import LoadedModel
-from scgpt_dist.collate import Batch, collate, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
-from scgpt_dist.losses import enabled as enabled_objectives
-from scgpt_dist.losses import model_problems, total_loss
-from scgpt_dist.model import ScGPT, build_model
+from scgpt_dist.model.collate import Batch, collate, mask_values
+from scgpt_dist.model.losses import enabled as enabled_objectives
+from scgpt_dist.model.losses import model_problems, total_loss
+from scgpt_dist.model.transformer import ScGPT, build_model
 
 log = logging.getLogger(__name__)
 

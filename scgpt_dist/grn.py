@@ -5,7 +5,7 @@ Three gene-gene score matrices over one gene set (genes expressed in a chosen ce
 - **gene embedding**: cosine similarity of the model's gene token embeddings (`model.encoder`, embedding +
   LayerNorm), plus a kNN graph of it clustered into gene programs with Leiden (igraph);
 - **attention**: mean attention among the genes of the chosen cells, recomputed from one layer's q/k
-  projections (a forward pre-hook reads the layer's input; `model.py` is unchanged). As in the scGPT GRN
+  projections (a forward pre-hook reads the layer's input; the transformer is unchanged). As in the scGPT GRN
   tutorial, each query row is rank-normalised over its keys, then averaged over heads and cells;
 - **baseline**: Pearson correlation of log-normalized expression in the same cells.
 
@@ -32,7 +32,7 @@ import torch
 from data_ingest import keys
 from data_ingest.tokenize import TokenizerConfig
 from scgpt_dist.checkpoint import LoadedModel
-from scgpt_dist.collate import Batch, collate
+from scgpt_dist.model.collate import Batch, collate
 from scgpt_dist.preprocess import log_normalize
 
 log = logging.getLogger(__name__)

@@ -223,7 +223,7 @@ def import_reference(ref_dir: str | Path, out_dir: str | Path, drop_unknown: boo
     """
     from safetensors.torch import save_file
 
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
 
     ref_dir = Path(ref_dir)
     for name in (REF_WEIGHTS, REF_ARGS, REF_VOCAB):

@@ -36,7 +36,7 @@ from data_ingest import keys
 from data_ingest.binning import bin_cell
 from scgpt_dist import preprocess
 from scgpt_dist.checkpoint import LoadedModel
-from scgpt_dist.model import ScGPT
+from scgpt_dist.model.transformer import ScGPT
 
 log = logging.getLogger(__name__)
 

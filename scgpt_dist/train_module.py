@@ -10,10 +10,10 @@ import torch
 
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.collate import Batch, draw_mask_ratio, mask_values
 from scgpt_dist.config import ExperimentConfig, ObjectiveConfig, TrainConfig
-from scgpt_dist.losses import total_loss
-from scgpt_dist.model import build_model
+from scgpt_dist.model.collate import Batch, draw_mask_ratio, mask_values
+from scgpt_dist.model.losses import total_loss
+from scgpt_dist.model.transformer import build_model
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, n_params: int | None = None) -> dict:

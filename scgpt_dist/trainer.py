@@ -47,9 +47,9 @@ from scgpt_dist.checkpoint import (
     read_meta,
     read_vocab,
 )
-from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, from_dict, to_dict
 from scgpt_dist.lineage import joinid_digest, log_lineage
+from scgpt_dist.model.collate import collate
 from scgpt_dist.preemption import (
     STALL_PHASES,
     SigtermRelay,

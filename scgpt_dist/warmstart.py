@@ -35,7 +35,7 @@ from data_ingest.source import ResolvedSource, holdout_mask, open_experiment
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.config import ExperimentConfig, ModelConfig, ReplayConfig, dump_config
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 
 log = logging.getLogger(__name__)
 

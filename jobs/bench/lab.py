@@ -43,11 +43,11 @@ from data_ingest.tokenize import (
     tokenize_csr,
     view_tokenizer,
 )
-from scgpt_dist.collate import collate, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
 from scgpt_dist.evaluate import embedding_scores, gep_baselines, model_scores, with_fixed_masks
-from scgpt_dist.losses import cce_loss
-from scgpt_dist.model import build_model
+from scgpt_dist.model.collate import collate, mask_values
+from scgpt_dist.model.losses import cce_loss
+from scgpt_dist.model.transformer import build_model
 from scgpt_dist.train_module import compute_loss, lr_lambda, param_groups
 
 PAD_ID, CLS_ID, N_SPECIAL = 0, 1, 3

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         type_only_batch_knn,
     )
     from scgpt_dist.inference import EMBEDDING_KEY
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
     from scgpt_dist.preprocess import is_count_matrix
 
     ours = not ray.is_initialized()

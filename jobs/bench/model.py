@@ -29,8 +29,8 @@ import torch
 
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.attention import BACKENDS, WORKSPACE
-from scgpt_dist.config import ModelConfig
+from scgpt_dist.model.attention import BACKENDS, WORKSPACE
+from scgpt_dist.model.config import ModelConfig
 
 PRESETS = {
     "small": dict(layers=4, d_model=256, heads=8, d_hid=512, genes=512, batch=8),
@@ -164,7 +164,7 @@ def _measure(
 
 def bench(args: argparse.Namespace) -> list[Result]:
     from scgpt_dist.interchange import build_reference_model
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
 
     device = args.device
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]

@@ -64,8 +64,8 @@ def _loop(config: dict) -> None:
     import torch.distributed as dist
 
     from data_ingest.vocab import GeneVocab
-    from scgpt_dist.collate import Batch
     from scgpt_dist.config import ExperimentConfig, from_dict
+    from scgpt_dist.model.collate import Batch
     from scgpt_dist.train_module import TrainModule
 
     cfg = from_dict(ExperimentConfig, config["cfg"])

@@ -167,7 +167,7 @@ def test_build_context_sends_what_the_image_copies(kind):
         return keep
 
     assert sent("pyproject.toml") and sent("README.md")
-    assert sent("scgpt_dist/model.py") and sent("jobs/configs/cluster_1x8.yaml")
+    assert sent("scgpt_dist/model/transformer.py") and sent("jobs/configs/cluster_1x8.yaml")
     assert not sent("outputs/demo/soma") and not sent(".git/config")
     assert not sent("cluster/scgpt.env"), "the env file with the Ray token must not enter the image"
     assert not sent("scgpt_dist/__pycache__/model.cpython-311.pyc")

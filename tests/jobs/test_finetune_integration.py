@@ -18,7 +18,7 @@ from data_ingest.vocab import GeneVocab
 from jobs.finetune.__main__ import main
 from scgpt_dist.config import ExperimentConfig, dump_config, from_dict
 from scgpt_dist.integration import METRICS
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 
 CENSUS = CensusSynthConfig(
     n_cells=240,

@@ -17,7 +17,7 @@ from scgpt_dist.evaluate import (
     model_scores,
     with_fixed_masks,
 )
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 
 
 def _planted(n_cells=60, n_genes=12, seed=0):

@@ -16,10 +16,10 @@ from data_ingest.vocab import GeneVocab
 from jobs.finetune.common import load_cells
 from scgpt_dist import grn
 from scgpt_dist.checkpoint import load_consolidated
-from scgpt_dist.collate import collate
 from scgpt_dist.config import ExperimentConfig, dump_config, from_dict
 from scgpt_dist.inference import tokenize_anndata
-from scgpt_dist.model import build_model
+from scgpt_dist.model.collate import collate
+from scgpt_dist.model.transformer import build_model
 from scgpt_dist.preprocess import log_normalize
 
 TINY_CENSUS = CensusSynthConfig(

@@ -44,7 +44,7 @@ def tiny_model_dir(out: Path, genes: list[str], max_seq_len: int = 48, seed: int
 
     from data_ingest.vocab import GeneVocab
     from scgpt_dist.config import ExperimentConfig, ModelConfig, dump_config
-    from scgpt_dist.model import build_model
+    from scgpt_dist.model.transformer import build_model
 
     cfg = ExperimentConfig()
     cfg.model = ModelConfig(d_model=32, n_heads=2, n_layers=1, d_hid=64, dropout=0.0, n_batches=3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scgpt_dist.config import ModelConfig, TrainConfig
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 from scgpt_dist.train_module import lr_lambda, param_groups
 
 
@@ -64,8 +64,8 @@ def test_split_views_see_disjoint_genes():
     """objectives.cce_view: split — each view's embedding depends only on its own half of the genes (the
     GEP-masked ones or the others), so CCE cannot match two views by the identity of the input."""
     from data_ingest import keys
-    from scgpt_dist.collate import Batch, mask_values
     from scgpt_dist.config import ObjectiveConfig
+    from scgpt_dist.model.collate import Batch, mask_values
     from scgpt_dist.train_module import compute_loss, split_views
 
     torch.manual_seed(0)
@@ -102,8 +102,8 @@ def test_split_views_see_disjoint_genes():
 def test_gepc_hidden_queries_genes_the_embedding_never_saw():
     """GEPC-hidden: the hidden (masked) genes with their values plus genes outside the input with value
     0 are the queries; the pass that makes the embedding sees none of them."""
-    from scgpt_dist.collate import Batch
     from scgpt_dist.config import ObjectiveConfig
+    from scgpt_dist.model.collate import Batch
     from scgpt_dist.train_module import compute_loss, hidden_queries
 
     genes = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
@@ -155,8 +155,8 @@ def test_thinned_views_are_contrasted_with_each_other():
     """objectives.cce_view: thinned — CCE pulls the `<cls>` of a cell's two thinned records together: the
     loss changes when only a view changes, and a batch without views is a clear error."""
     from data_ingest import keys
-    from scgpt_dist.collate import Batch, mask_values
     from scgpt_dist.config import ObjectiveConfig
+    from scgpt_dist.model.collate import Batch, mask_values
     from scgpt_dist.train_module import compute_loss
 
     torch.manual_seed(0)
@@ -197,9 +197,9 @@ def test_cce_batch_offset_adds_a_learned_vector_per_batch_to_each_view():
     init, so the first loss is the plain one), the vectors learn, `cell_emb` itself is untouched, and
     without CCE the option is a config error."""
     from data_ingest import keys
-    from scgpt_dist.collate import Batch
     from scgpt_dist.config import ExperimentConfig, ObjectiveConfig
-    from scgpt_dist.losses import cce_loss
+    from scgpt_dist.model.collate import Batch
+    from scgpt_dist.model.losses import cce_loss
     from scgpt_dist.train_module import compute_loss
 
     cfg = dict(d_model=16, n_heads=2, n_layers=1, d_hid=32, n_batches=2, dropout=0.0)

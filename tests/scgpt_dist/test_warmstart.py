@@ -13,7 +13,7 @@ from data_ingest import keys
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.config import ExperimentConfig, ModelConfig, TrainConfig
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 from scgpt_dist.warmstart import (
     BATCH_EMBEDDING,
     GENE_EMBEDDING,

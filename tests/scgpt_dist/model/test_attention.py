@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from data_ingest import keys
-from scgpt_dist.attention import (
+from scgpt_dist.config import ModelConfig
+from scgpt_dist.model.attention import (
     WORKSPACE,
     Packing,
     Workspace,
@@ -12,8 +13,7 @@ from scgpt_dist.attention import (
     dropout_keep_mask,
     mask_bias,
 )
-from scgpt_dist.config import ModelConfig
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 
 N_TOKENS, PAD = 50, 0
 

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-if TYPE_CHECKING:  # annotations only: the config module stays importable without torch
-    from scgpt_dist.config import ModelConfig, ObjectiveConfig
+if TYPE_CHECKING:  # annotations only
+    from scgpt_dist.model.config import ModelConfig, ObjectiveConfig
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import torch
 
 from data_ingest import keys
+
+if (
+    TYPE_CHECKING
+):  # Arrow comes in with the data: the model package itself imports torch and numpy only
+    import pyarrow as pa
 
 
 @dataclass
@@ -35,7 +40,7 @@ class Batch:
 
 
 def _pad_lists(col: pa.ChunkedArray | pa.Array, fill: int, dtype) -> np.ndarray:
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    arr = col.combine_chunks() if hasattr(col, "combine_chunks") else col  # ChunkedArray or Array
     offsets = arr.offsets.to_numpy()
     offsets = offsets - offsets[0]
     flat = arr.flatten().to_numpy(zero_copy_only=False)
@@ -56,7 +61,7 @@ def collate(table: pa.Table, pad_id: int) -> Batch:
     if keys.MODALITY in table.column_names:
         col = table[keys.MODALITY]
         # Per-token modality (B, L) from a list column; padding reads as RNA and is never used.
-        if pa.types.is_list(col.type):
+        if col.type.num_fields == 1:  # a list column (a primitive type has no child fields)
             modality = torch.from_numpy(_pad_lists(col, keys.MODALITY_RNA, np.int64))
         else:
             modality = torch.from_numpy(col.to_numpy().astype(np.int64))

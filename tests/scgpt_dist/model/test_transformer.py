@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from data_ingest import keys
-from scgpt_dist.attention import dropout_keep_mask, generative_mask, resolve_backend, sdpa
-from scgpt_dist.collate import draw_mask_ratio, mask_values
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
-from scgpt_dist.losses import masked_mse, total_loss
-from scgpt_dist.model import PERT_PAD_ID, CategoryValueEncoder, ClsDecoder, build_model
+from scgpt_dist.model.attention import dropout_keep_mask, generative_mask, resolve_backend, sdpa
+from scgpt_dist.model.collate import draw_mask_ratio, mask_values
+from scgpt_dist.model.losses import masked_mse, total_loss
+from scgpt_dist.model.transformer import PERT_PAD_ID, CategoryValueEncoder, ClsDecoder, build_model
 
 N_TOKENS, PAD = 50, 0
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from data_ingest import keys
-from scgpt_dist.collate import Batch, mask_values
 from scgpt_dist.config import ExperimentConfig, ModelConfig, ObjectiveConfig
-from scgpt_dist.losses import (
+from scgpt_dist.model.collate import Batch, mask_values
+from scgpt_dist.model.losses import (
     REGISTRY,
     cce_loss,
     cls_loss,
@@ -24,7 +24,7 @@ from scgpt_dist.losses import (
     model_problems,
     total_loss,
 )
-from scgpt_dist.model import build_model
+from scgpt_dist.model.transformer import build_model
 from scgpt_dist.train_module import cell_prompt_inputs, compute_loss
 
 

@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data_ingest import keys
-from scgpt_dist.attention import Packing, attend, dropout_keep_mask
-from scgpt_dist.config import ModelConfig
+from scgpt_dist.model.attention import Packing, attend, dropout_keep_mask
+from scgpt_dist.model.config import ModelConfig
 
 PERT_PAD_ID = 2
 """Perturbation-flag code for padding (0 = not perturbed, 1 = perturbed), as in the reference."""
