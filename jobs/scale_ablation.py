@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._cli import quiet_ray_data, run_main, setup_logging
+from scgpt_dist.model.config import ModelConfig
 from scgpt_dist.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,14 @@ class ModelSize:
     """One model size of the grid (overrides of `base.model`)."""
 
     name: str = "s"
+    size: str | None = None
+    """A named size (`scgpt_dist.model.sizes`) for the four fields below, where they are not set."""
     d_model: int = 32
     n_layers: int = 2
     n_heads: int = 2
     d_hid: int = 64
+
+    expand_preset = staticmethod(ModelConfig.expand_preset)
 
 
 @dataclass
@@ -259,19 +264,6 @@ def sweep_config(cfg: ScaleAblationConfig):
 # ------------------------------------------------------------------------------------------------ one cell
 
 
-def non_embedding_params(model) -> int:
-    """Parameters outside embedding tables (gene, batch, category-value embeddings): Kaplan et al.'s N."""
-    import torch
-
-    emb = sum(
-        p.numel()
-        for m in model.modules()
-        if isinstance(m, torch.nn.Embedding)
-        for p in m.parameters()
-    )
-    return sum(p.numel() for p in model.parameters()) - emb
-
-
 def _source_cfg(base_source, tissue: str | None, holdout_fraction: float):
     from dataclasses import replace
 
@@ -439,7 +431,7 @@ def evaluate_model(model_dir: str, cfg, eval: dict, tissue: str | None) -> dict[
     labels = table[keys.LABEL].to_numpy()
     gep = heldout_gep_loss(loaded, table, means, mask_ratio, seed=eval["seed"])
     out = {
-        "n_params": float(non_embedding_params(loaded.model)),
+        "n_params": float(loaded.model.num_params(embeddings=False)),
         "n_eval_cells": float(table.num_rows),
         FIT_METRIC: gep["model_mse"],
         "heldout_gep_mse_baseline": gep["baseline_mse"],

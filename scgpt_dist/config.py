@@ -331,6 +331,13 @@ def from_dict(cls: type, data: dict[str, Any] | None, path: str = "") -> Any:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    if hasattr(
+        cls, "expand_preset"
+    ):  # a named preset (ModelConfig.size) fills in the fields left unset
+        try:
+            data = cls.expand_preset(data)
+        except ValueError as err:
+            raise ConfigError(f"{path or 'config'}: {err}") from err
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}

@@ -31,10 +31,19 @@ from data_ingest import keys
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.model.attention import BACKENDS, WORKSPACE
 from scgpt_dist.model.config import ModelConfig
+from scgpt_dist.model.sizes import SIZES
+
+
+def _shape(size: dict[str, int]) -> dict[str, int]:
+    """A named model size (scgpt_dist.model.sizes) in this command's argument names."""
+    return dict(
+        layers=size["n_layers"], d_model=size["d_model"], heads=size["n_heads"], d_hid=size["d_hid"]
+    )
+
 
 PRESETS = {
-    "small": dict(layers=4, d_model=256, heads=8, d_hid=512, genes=512, batch=8),
-    "whole-human": dict(layers=12, d_model=512, heads=8, d_hid=512, genes=1200, batch=32),
+    "small": dict(**_shape(SIZES["small"]), genes=512, batch=8),
+    "whole-human": dict(**_shape(SIZES["whole-human"]), genes=1200, batch=32),
 }
 PEAK_TFLOPS_BF16 = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0}
 """Dense bf16 peak per GPU, by device-name substring, for MFU."""

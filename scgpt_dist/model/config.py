@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from scgpt_dist.model.sizes import size_fields
+
 INPUT_EMB_STYLES = ("continuous", "category", "scaling")
 INIT_STYLES = ("small", "reference", "torch")
 CELL_EMB_STYLES = ("cls", "avg-pool", "w-pool")
@@ -15,6 +17,9 @@ BATCHNORM_STYLES = ("none", "dsbn", "batchnorm")
 class ModelConfig:
     """scGPT transformer and its heads. Field names follow the reference `TransformerModel` arguments."""
 
+    size: str | None = None
+    """A named size (`scgpt_dist.model.sizes`: xs, tiny, demo, small, whole-human) that sets d_model,
+    n_heads, n_layers and d_hid where a config file or override does not set them itself."""
     d_model: int = 128
     """Embedding width D."""
     n_heads: int = 4
@@ -75,7 +80,19 @@ class ModelConfig:
     back to sdpa) or `flex` (FlexAttention with a block mask; without dropout, and on CPU inference only:
     other calls use varlen)."""
 
+    @classmethod
+    def of_size(cls, size: str, **fields) -> ModelConfig:
+        """The config of a named size, with `fields` set on top (e.g. `ModelConfig.of_size("demo", dropout=0)`)."""
+        return cls(**cls.expand_preset({"size": size, **fields}))
+
+    @staticmethod
+    def expand_preset(data: dict) -> dict:
+        """The config loader's hook: a mapping with `size` gets that size's fields under its own."""
+        return {**size_fields(data["size"]), **data} if data.get("size") else data
+
     def __post_init__(self) -> None:
+        if self.size is not None:
+            size_fields(self.size)  # a clear error for an unknown name
         for name, value, choices in (
             ("input_emb_style", self.input_emb_style, INPUT_EMB_STYLES),
             ("init", self.init, INIT_STYLES),

@@ -523,8 +523,14 @@ class ScGPT(nn.Module):
             out["cell_emb2"] = self._cell_emb(h2, packing, vals)  # (B, D)
         return out
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def num_params(self, embeddings: bool = True) -> int:
+        """Parameter count; `embeddings=False` leaves out the embedding tables (gene, category value,
+        batch, modality, perturbation): Kaplan et al.'s N, as the scale ablation reports it."""
+        total = sum(p.numel() for p in self.parameters())
+        if embeddings:
+            return total
+        tables = (m for m in self.modules() if isinstance(m, nn.Embedding))
+        return total - sum(p.numel() for m in tables for p in m.parameters())
 
     def flops_per_token(self, seq_len: int) -> float:
         """Approximate training FLOPs per token (6 x matmul params + attention), for MFU estimates."""

@@ -121,12 +121,13 @@ def test_one_real_cell_pretrains_evaluates_and_logs_a_child_run(ray_local, demo_
     assert run.data.tags["mlflow.parentRunId"] == result["parent_run_id"]
     assert run.data.params["model.d_model"] == "16" and run.data.params["train.max_steps"] == "4"
     # N: the non-embedding parameters of the trained model; D: its training cells (~200 by the hash split).
-    from jobs.scale_ablation import non_embedding_params
     from scgpt_dist.checkpoint import load_consolidated
 
     model = load_consolidated(tmp_path / "abl" / "cells" / result["ran"][0] / "run" / "model").model
     assert (
-        row["n_params"] == non_embedding_params(model) < sum(p.numel() for p in model.parameters())
+        row["n_params"]
+        == model.num_params(embeddings=False)
+        < sum(p.numel() for p in model.parameters())
     )
     assert 150 <= row["n_train_cells"] <= 250 and row["steps"] == 4
     assert row["compute_flops"] == pytest.approx(6 * row["n_params"] * row["tokens_seen"])
