@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     args = parser.parse_args(argv)
     setup_logging()
-    from scgpt_dist.checkpoint import consolidate
+    from scgpt_dist.train.checkpoint import consolidate
 
     print(f"wrote {consolidate(args.checkpoint, args.out)}")
     return 0

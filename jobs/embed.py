@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     from data_ingest.soma_store import read_h5ad_checked
-    from scgpt_dist.checkpoint import load_consolidated
     from scgpt_dist.inference import EMBEDDING_KEY, embed_anndata
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     loaded = load_consolidated(args.checkpoint)
     adata = read_h5ad_checked(args.h5ad)

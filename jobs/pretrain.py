@@ -26,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     cfg = load_config(args.config, args.overrides)
     quiet_ray_data()
-    from scgpt_dist.preemption import EXIT_PREEMPTED
+    from scgpt_dist.train.preemption import EXIT_PREEMPTED
 
     summary = run_pretraining(cfg)
     print(

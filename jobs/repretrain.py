@@ -10,7 +10,7 @@ One run:
    `data.source.census_version`. Compared with the `data_version` tag of `mlflow.registered_model@alias`;
    equal -> prints "up to date" and exits 0.
 2. **Warm start.** The promoted model's vocabulary is extended with the new genes (ids unchanged), its weights
-   grown to match (scgpt_dist.warmstart: new gene rows = mean of the old ones + small noise), and pretraining
+   grown to match (scgpt_dist.train.warmstart: new gene rows = mean of the old ones + small noise), and pretraining
    continues (`train.max_steps` steps, `train.init_from`) on every training cell of the new datasets plus a
    `data.replay.fraction` sample of the old ones. With no promoted model yet, it pretrains from scratch on
    everything (the first version).
@@ -111,7 +111,7 @@ class Outcome:
 
 def current_data(cfg):
     """(DataVersion now, function promoted-tags -> new dataset ids)."""
-    from scgpt_dist import registry
+    from scgpt_dist.train import registry
 
     if cfg.repretrain.data_versions == registry.CENSUS:
         directory = registry.census_directory(cfg.repretrain.census_lts_only)
@@ -139,7 +139,7 @@ def current_data(cfg):
 
 
 def _is_newer(target, promoted_tags: dict) -> bool:
-    from scgpt_dist import registry
+    from scgpt_dist.train import registry
 
     recorded = promoted_tags.get(registry.TAG_DATA_VERSION)
     if recorded == target.version:
@@ -184,7 +184,7 @@ def prepare_warm_start(cfg, cand, promoted, run_dir: Path, batch_categories: lis
     """Write `run_dir/init`: the promoted model grown to the new vocabulary and batches (atomic; reused)."""
     from data_ingest import keys
     from data_ingest.source import SomaCellSource
-    from scgpt_dist.warmstart import extended_vocab, warm_start_state, write_model_dir
+    from scgpt_dist.train.warmstart import extended_vocab, warm_start_state, write_model_dir
 
     init = run_dir / INIT_DIR
     if (init / keys.META_FILE).is_file():
@@ -221,9 +221,9 @@ def prepare_warm_start(cfg, cand, promoted, run_dir: Path, batch_categories: lis
 def _baseline(promoted, candidate, batch_categories):
     """The promoted model as a LoadedModel with the candidate's shapes: identical on the genes and batches
     it knows, average rows for new ones (the warm start with zero noise)."""
-    from scgpt_dist.checkpoint import LoadedModel
     from scgpt_dist.model.transformer import build_model
-    from scgpt_dist.warmstart import warm_start_state
+    from scgpt_dist.train.checkpoint import LoadedModel
+    from scgpt_dist.train.warmstart import warm_start_state
 
     state, _ = warm_start_state(
         promoted, candidate.vocab, candidate.model.cfg, batch_categories, noise=0.0
@@ -243,9 +243,9 @@ def evaluate_gate(cand_cfg, model_dir: str, promoted, new_datasets, gate) -> dic
     from data_ingest import keys
     from data_ingest.datasource import read_token_table
     from data_ingest.source import HOLDOUT, SomaCellSource, open_experiment
-    from scgpt_dist.checkpoint import load_consolidated
-    from scgpt_dist.evaluate import heldout_gep_loss, knn_accuracy, per_gene_mean
+    from scgpt_dist.evaluate import gep_baselines, knn_accuracy, model_scores, with_fixed_masks
     from scgpt_dist.inference import embed_table
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     candidate = load_consolidated(model_dir)
     models = {"candidate": candidate}
@@ -270,17 +270,22 @@ def evaluate_gate(cand_cfg, model_dir: str, promoted, new_datasets, gate) -> dic
     }
     tok = candidate.config.data.tokenizer
     tables = {
-        k: read_token_table(held, ids, tok, vocab.cls_id) for k, ids in parts.items() if len(ids)
+        k: with_fixed_masks(
+            read_token_table(held, ids, tok, vocab.cls_id), gate.mask_ratio, gate.seed
+        )
+        for k, ids in parts.items()
+        if len(ids)
     }
     both = pa.concat_tables(list(tables.values()))
-    means = per_gene_mean(both, len(candidate.vocab))
     metrics: dict = {"per_gene_mean_reference": {}}
     for part, table in tables.items():
         metrics[part] = {"n_cells": table.num_rows}
         for name, loaded in models.items():
-            res = heldout_gep_loss(loaded, table, means, gate.mask_ratio, seed=gate.seed)
-            metrics[part][f"{name}_mse"] = res["model_mse"]
-            metrics["per_gene_mean_reference"][part] = res["baseline_mse"]
+            se, n, _ = model_scores(loaded.model, loaded.vocab.pad_id, table, embed=False)
+            metrics[part][f"{name}_mse"] = se / max(n, 1)
+        # The reference scale: each gene's mean over both parts' cells, on the same positions.
+        baselines = gep_baselines(both, table, candidate.vocab.pad_id)
+        metrics["per_gene_mean_reference"][part] = baselines["per_gene_mean"]
     labels = both[keys.LABEL].to_numpy()
     metrics["knn"] = {"n_cells": both.num_rows}
     if len(np.unique(labels)) >= 2 and both.num_rows >= 4:
@@ -346,10 +351,10 @@ def repretrain(cfg) -> Outcome:
     from mlflow.tracking import MlflowClient
 
     from data_ingest.source import ALL, SomaCellSource
-    from scgpt_dist import registry
-    from scgpt_dist.checkpoint import load_consolidated
-    from scgpt_dist.tracking import tracking_uri
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train import registry
+    from scgpt_dist.train.checkpoint import load_consolidated
+    from scgpt_dist.train.driver import run_pretraining
+    from scgpt_dist.train.tracking import tracking_uri
 
     name, alias = cfg.mlflow.registered_model, cfg.repretrain.alias
     if not name:
@@ -507,15 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from scgpt_dist import registry
     from scgpt_dist.config import load_config
+    from scgpt_dist.train import registry
 
     cfg = load_config(args.config, args.overrides)
     quiet_ray_data()
     if args.rollback or args.release:
         from mlflow.tracking import MlflowClient
 
-        from scgpt_dist.tracking import tracking_uri
+        from scgpt_dist.train.tracking import tracking_uri
 
         name = cfg.mlflow.registered_model
         if not name:

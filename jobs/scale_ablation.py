@@ -39,7 +39,7 @@ from typing import Any
 
 from jobs._cli import quiet_ray_data, run_main, setup_logging
 from scgpt_dist.model.config import ModelConfig
-from scgpt_dist.tracking import PARENT_RUN_TAG
+from scgpt_dist.train.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def run_ablation_cell(
     import copy
 
     from scgpt_dist.config import ExperimentConfig, from_dict
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     quiet_ray_data()
     model, d, tissue = params["model"], int(params["n_cells"]), params["tissue"]
@@ -411,35 +411,37 @@ def evaluate_model(model_dir: str, cfg, eval: dict, tissue: str | None) -> dict[
     from data_ingest import keys
     from data_ingest.datasource import read_token_table
     from data_ingest.source import TRAIN, SomaCellSource
-    from scgpt_dist.checkpoint import load_consolidated
-    from scgpt_dist.evaluate import heldout_gep_loss, knn_accuracy, per_gene_mean
+    from scgpt_dist.evaluate import heldout_gep, knn_accuracy, with_fixed_masks
     from scgpt_dist.inference import embed_table
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     loaded = load_consolidated(model_dir)
     tok = loaded.config.data.tokenizer
     vocab = loaded.vocab
     resolved, joinids, in_tissue = evaluation_cells(cfg.data.source, vocab, eval, tissue)
-    table = read_token_table(resolved, joinids, tok, vocab.cls_id)
+    mask_ratio = loaded.config.objectives.mask_ratio
+    table = with_fixed_masks(
+        read_token_table(resolved, joinids, tok, vocab.cls_id), mask_ratio, eval["seed"]
+    )
     train = SomaCellSource(cfg.data.source).resolve(vocab, TRAIN)
     rng = np.random.default_rng(eval["seed"])
     base_ids = train.joinids
     if len(base_ids) > eval["baseline_cells"]:
         base_ids = np.sort(rng.choice(base_ids, eval["baseline_cells"], replace=False))
-    means = per_gene_mean(read_token_table(train, base_ids, tok, vocab.cls_id), len(vocab))
-    mask_ratio = loaded.config.objectives.mask_ratio
+    train_tab = read_token_table(train, base_ids, tok, vocab.cls_id)
     emb = embed_table(loaded, table)
     labels = table[keys.LABEL].to_numpy()
-    gep = heldout_gep_loss(loaded, table, means, mask_ratio, seed=eval["seed"])
+    gep = heldout_gep(loaded.model, vocab.pad_id, table, train_tab)
     out = {
         "n_params": float(loaded.model.num_params(embeddings=False)),
         "n_eval_cells": float(table.num_rows),
         FIT_METRIC: gep["model_mse"],
-        "heldout_gep_mse_baseline": gep["baseline_mse"],
+        "heldout_gep_mse_baseline": gep["baselines"]["per_gene_mean"],
         "knn_acc": knn_accuracy(emb, labels, k=eval["knn_k"], seed=eval["seed"]),
     }
     if tissue and in_tissue.sum() >= 10:
         sub = table.filter(in_tissue)
-        g = heldout_gep_loss(loaded, sub, means, mask_ratio, seed=eval["seed"])
+        g = heldout_gep(loaded.model, vocab.pad_id, sub, train_tab)
         out["heldout_gep_mse_tissue"] = g["model_mse"]
         out["knn_acc_tissue"] = knn_accuracy(
             emb[in_tissue], labels[in_tissue], k=eval["knn_k"], seed=eval["seed"]

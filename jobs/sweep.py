@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._cli import run_main, setup_logging
-from scgpt_dist.tracking import PARENT_RUN_TAG
+from scgpt_dist.train.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class CellContext:
                 client.log_param(run_id, f"sweep.{k}", str(v)[:500])
 
     def new_child_run(self, name: str | None = None) -> str:
-        from scgpt_dist.tracking import get_or_create_experiment
+        from scgpt_dist.train.tracking import get_or_create_experiment
 
         client = self.client()
         exp_id = get_or_create_experiment(client, self.experiment, self.tracking_uri, self.out_dir)
@@ -247,7 +247,7 @@ def _final_metric(client, run_id: str, name: str) -> float:
 
 def run_pretrain_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     overrides = list(job.overrides) + [_override(k, v) for k, v in ctx.params.items()]
     overrides += [
@@ -400,7 +400,7 @@ def run_sweep(
     from mlflow.tracking import MlflowClient
 
     from scgpt_dist.config import flatten
-    from scgpt_dist.tracking import start_or_resume_run, tracking_uri
+    from scgpt_dist.train.tracking import start_or_resume_run, tracking_uri
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

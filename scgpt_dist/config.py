@@ -111,7 +111,7 @@ class TrainConfig:
     stop_poll_s: float = 2.0
     """Seconds between checks for a stop request (SIGTERM to the job) or a draining node (`on_node_drain`);
     on SIGTERM the workers checkpoint after the current step and the job exits with 75
-    (`scgpt_dist.preemption`)."""
+    (`scgpt_dist.train.preemption`)."""
     on_node_drain: str = "checkpoint"
     """When Ray drains a node that holds a rank (a spot notice, an autoscaler scale-down, KubeRay):
     `checkpoint` writes a checkpoint after the current step and trains on; when the node goes, Ray Train

@@ -16,7 +16,6 @@ import torch
 
 from data_ingest import keys
 from scgpt_dist import preprocess
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.model.collate import _pad_lists, collate, mask_values
 
 GEP_BASELINES = ("per_gene_mean", "per_gene_batch_mean", "per_gene_type_mean")
@@ -127,10 +126,11 @@ def model_scores(
     table: pa.Table,
     batch_size: int = 64,
     generative: bool = False,
+    embed: bool = True,
 ) -> tuple[float, int, np.ndarray]:
     """(GEP squared error summed over the masked positions of `table` (a `with_fixed_masks` table), their
-    count, cell embeddings (N, D) of the unmasked cells). Batch ids beyond the model's batch table are
-    clamped to its last row (datasets it never saw)."""
+    count, cell embeddings (N, D) of the unmasked cells; (0, D) without `embed`). Batch ids beyond the
+    model's batch table are clamped to its last row (datasets it never saw)."""
     was_training = model.training
     model.eval()
     cfg = model.cfg
@@ -149,8 +149,9 @@ def model_scores(
             )
             se += float(((out["gep"].float().cpu()[mask] - b.values[mask]) ** 2).sum())
             n += int(mask.sum())
-            full = model(genes, b.values.to(device), padding, batch)
-            embs.append(full["cell_emb"].float().cpu().numpy())
+            if embed:
+                full = model(genes, b.values.to(device), padding, batch)
+                embs.append(full["cell_emb"].float().cpu().numpy())
     finally:
         model.train(was_training)
     emb = np.concatenate(embs) if embs else np.zeros((0, cfg.d_model), np.float32)
@@ -193,48 +194,22 @@ def _cv(labels: np.ndarray, folds: int, seed: int):
     return StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
 
 
-def per_gene_mean(table: pa.Table, n_tokens: int) -> np.ndarray:
-    """Mean bin value of each gene token over the cells where it appears (NaN where never seen)."""
-    genes = table[keys.GENES].combine_chunks().flatten().to_numpy()
-    values = table[keys.VALUES].combine_chunks().flatten().to_numpy().astype(np.float64)
-    keep = values != keys.PAD_VALUE
-    sums = np.bincount(genes[keep], weights=values[keep], minlength=n_tokens)
-    counts = np.bincount(genes[keep], minlength=n_tokens)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / counts, np.nan)
-
-
-@torch.no_grad()
-def heldout_gep_loss(
-    loaded: LoadedModel,
-    table: pa.Table,
-    gene_means: np.ndarray,
-    mask_ratio: float,
-    seed: int = 0,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """GEP masked MSE of the model and of the per-gene-mean baseline on the same masked positions."""
-    model = loaded.model
-    model.eval()
-    fallback = float(np.nanmean(gene_means))
-    means = torch.from_numpy(np.nan_to_num(gene_means, nan=fallback)).float()
-    gen = torch.Generator().manual_seed(seed)
-    se_model = se_base = 0.0
-    n = 0
-    for start in range(0, table.num_rows, batch_size):
-        b = collate(table.slice(start, batch_size), loaded.vocab.pad_id)
-        masked, mask = mask_values(b.values, mask_ratio, gen)
-        batch = (
-            b.batch.clamp(max=max(model.cfg.n_batches - 1, 0))
-            if model.cfg.use_batch_labels
-            else None
-        )
-        out = model(b.genes, masked, b.padding, batch)
-        target = b.values[mask]
-        se_model += float(((out["gep"][mask] - target) ** 2).sum())
-        se_base += float(((means[b.genes[mask]] - target) ** 2).sum())
-        n += int(mask.sum())
-    return {"model_mse": se_model / max(n, 1), "baseline_mse": se_base / max(n, 1), "n_masked": n}
+def heldout_gep(
+    model: torch.nn.Module,
+    pad_id: int,
+    held: pa.Table,
+    train: pa.Table,
+    generative: bool = False,
+) -> dict:
+    """The held-out GEP score every evaluation reports: the model's masked MSE on `held` (a
+    `with_fixed_masks` table) and each of `GEP_BASELINES` (means from `train`'s records) on exactly the same
+    positions. Returns {"model_mse", "n_masked", "baselines": {name: mse}}."""
+    se, n, _ = model_scores(model, pad_id, held, generative=generative, embed=False)
+    return {
+        "model_mse": se / max(n, 1),
+        "n_masked": n,
+        "baselines": gep_baselines(train, held, pad_id),
+    }
 
 
 def knn_accuracy(

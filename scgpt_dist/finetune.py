@@ -19,12 +19,12 @@ import pyarrow as pa
 import torch
 
 from data_ingest import keys
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
 from scgpt_dist.model.collate import Batch, collate, mask_values
 from scgpt_dist.model.losses import enabled as enabled_objectives
 from scgpt_dist.model.losses import model_problems, total_loss
 from scgpt_dist.model.transformer import ScGPT, build_model
+from scgpt_dist.train.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 

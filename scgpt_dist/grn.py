@@ -31,9 +31,9 @@ import torch
 
 from data_ingest import keys
 from data_ingest.tokenize import TokenizerConfig
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.model.collate import Batch, collate
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.train.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 

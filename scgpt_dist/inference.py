@@ -14,8 +14,8 @@ from data_ingest.progress import progress
 from data_ingest.soma_store import validate_anndata
 from data_ingest.tokenize import TokenizerConfig, TokenizeStats, tokenize_csr
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.model.collate import collate
+from scgpt_dist.train.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 

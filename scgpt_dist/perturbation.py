@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from data_ingest import keys
 from data_ingest.binning import bin_cell
 from scgpt_dist import preprocess
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.model.transformer import ScGPT
+from scgpt_dist.train.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 

@@ -61,9 +61,9 @@ def tiny_overrides(demo_soma, tmp_path) -> list[str]:
 def pretrained(ray_local, demo_soma, tmp_path_factory) -> dict:
     """The tiny config trained for real on 2 Ray Train workers (DeepSpeed ZeRO-2, gloo), in two invocations:
     stopped at step 6, then resumed from the step-6 checkpoint to step 12."""
-    from scgpt_dist.checkpoint import CHECKPOINTS_DIR
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.checkpoint import CHECKPOINTS_DIR
+    from scgpt_dist.train.driver import run_pretraining
 
     root = tmp_path_factory.mktemp("pretrained")
     overrides = [

@@ -48,7 +48,7 @@ from scgpt_dist.evaluate import embedding_scores, gep_baselines, model_scores, w
 from scgpt_dist.model.collate import collate, mask_values
 from scgpt_dist.model.losses import cce_loss
 from scgpt_dist.model.transformer import build_model
-from scgpt_dist.train_module import compute_loss, lr_lambda, param_groups
+from scgpt_dist.train.module import compute_loss, lr_lambda, param_groups
 
 PAD_ID, CLS_ID, N_SPECIAL = 0, 1, 3
 

@@ -60,7 +60,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def pretrain(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     cfg = load_config(args.config, args.overrides)
     src = cfg.data.source
@@ -177,7 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     from data_ingest import keys
     from data_ingest.source import SomaCellSource
     from jobs.demo import export_cells
-    from scgpt_dist.checkpoint import load_consolidated
     from scgpt_dist.evaluate import (
         gap_closed,
         gep_baselines,
@@ -191,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from scgpt_dist.inference import EMBEDDING_KEY
     from scgpt_dist.model.transformer import build_model
     from scgpt_dist.preprocess import is_count_matrix
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     ours = not ray.is_initialized()
     summary, cfg = pretrain(args, out)

@@ -66,7 +66,7 @@ def _loop(config: dict) -> None:
     from data_ingest.vocab import GeneVocab
     from scgpt_dist.config import ExperimentConfig, from_dict
     from scgpt_dist.model.collate import Batch
-    from scgpt_dist.train_module import TrainModule
+    from scgpt_dist.train.module import TrainModule
 
     cfg = from_dict(ExperimentConfig, config["cfg"])
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(config["vocab"])])

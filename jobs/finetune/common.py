@@ -24,7 +24,7 @@ import anndata as ad
 import numpy as np
 
 from jobs.report import Report
-from scgpt_dist.tracking import PARENT_RUN_TAG
+from scgpt_dist.train.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class TaskContext:
 def open_mlflow_run(args: argparse.Namespace, task: str) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
 
-    from scgpt_dist.tracking import get_or_create_experiment, tracking_uri
+    from scgpt_dist.train.tracking import get_or_create_experiment, tracking_uri
 
     uri = tracking_uri(args.tracking_uri, args.out)
     client = MlflowClient(uri)

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
 
     loaded = None
     if args.checkpoint:
-        from scgpt_dist.checkpoint import load_consolidated
+        from scgpt_dist.train.checkpoint import load_consolidated
 
         loaded = load_consolidated(args.checkpoint)
     genes = grn.select_genes(

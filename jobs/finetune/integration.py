@@ -194,9 +194,9 @@ def add_umaps(rep, name: str, embeddings, labels, batches, seed: int) -> None:
 def run(args: argparse.Namespace, ctx) -> dict:
     from jobs.finetune.common import load_cells
     from scgpt_dist import integration as ig
-    from scgpt_dist.checkpoint import load_consolidated
     from scgpt_dist.finetune import run_model, with_labels
     from scgpt_dist.inference import embed_table, tokenize_anndata
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:

@@ -124,7 +124,7 @@ def extend_vocab_model(loaded, features: list[str]):
     """`loaded` with its vocabulary extended by `features` (appended; existing ids unchanged). The model is
     untouched: `copy_pretrained_rows` fills the old rows of an adapted model's bigger embedding table."""
     from data_ingest.vocab import GeneVocab
-    from scgpt_dist.checkpoint import LoadedModel
+    from scgpt_dist.train.checkpoint import LoadedModel
 
     vocab = GeneVocab(loaded.vocab.to_dict())
     added = vocab.extend(features)
@@ -157,9 +157,9 @@ def run(args: argparse.Namespace, ctx) -> dict:
     from data_ingest.tokenize import TokenizerConfig
     from jobs.finetune.common import load_cells
     from scgpt_dist import integration as ig
-    from scgpt_dist.checkpoint import load_consolidated
     from scgpt_dist.finetune import run_model, with_labels
     from scgpt_dist.inference import embed_table, tokenize_anndata
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     loaded = None
     if args.checkpoint:
-        from scgpt_dist.checkpoint import load_consolidated
+        from scgpt_dist.train.checkpoint import load_consolidated
 
         loaded = load_consolidated(args.checkpoint)
     n_genes = args.n_genes or (

@@ -142,7 +142,7 @@ def test_integration_needs_two_batches(model_dir, tmp_path, census):
 @pytest.mark.slow
 def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
     from jobs.finetune.multiomics import concat_tokens, copy_pretrained_rows, extend_vocab_model
-    from scgpt_dist.checkpoint import load_consolidated
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     cite = make_multiome(MultiomeSynthConfig(n_cells=200, n_batches=2, n_proteins=6), CENSUS)
     data = write_h5ad_atomic(cite, tmp_path / "cite.h5ad")

@@ -19,9 +19,9 @@ from data_ingest.ingest import ingest_h5ads
 from data_ingest.soma_store import to_census_layout, write_experiment
 from data_ingest.synth import SynthConfig, make_synthetic
 from jobs import repretrain as job
-from scgpt_dist import registry
-from scgpt_dist.checkpoint import find_latest_checkpoint
 from scgpt_dist.config import load_config
+from scgpt_dist.train import registry
+from scgpt_dist.train.checkpoint import find_latest_checkpoint
 from tests.conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
@@ -108,7 +108,7 @@ def test_new_dataset_is_warm_started_replayed_gated_and_promoted(scenario):
     from safetensors.torch import load_file
 
     from data_ingest.vocab import GeneVocab
-    from scgpt_dist.warmstart import GENE_EMBEDDING
+    from scgpt_dist.train.warmstart import GENE_EMBEDDING
 
     interrupted, v2 = scenario["interrupted"], scenario["v2"]
     assert v2.code == job.EXIT_OK, v2.message

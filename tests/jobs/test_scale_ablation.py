@@ -121,7 +121,7 @@ def test_one_real_cell_pretrains_evaluates_and_logs_a_child_run(ray_local, demo_
     assert run.data.tags["mlflow.parentRunId"] == result["parent_run_id"]
     assert run.data.params["model.d_model"] == "16" and run.data.params["train.max_steps"] == "4"
     # N: the non-embedding parameters of the trained model; D: its training cells (~200 by the hash split).
-    from scgpt_dist.checkpoint import load_consolidated
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     model = load_consolidated(tmp_path / "abl" / "cells" / result["ran"][0] / "run" / "model").model
     assert (
@@ -157,7 +157,7 @@ def test_collection_fit_and_report_from_stored_mlflow_runs(tmp_path):
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from scgpt_dist.tracking import get_or_create_experiment
+    from scgpt_dist.train.tracking import get_or_create_experiment
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)

@@ -12,6 +12,7 @@ from scgpt_dist.evaluate import (
     EVAL_MASK,
     gap_closed,
     gep_baselines,
+    heldout_gep,
     masked_batches,
     mean_pairwise_cosine,
     model_scores,
@@ -84,6 +85,11 @@ def test_model_scores_count_the_masked_positions():
     assert n == 60 * 3 and emb.shape == (60, 16) and se > 0 and model.training
     se2, n2, emb2 = model_scores(model, 0, held.slice(0, 30), batch_size=8)
     np.testing.assert_allclose(emb2, emb[:30], rtol=1e-4, atol=1e-5)
+    # The suite's GEP score: the same positions for the model and every baseline.
+    score = heldout_gep(model, 0, held, _planted(seed=2))
+    assert score["n_masked"] == n and score["model_mse"] == pytest.approx(se / n)
+    assert score["baselines"] == gep_baselines(_planted(seed=2), held, pad_id=0)
+    assert model_scores(model, 0, held, embed=False)[2].shape == (0, 16)
 
 
 def test_mean_pairwise_cosine():

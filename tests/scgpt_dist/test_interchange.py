@@ -12,7 +12,6 @@ import torch
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab
 from scgpt_dist import interchange
-from scgpt_dist.checkpoint import load_consolidated
 from scgpt_dist.interchange import (
     InterchangeError,
     build_reference_model,
@@ -21,6 +20,7 @@ from scgpt_dist.interchange import (
     load_reference_state,
     reference_values,
 )
+from scgpt_dist.train.checkpoint import load_consolidated
 
 try:
     interchange.load_reference_module()

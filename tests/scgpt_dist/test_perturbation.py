@@ -159,7 +159,7 @@ def test_baselines_on_planted_data(prepared):
 
 
 def test_flag_model_learns_knockdown_of_unseen_genes(tmp_path, prepared):
-    from scgpt_dist.checkpoint import load_consolidated
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     torch.set_num_threads(1)  # a busy 2-core machine: more threads only contend
     split, data = prepared
@@ -182,7 +182,7 @@ def test_flag_model_learns_knockdown_of_unseen_genes(tmp_path, prepared):
 
 
 def test_head_calibration_moves_outputs_to_the_target_scale(tmp_path, prepared):
-    from scgpt_dist.checkpoint import load_consolidated
+    from scgpt_dist.train.checkpoint import load_consolidated
 
     torch.set_num_threads(1)
     _, data = prepared

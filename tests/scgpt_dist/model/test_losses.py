@@ -25,7 +25,7 @@ from scgpt_dist.model.losses import (
     total_loss,
 )
 from scgpt_dist.model.transformer import build_model
-from scgpt_dist.train_module import cell_prompt_inputs, compute_loss
+from scgpt_dist.train.module import cell_prompt_inputs, compute_loss
 
 
 def _reference_loss_module():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from scgpt_dist.callbacks import MlflowCallback, ProgressCallback
+from scgpt_dist.train.callbacks import MlflowCallback, ProgressCallback
 
 
 def _free_port() -> int:
@@ -33,7 +33,7 @@ METRICS = {
 
 def test_progress_line_content_and_cadence(capfd, monkeypatch):
     clock = iter([0.0, 1.0, 5.0, 30.0, 31.0])  # constructor, then one reading per update
-    monkeypatch.setattr("scgpt_dist.callbacks.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("scgpt_dist.train.callbacks.time.perf_counter", lambda: next(clock))
     progress = ProgressCallback(total_steps=100, start_step=0, every_s=15.0)
     progress.update(20, METRICS)  # t=1: the first line always prints
     progress.update(40, METRICS)  # t=5: within 15 s of the last line, skipped
@@ -53,7 +53,7 @@ def test_progress_line_content_and_cadence(capfd, monkeypatch):
 
 def test_resumed_run_eta_counts_only_its_own_steps(capfd, monkeypatch):
     clock = iter([0.0, 10.0])
-    monkeypatch.setattr("scgpt_dist.callbacks.time.perf_counter", lambda: next(clock))
+    monkeypatch.setattr("scgpt_dist.train.callbacks.time.perf_counter", lambda: next(clock))
     ProgressCallback(total_steps=1000, start_step=900, every_s=0).update(950, METRICS)
     assert capfd.readouterr().out.strip().endswith("0m10s, ETA 0m10s")
 
@@ -120,7 +120,7 @@ def test_mlflow_outage_keeps_metrics_and_training(tmp_path, caplog, monkeypatch)
             cb.log(step, {"loss": 10.0 - step})
         assert cb.commit({"step": 2})
         _stop(server)
-        with caplog.at_level(logging.WARNING, logger="scgpt_dist.callbacks"):
+        with caplog.at_level(logging.WARNING, logger="scgpt_dist.train.callbacks"):
             t0 = time.monotonic()
             for step in (3, 4, 5, 6):
                 cb.log(step, {"loss": 10.0 - step})

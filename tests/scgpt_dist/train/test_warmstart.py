@@ -1,4 +1,4 @@
-"""Warm start (scgpt_dist.warmstart): stable vocabulary growth, row initialisation by name, identical behaviour
+"""Warm start (scgpt_dist.train.warmstart): stable vocabulary growth, row initialisation by name, identical behaviour
 on what the promoted model knew, and loading into real DeepSpeed engines (ZeRO-2 and ZeRO-3, 2 ranks, gloo)."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import torch
 
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.config import ExperimentConfig, ModelConfig, TrainConfig
 from scgpt_dist.model.transformer import build_model
-from scgpt_dist.warmstart import (
+from scgpt_dist.train.checkpoint import LoadedModel
+from scgpt_dist.train.warmstart import (
     BATCH_EMBEDDING,
     GENE_EMBEDDING,
     check_stable_extension,
@@ -142,7 +142,7 @@ def _rank_main(rank: int, world: int, port: int, model_dir: str, n_tokens: int) 
     import deepspeed
     from safetensors.torch import load_file
 
-    from scgpt_dist.train_module import deepspeed_config
+    from scgpt_dist.train.module import deepspeed_config
 
     deepspeed.init_distributed(dist_backend="gloo")
     want = load_file(os.path.join(model_dir, keys.MODEL_FILE))

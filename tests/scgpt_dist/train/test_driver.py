@@ -12,15 +12,15 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_ingest import keys
-from scgpt_dist.checkpoint import (
+from scgpt_dist.config import load_config
+from scgpt_dist.train.checkpoint import (
     CheckpointError,
     find_latest_checkpoint,
     load_consolidated,
     validate_checkpoint,
 )
-from scgpt_dist.config import load_config
-from scgpt_dist.lineage import GIT_COMMIT_TAG, GIT_DIRTY_TAG
-from scgpt_dist.train_module import lr_lambda
+from scgpt_dist.train.lineage import GIT_COMMIT_TAG, GIT_DIRTY_TAG
+from scgpt_dist.train.module import lr_lambda
 from tests.conftest import REPO, TINY_CONFIG
 
 
@@ -169,7 +169,7 @@ def test_consolidated_model_matches_checkpoint(pretrained):
 def test_resume_is_exact(pretrained, tmp_path):
     """Stopped at step 6 and resumed must equal one uninterrupted run: same data order, masks, optimizer and
     schedule, so the same losses and the same final weights."""
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     overrides = [o for o in pretrained["overrides"] if not o.startswith(("output_dir", "mlflow"))]
     straight = run_pretraining(
@@ -208,7 +208,7 @@ def test_resume_is_exact(pretrained, tmp_path):
 
 
 def test_retention_keeps_newest_and_best(pretrained, tmp_path):
-    from scgpt_dist.checkpoint import prune_checkpoints
+    from scgpt_dist.train.checkpoint import prune_checkpoints
 
     root = tmp_path / "out" / "checkpoints"
     for step, loss in ((2, 5.0), (4, 1.0), (6, 3.0), (8, 4.0), (10, 2.0)):
@@ -233,7 +233,7 @@ def test_retention_keeps_newest_and_best(pretrained, tmp_path):
 
 
 def test_cells_digest_is_a_set_digest():
-    from scgpt_dist.trainer import DIGEST_MOD, cells_digest
+    from scgpt_dist.train.loop import DIGEST_MOD, cells_digest
 
     a = cells_digest(torch.tensor([5, 17, 123456789]))
     assert a == cells_digest(torch.tensor([123456789, 5, 17]))  # order-free

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from scgpt_dist.checkpoint import CheckpointError, validate_checkpoint
+from scgpt_dist.train.checkpoint import CheckpointError, validate_checkpoint
 from tests.conftest import TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
@@ -27,7 +27,7 @@ def _pretrain_while(fault, overrides: list[str]) -> dict:
     import threading
 
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     done = threading.Event()
     thread = threading.Thread(target=fault, args=(done,), daemon=True)
@@ -90,7 +90,7 @@ def test_driver_restart_after_retention_deleted_checkpoints(ray_local, tiny_over
     driver restart) must resume from the newest complete checkpoint instead of refusing to start; here the
     newest is also left incomplete, as a rank killed in the middle of its upload leaves it."""
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     common = tiny_overrides + [
         "train.checkpoint_every=2",
@@ -126,7 +126,7 @@ def test_resource_check_names_the_numbers_and_the_knobs(ray_local, tiny_override
     import pytest
 
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import check_cluster_resources
+    from scgpt_dist.train.driver import check_cluster_resources
 
     fits = load_config(
         TINY_CONFIG, tiny_overrides
@@ -149,8 +149,8 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes(demo_soma, tmp_path):
     """Preemption: SIGTERM to the job's entry point makes the workers checkpoint after the current step and
     the job exit with 75; the same command again continues. Then a SIGKILLed driver: the same command once
     more resumes from the newest complete checkpoint and finishes, with every step logged once."""
-    from scgpt_dist.checkpoint import find_latest_checkpoint, read_meta
-    from scgpt_dist.preemption import EXIT_PREEMPTED
+    from scgpt_dist.train.checkpoint import find_latest_checkpoint, read_meta
+    from scgpt_dist.train.preemption import EXIT_PREEMPTED
 
     out = tmp_path / "run"
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -241,7 +241,7 @@ def test_stall_watchdog_names_the_data_stream(ray_local, tiny_overrides, tmp_pat
     import pytest
 
     from scgpt_dist.config import load_config
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     cfg = load_config(
         TINY_CONFIG,

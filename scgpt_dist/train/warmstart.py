@@ -33,9 +33,9 @@ from data_ingest import keys
 from data_ingest.atomic import atomic_directory, write_text_atomic
 from data_ingest.source import ResolvedSource, holdout_mask, open_experiment
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.checkpoint import LoadedModel
 from scgpt_dist.config import ExperimentConfig, ModelConfig, ReplayConfig, dump_config
 from scgpt_dist.model.transformer import build_model
+from scgpt_dist.train.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
 

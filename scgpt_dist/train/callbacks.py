@@ -16,15 +16,15 @@ import ray.train
 from data_ingest import keys
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist import __version__
-from scgpt_dist.checkpoint import (
+from scgpt_dist.config import ExperimentConfig, dump_config
+from scgpt_dist.train.checkpoint import (
     CHECKPOINTS_DIR,
     step_dir_name,
     validate_checkpoint,
     write_manifest,
 )
-from scgpt_dist.config import ExperimentConfig, dump_config
-from scgpt_dist.lineage import git_info
-from scgpt_dist.storage import Store, upload_dir
+from scgpt_dist.train.lineage import git_info
+from scgpt_dist.train.storage import Store, upload_dir
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class MlflowCallback:
 class CheckpointCallback:
     """Every rank saves its DeepSpeed shard to a local temp dir (rank 0 adds config, vocab and meta) and
     uploads it to `checkpoints/step_<N>` in the run's storage itself (`storage`: `train.storage_path` or the
-    output directory; a local path or an object-store URI, through `scgpt_dist.storage`).
+    output directory; a local path or an object-store URI, through `scgpt_dist.train.storage`).
 
     Ray Train is told the metrics, never the checkpoint: our manifests are the one record of which
     checkpoints exist and are complete. (Reporting them made Ray Train list every checkpoint in its run

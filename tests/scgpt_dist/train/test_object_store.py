@@ -3,7 +3,7 @@ ThreadedMotoServer on 127.0.0.1, spoken to over HTTP by pyarrow (ours and Ray Tr
 
 The S3 settings live only in this test process's environment (monkeypatch); the session's Ray cluster
 (`ray_local`) was started before, so Ray Train's controller and worker processes do not have them. They
-reach the object store through the `Store` the driver resolves and hands over (see scgpt_dist.storage),
+reach the object store through the `Store` the driver resolves and hands over (see scgpt_dist.train.storage),
 which is what is tested.
 
 moto 5.2.1 answers CompleteMultipartUpload with the wrong XML root (getmoto/moto#10055, fixed later), which
@@ -27,7 +27,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from data_ingest import keys
-from scgpt_dist.checkpoint import (
+from scgpt_dist.config import load_config
+from scgpt_dist.train.checkpoint import (
     CheckpointError,
     consolidate,
     find_latest_checkpoint,
@@ -35,8 +36,7 @@ from scgpt_dist.checkpoint import (
     prune_checkpoints,
     validate_checkpoint,
 )
-from scgpt_dist.config import load_config
-from scgpt_dist.storage import Store, resolve, upload_dir
+from scgpt_dist.train.storage import Store, resolve, upload_dir
 from tests.conftest import TINY_CONFIG
 
 BUCKET = "scgpt-ckpt"
@@ -164,7 +164,7 @@ def test_upload_retries_through_an_outage(s3, s3_server, tmp_path, caplog):
     store = resolve(f"s3://{BUCKET}/outage/checkpoints/step_00000010")
     s3_server.stop()
     threading.Timer(5.0, s3_server.start).start()
-    with caplog.at_level(logging.WARNING, logger="scgpt_dist.storage"):
+    with caplog.at_level(logging.WARNING, logger="scgpt_dist.train.storage"):
         upload_dir(tmp_path / "ckpt", store, last=("meta.json", "manifest_rank_0.json"),
                    retries=5, backoff_s=0.5)  # fmt: skip
     assert any("retry 1/5" in r.getMessage() for r in caplog.records)
@@ -195,7 +195,7 @@ def test_pretraining_with_checkpoints_on_s3(s3, ray_local, demo_soma, tmp_path):
     """Stop at step 6 and resume to 12 with every checkpoint in the bucket: manifests there, resume from the
     bucket's step 6, retention in the bucket, consolidated model local; then a corrupted shard object is
     detected and the previous good checkpoint is chosen."""
-    from scgpt_dist.trainer import run_pretraining
+    from scgpt_dist.train.driver import run_pretraining
 
     storage = f"s3://{BUCKET}/run"
     out = tmp_path / "run"

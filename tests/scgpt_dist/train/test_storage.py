@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from scgpt_dist import storage
-from scgpt_dist.storage import resolve, upload_dir
+from scgpt_dist.train import storage
+from scgpt_dist.train.storage import resolve, upload_dir
 
 
 def test_upload_dir_writes_markers_last_in_their_order(tmp_path, monkeypatch):

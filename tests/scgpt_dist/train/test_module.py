@@ -7,7 +7,7 @@ import torch
 
 from scgpt_dist.config import ModelConfig, TrainConfig
 from scgpt_dist.model.transformer import build_model
-from scgpt_dist.train_module import lr_lambda, param_groups
+from scgpt_dist.train.module import lr_lambda, param_groups
 
 
 def test_schedules():
@@ -66,7 +66,7 @@ def test_split_views_see_disjoint_genes():
     from data_ingest import keys
     from scgpt_dist.config import ObjectiveConfig
     from scgpt_dist.model.collate import Batch, mask_values
-    from scgpt_dist.train_module import compute_loss, split_views
+    from scgpt_dist.train.module import compute_loss, split_views
 
     torch.manual_seed(0)
     model = build_model(
@@ -104,7 +104,7 @@ def test_gepc_hidden_queries_genes_the_embedding_never_saw():
     0 are the queries; the pass that makes the embedding sees none of them."""
     from scgpt_dist.config import ObjectiveConfig
     from scgpt_dist.model.collate import Batch
-    from scgpt_dist.train_module import compute_loss, hidden_queries
+    from scgpt_dist.train.module import compute_loss, hidden_queries
 
     genes = torch.tensor([[1, 5, 6, 7, 8], [1, 9, 10, 0, 0]])
     values = torch.tensor([[0.0, 3, 4, 5, 6], [0.0, 7, 8, -2, -2]])
@@ -157,7 +157,7 @@ def test_thinned_views_are_contrasted_with_each_other():
     from data_ingest import keys
     from scgpt_dist.config import ObjectiveConfig
     from scgpt_dist.model.collate import Batch, mask_values
-    from scgpt_dist.train_module import compute_loss
+    from scgpt_dist.train.module import compute_loss
 
     torch.manual_seed(0)
     model = build_model(
@@ -200,7 +200,7 @@ def test_cce_batch_offset_adds_a_learned_vector_per_batch_to_each_view():
     from scgpt_dist.config import ExperimentConfig, ObjectiveConfig
     from scgpt_dist.model.collate import Batch
     from scgpt_dist.model.losses import cce_loss
-    from scgpt_dist.train_module import compute_loss
+    from scgpt_dist.train.module import compute_loss
 
     cfg = dict(d_model=16, n_heads=2, n_layers=1, d_hid=32, n_batches=2, dropout=0.0)
     torch.manual_seed(0)

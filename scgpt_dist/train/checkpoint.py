@@ -6,7 +6,7 @@ Each rank also writes `manifest_rank_<r>.json` (size + sha256 of its files) afte
 the world size, so a directory missing a rank's files, or with a truncated or corrupt file, is detected and
 skipped in favour of the previous complete checkpoint.
 The checkpoints live in the run's storage (`train.storage_path`: a local directory or an object-store URI, see
-`scgpt_dist.storage`); validation, discovery and retention work on either, and consolidation and resume
+`scgpt_dist.train.storage`); validation, discovery and retention work on either, and consolidation and resume
 download an object-store checkpoint to a temporary local directory first.
 A consolidated model is `model.safetensors` + `config.yaml` + `vocab.json` (+ `meta.json`), written to a
 temporary directory and renamed into place.
@@ -29,7 +29,7 @@ from data_ingest import keys
 from data_ingest.atomic import atomic_directory, file_sha256
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist.config import ExperimentConfig, from_dict
-from scgpt_dist.storage import Store, local_copy, resolve
+from scgpt_dist.train.storage import Store, local_copy, resolve
 
 log = logging.getLogger(__name__)
 
