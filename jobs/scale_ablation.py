@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._cli import quiet_ray_data, run_main, setup_logging
+from scgpt_dist.config import MlflowConfig
 from scgpt_dist.model.config import ModelConfig
 from scgpt_dist.train.tracking import PARENT_RUN_TAG
 
@@ -126,13 +127,6 @@ class FitConfig:
 
 
 @dataclass
-class AblationMlflowConfig:
-    tracking_uri: str | None = None
-    """None: $MLFLOW_TRACKING_URI, else a sqlite store in output_dir."""
-    experiment: str = ABLATION_EXPERIMENT
-
-
-@dataclass
 class ScaleAblationConfig:
     """A grid of model sizes x pretraining cell counts, a context arm, evaluation, the fit."""
 
@@ -154,7 +148,9 @@ class ScaleAblationConfig:
     num_cpus: float = 0.0
     """CPUs each cell's Ray task reserves (0: its TorchTrainer reserves what it needs)."""
     num_gpus: float = 0.0
-    mlflow: AblationMlflowConfig = field(default_factory=AblationMlflowConfig)
+    mlflow: MlflowConfig = field(
+        default_factory=lambda: MlflowConfig(experiment=ABLATION_EXPERIMENT)
+    )
     ray_address: str | None = None
     ray_num_cpus: int | None = None
     """Logical CPUs of a local Ray instance; None = cores + train workers + 1 (read tasks need room)."""
@@ -167,6 +163,10 @@ class ScaleAblationConfig:
             m if isinstance(m, ModelSize) else from_dict(ModelSize, m, f"models[{i}]")
             for i, m in enumerate(self.models)
         ]
+        if self.mlflow.registered_model:
+            raise ValueError(
+                "mlflow.registered_model: the ablation registers no model; leave it unset"
+            )
         if not self.models or not self.n_cells:
             raise ValueError("give at least one entry in `models` and in `n_cells`")
         names = [m.name for m in self.models]
@@ -221,7 +221,7 @@ def grid_cells(cfg: ScaleAblationConfig) -> list[dict[str, Any]]:
 
 def sweep_config(cfg: ScaleAblationConfig):
     """The ablation as a `jobs.sweep` config: a callable job whose kwargs are what every cell shares."""
-    from jobs.sweep import JobSpec, SweepConfig, SweepMlflowConfig
+    from jobs.sweep import JobSpec, SweepConfig
 
     return SweepConfig(
         name=cfg.name,
@@ -254,9 +254,7 @@ def sweep_config(cfg: ScaleAblationConfig):
             "heldout_gep_mse_tissue",
             "knn_acc_tissue",
         ],
-        mlflow=SweepMlflowConfig(
-            tracking_uri=cfg.mlflow.tracking_uri, experiment=cfg.mlflow.experiment
-        ),
+        mlflow=MlflowConfig(tracking_uri=cfg.mlflow.tracking_uri, experiment=cfg.mlflow.experiment),
         ray_address=cfg.ray_address,
     )
 

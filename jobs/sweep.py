@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs._cli import run_main, setup_logging
+from scgpt_dist.config import MlflowConfig
 from scgpt_dist.train.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)
@@ -98,14 +99,6 @@ class JobSpec:
 
 
 @dataclass
-class SweepMlflowConfig:
-    tracking_uri: str | None = None
-    """None: $MLFLOW_TRACKING_URI, else a sqlite store in the sweep's output directory."""
-    experiment: str = SWEEP_EXPERIMENT
-    """MLflow experiment of the parent run and every child run."""
-
-
-@dataclass
 class SweepConfig:
     """A job, a parameter grid, and how many cells run at once."""
 
@@ -128,7 +121,9 @@ class SweepConfig:
     """GPUs each cell's Ray task reserves (finetune tasks on GPU nodes)."""
     metrics: list[str] = field(default_factory=list)
     """Result columns of the comparison table, in order; empty = every numeric result."""
-    mlflow: SweepMlflowConfig = field(default_factory=SweepMlflowConfig)
+    mlflow: MlflowConfig = field(default_factory=lambda: MlflowConfig(experiment=SWEEP_EXPERIMENT))
+    """Where the parent run and every child run go (`registered_model` is the cells' business: see
+    `job.config`)."""
     ray_address: str | None = None
     """Ray cluster address; None uses $RAY_ADDRESS or starts a local Ray instance."""
 
@@ -148,6 +143,10 @@ class SweepConfig:
             raise ValueError("the sweep has no cells: give a grid and/or cells")
         if self.concurrency < 1:
             raise ValueError(f"concurrency={self.concurrency}; use >= 1")
+        if self.mlflow.registered_model:
+            raise ValueError(
+                "mlflow.registered_model: a sweep registers no model; set it in the job's own config"
+            )
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:

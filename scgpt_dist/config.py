@@ -199,6 +199,9 @@ class EvalConfig:
 
 @dataclass
 class MlflowConfig:
+    """Where a job's runs go; pretraining, sweeps and the scale ablation share it (each with its own default
+    experiment)."""
+
     tracking_uri: str | None = None
     """None: $MLFLOW_TRACKING_URI, else a sqlite store in the output directory."""
     experiment: str = "scgpt-dist"
