@@ -29,18 +29,20 @@ from data_ingest.tokenize import (
     VIEW_COLUMNS,
     TokenizerConfig,
     TokenizeStats,
-    attach_views,
-    batch_log_depths,
-    batch_log_profile,
     check_values,
     compact_record_schema,
     record_table,
-    restyled_keep,
-    thin_streams,
     tokenize_segments_into,
-    view_tokenizer,
 )
 from data_ingest.tokenize_kernel import compact_slots, coo_segments, thin_segments
+from data_ingest.views import (
+    attach_views,
+    batch_log_depths,
+    batch_log_profile,
+    restyled_keep,
+    thin_streams,
+    view_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 

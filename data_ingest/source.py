@@ -72,11 +72,11 @@ class ResolvedSource:
     tiledb_config: dict[str, str] | None = None
     """TileDB settings to open `soma_uri` with (e.g. S3 region for the public census)."""
     batch_log_profile: np.ndarray | None = None
-    """`(len(batch_categories), n_vars)` log mean expression per batch (`tokenize.batch_log_profile`), for
+    """`(len(batch_categories), n_vars)` log mean expression per batch (`views.batch_log_profile`), for
     restyled views (`tokenizer.view_restyle`); `datasource.attach_batch_profile` sets it."""
     batch_log_depths: np.ndarray | None = None
-    """`(len(batch_categories), tokenize.DEPTH_QUANTILES)` quantiles of each batch's log library size
-    (`tokenize.batch_log_depths`), for `tokenizer.view_restyle_depth: cell`; set with the profile."""
+    """`(len(batch_categories), views.DEPTH_QUANTILES)` quantiles of each batch's log library size
+    (`views.batch_log_depths`), for `tokenizer.view_restyle_depth: cell`; set with the profile."""
 
 
 def holdout_mask(joinids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Compiled (numba) inner loops of the tokenizer: one pass per cell, no per-entry Python.
 
-`tokenize_block` computes exactly what `data_ingest.tokenize.tokenize_csr_reference` defines (same hashes,
-same quantile edges, same tie rule); `tests/data_ingest/test_tokenize_vectorized.py` checks it record for
+`tokenize_block` computes exactly what `data_ingest.tokenize_reference.tokenize_csr_reference` defines
+(same hashes, same quantile edges, same tie rule); `tests/data_ingest/test_tokenize_vectorized.py` checks it record for
 record. Per cell it gathers the expressed in-vocabulary entries, sorts their values (a counting sort for
 small integer counts), takes the quantile edges, keeps the `n_keep` genes with the smallest pick keys
 (a bucket histogram of the keys) or, with `select_top`, the `n_keep` largest values (pick keys break ties), bins the kept values (a per-value lookup table for counts, else binary

@@ -6,6 +6,9 @@ import logging
 import os
 from collections.abc import Callable
 
+from data_ingest.cli import run_main as _run_main
+from scgpt_dist.config import ConfigError
+
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
@@ -29,7 +32,5 @@ def quiet_ray_data() -> None:
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run `fn`; a user error (bad input, config, path) exits 2 with one clear line instead of a traceback
     (`data_ingest.cli.run_main`; `SCGPT_TRACEBACK=1` shows the traceback)."""
-    from data_ingest.cli import run_main as _run_main
-    from scgpt_dist.config import ConfigError
 
     _run_main(fn, extra_errors=(ConfigError,))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 
 from jobs._cli import run_main, setup_logging
+from scgpt_dist.train.checkpoint import consolidate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +19,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="directory to write (replaced atomically)")
     args = parser.parse_args(argv)
     setup_logging()
-    from scgpt_dist.train.checkpoint import consolidate
 
     print(f"wrote {consolidate(args.checkpoint, args.out)}")
     return 0

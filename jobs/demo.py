@@ -11,15 +11,23 @@ import json
 import time
 from pathlib import Path
 
+from data_ingest import keys
+from data_ingest.datasource import read_token_table
+from data_ingest.demo_data import PBMC_DATASET
+from data_ingest.source import HOLDOUT, TRAIN, SomaCellSource, open_experiment
+from jobs import embed
 from jobs._cli import CONFIG_DIR, quiet_ray_data, run_main, setup_logging
+from scgpt_dist.config import load_config
+from scgpt_dist.evaluate import heldout_gep, knn_accuracy, pca_embedding, with_fixed_masks
+from scgpt_dist.inference import EMBEDDING_KEY, embed_anndata
+from scgpt_dist.model.transformer import build_model
+from scgpt_dist.train.checkpoint import load_consolidated
+from scgpt_dist.train.driver import run_pretraining
 
 
 def export_cells(soma_uri: str, layer: str, joinids, out: Path):
     """Write the given cells of a SOMA experiment to .h5ad (what a user would hand to `jobs.embed`)."""
     import tiledbsoma
-
-    from data_ingest import keys
-    from data_ingest.source import open_experiment
 
     with open_experiment(soma_uri) as exp:
         query = exp.axis_query(
@@ -43,16 +51,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import ray
     from mlflow.tracking import MlflowClient
-
-    from data_ingest.datasource import read_token_table
-    from data_ingest.demo_data import PBMC_DATASET
-    from data_ingest.source import HOLDOUT, TRAIN, SomaCellSource
-    from jobs import embed
-    from scgpt_dist.config import load_config
-    from scgpt_dist.evaluate import heldout_gep, knn_accuracy, pca_embedding, with_fixed_masks
-    from scgpt_dist.inference import EMBEDDING_KEY
-    from scgpt_dist.train.checkpoint import load_consolidated
-    from scgpt_dist.train.driver import run_pretraining
 
     cfg = load_config(args.config, args.overrides)
     quiet_ray_data()
@@ -100,9 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     import dataclasses
 
     import torch
-
-    from scgpt_dist.inference import embed_anndata
-    from scgpt_dist.model.transformer import build_model
 
     torch.manual_seed(loaded.config.train.seed)  # the run's initial weights
     init = build_model(loaded.config.model, len(loaded.vocab), loaded.vocab.pad_id).eval()

@@ -10,7 +10,10 @@ import os
 import uuid
 from pathlib import Path
 
+from data_ingest.soma_store import read_h5ad_checked
 from jobs._cli import run_main, setup_logging
+from scgpt_dist.inference import EMBEDDING_KEY, embed_anndata
+from scgpt_dist.train.checkpoint import load_consolidated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args(argv)
     setup_logging()
-
-    from data_ingest.soma_store import read_h5ad_checked
-    from scgpt_dist.inference import EMBEDDING_KEY, embed_anndata
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     loaded = load_consolidated(args.checkpoint)
     adata = read_h5ad_checked(args.h5ad)

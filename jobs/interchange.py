@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from jobs._cli import run_main, setup_logging
+from scgpt_dist.interchange import export_reference, import_reference
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +41,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     setup_logging()
-    from scgpt_dist.interchange import export_reference, import_reference
 
     if args.command == "import":
         out = import_reference(args.ref, args.out, drop_unknown=args.drop_unknown)

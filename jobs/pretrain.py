@@ -14,6 +14,9 @@ import argparse
 import json
 
 from jobs._cli import quiet_ray_data, run_main, setup_logging
+from scgpt_dist.config import load_config
+from scgpt_dist.train.driver import run_pretraining
+from scgpt_dist.train.preemption import EXIT_PREEMPTED
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,12 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from scgpt_dist.config import load_config
-    from scgpt_dist.train.driver import run_pretraining
-
     cfg = load_config(args.config, args.overrides)
     quiet_ray_data()
-    from scgpt_dist.train.preemption import EXIT_PREEMPTED
 
     summary = run_pretraining(cfg)
     print(

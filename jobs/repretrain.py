@@ -42,7 +42,22 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_ingest import keys
+from data_ingest.atomic import write_text_atomic
+from data_ingest.datasource import read_token_table
+from data_ingest.demo_data import build_demo_experiment
+from data_ingest.source import ALL, HOLDOUT, SomaCellSource, open_experiment
+from data_ingest.vocab import GeneVocab
 from jobs._cli import quiet_ray_data, run_main, setup_logging
+from scgpt_dist.config import load_config
+from scgpt_dist.evaluate import gep_baselines, knn_accuracy, model_scores, with_fixed_masks
+from scgpt_dist.inference import embed_table
+from scgpt_dist.model.transformer import build_model
+from scgpt_dist.train import registry
+from scgpt_dist.train.checkpoint import LoadedModel, load_consolidated
+from scgpt_dist.train.driver import run_pretraining
+from scgpt_dist.train.tracking import tracking_uri
+from scgpt_dist.train.warmstart import extended_vocab, warm_start_state, write_model_dir
 
 log = logging.getLogger("jobs.repretrain")
 
@@ -90,7 +105,6 @@ class RunState:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
     def advance(self, step: str, path: Path) -> None:
-        from data_ingest.atomic import write_text_atomic
 
         self.step = step
         self.history.append([step, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")])
@@ -111,7 +125,6 @@ class Outcome:
 
 def current_data(cfg):
     """(DataVersion now, function promoted-tags -> new dataset ids)."""
-    from scgpt_dist.train import registry
 
     if cfg.repretrain.data_versions == registry.CENSUS:
         directory = registry.census_directory(cfg.repretrain.census_lts_only)
@@ -130,8 +143,6 @@ def current_data(cfg):
         return target, new_since
     uri = cfg.data.source.soma_uri
     if cfg.data.build_demo and not Path(uri).exists():
-        from data_ingest.demo_data import build_demo_experiment
-
         build_demo_experiment(uri, synth_cells=cfg.data.demo_synth_cells)
     if not Path(uri).exists() and "://" not in uri:
         raise ValueError(f"no SOMA experiment at {uri}; set data.source.soma_uri")
@@ -139,7 +150,6 @@ def current_data(cfg):
 
 
 def _is_newer(target, promoted_tags: dict) -> bool:
-    from scgpt_dist.train import registry
 
     recorded = promoted_tags.get(registry.TAG_DATA_VERSION)
     if recorded == target.version:
@@ -182,9 +192,6 @@ def candidate_config(cfg, run_dir: Path, promoted, target, new_datasets, n_batch
 
 def prepare_warm_start(cfg, cand, promoted, run_dir: Path, batch_categories: list[str]) -> dict:
     """Write `run_dir/init`: the promoted model grown to the new vocabulary and batches (atomic; reused)."""
-    from data_ingest import keys
-    from data_ingest.source import SomaCellSource
-    from scgpt_dist.train.warmstart import extended_vocab, warm_start_state, write_model_dir
 
     init = run_dir / INIT_DIR
     if (init / keys.META_FILE).is_file():
@@ -221,9 +228,6 @@ def prepare_warm_start(cfg, cand, promoted, run_dir: Path, batch_categories: lis
 def _baseline(promoted, candidate, batch_categories):
     """The promoted model as a LoadedModel with the candidate's shapes: identical on the genes and batches
     it knows, average rows for new ones (the warm start with zero noise)."""
-    from scgpt_dist.model.transformer import build_model
-    from scgpt_dist.train.checkpoint import LoadedModel
-    from scgpt_dist.train.warmstart import warm_start_state
 
     state, _ = warm_start_state(
         promoted, candidate.vocab, candidate.model.cfg, batch_categories, noise=0.0
@@ -239,13 +243,6 @@ def evaluate_gate(cand_cfg, model_dir: str, promoted, new_datasets, gate) -> dic
     is one) the promoted model, on the same cells, tokens and masks."""
     import numpy as np
     import pyarrow as pa
-
-    from data_ingest import keys
-    from data_ingest.datasource import read_token_table
-    from data_ingest.source import HOLDOUT, SomaCellSource, open_experiment
-    from scgpt_dist.evaluate import gep_baselines, knn_accuracy, model_scores, with_fixed_masks
-    from scgpt_dist.inference import embed_table
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     candidate = load_consolidated(model_dir)
     models = {"candidate": candidate}
@@ -350,12 +347,6 @@ def repretrain(cfg) -> Outcome:
     """One scheduled run (see the module docstring); returns the exit code and what happened."""
     from mlflow.tracking import MlflowClient
 
-    from data_ingest.source import ALL, SomaCellSource
-    from scgpt_dist.train import registry
-    from scgpt_dist.train.checkpoint import load_consolidated
-    from scgpt_dist.train.driver import run_pretraining
-    from scgpt_dist.train.tracking import tracking_uri
-
     name, alias = cfg.mlflow.registered_model, cfg.repretrain.alias
     if not name:
         raise ValueError(
@@ -456,9 +447,6 @@ def repretrain(cfg) -> Outcome:
             )
 
     if state.step in (EVALUATED, REJECTED):
-        from data_ingest import keys
-        from data_ingest.vocab import GeneVocab
-
         vocab = GeneVocab.load(Path(state.model_dir) / keys.VOCAB_FILE)
         tags = {
             **target.tags(),
@@ -512,15 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging()
 
-    from scgpt_dist.config import load_config
-    from scgpt_dist.train import registry
-
     cfg = load_config(args.config, args.overrides)
     quiet_ray_data()
     if args.rollback or args.release:
         from mlflow.tracking import MlflowClient
-
-        from scgpt_dist.train.tracking import tracking_uri
 
         name = cfg.mlflow.registered_model
         if not name:

@@ -47,9 +47,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_ingest.atomic import write_text_atomic
 from jobs._cli import run_main, setup_logging
-from scgpt_dist.config import MlflowConfig
-from scgpt_dist.train.tracking import PARENT_RUN_TAG
+from jobs.finetune.__main__ import TASKS, build_parser
+from jobs.finetune.common import execute
+from jobs.report import Report
+from scgpt_dist.config import (
+    ConfigError,
+    MlflowConfig,
+    apply_overrides,
+    flatten,
+    from_dict,
+    load_config,
+)
+from scgpt_dist.train.driver import run_pretraining
+from scgpt_dist.train.tracking import (
+    PARENT_RUN_TAG,
+    get_or_create_experiment,
+    start_or_resume_run,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +170,6 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     """A sweep YAML plus `key.sub=value` overrides; unknown keys are errors naming the closest valid key."""
     import yaml
 
-    from scgpt_dist.config import ConfigError, apply_overrides, from_dict
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"no sweep config at {path}; see jobs/configs/sweep_*.yaml")
@@ -226,7 +241,6 @@ class CellContext:
                 client.log_param(run_id, f"sweep.{k}", str(v)[:500])
 
     def new_child_run(self, name: str | None = None) -> str:
-        from scgpt_dist.train.tracking import get_or_create_experiment
 
         client = self.client()
         exp_id = get_or_create_experiment(client, self.experiment, self.tracking_uri, self.out_dir)
@@ -245,8 +259,6 @@ def _final_metric(client, run_id: str, name: str) -> float:
 
 
 def run_pretrain_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
-    from scgpt_dist.config import load_config
-    from scgpt_dist.train.driver import run_pretraining
 
     overrides = list(job.overrides) + [_override(k, v) for k, v in ctx.params.items()]
     overrides += [
@@ -294,8 +306,6 @@ def finetune_argv(job: JobSpec, ctx: CellContext) -> list[str]:
 
 
 def run_finetune_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
-    from jobs.finetune.__main__ import TASKS, build_parser
-    from jobs.finetune.common import execute
 
     if job.task not in TASKS:
         raise ValueError(f"job.task={job.task!r}; choose one of {sorted(TASKS)}")
@@ -328,7 +338,6 @@ RUNNERS = {
 
 def run_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
     """Run one cell and leave its done marker; returns the marker's content."""
-    from data_ingest.atomic import write_text_atomic
 
     setup_logging()
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
@@ -397,9 +406,6 @@ def run_sweep(
     """Run every unfinished cell as a Ray task (at most `cfg.concurrency` at once) and write the table."""
     import ray
     from mlflow.tracking import MlflowClient
-
-    from scgpt_dist.config import flatten
-    from scgpt_dist.train.tracking import start_or_resume_run, tracking_uri
 
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -492,7 +498,6 @@ def run_sweep(
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    from data_ingest.atomic import write_text_atomic
 
     cols: list[str] = []
     for row in rows:
@@ -506,7 +511,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_table(cfg: SweepConfig, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     """The comparison table as report.md (+ results.json) and results.csv in `out_dir`."""
-    from jobs.report import Report
 
     rep = Report(f"Sweep {cfg.name}", out_dir)
     job = cfg.job

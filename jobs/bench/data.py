@@ -38,6 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from data_ingest import keys
+from data_ingest.atomic import atomic_directory
+from data_ingest.cache import TokenCacheConfig
+from data_ingest.source import ALL, SomaCellSource, SourceConfig
+from data_ingest.stream import StreamConfig, StreamStats, rank_batches
+from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
+from data_ingest.tokenize import TokenizerConfig
+from data_ingest.vocab import GeneVocab
 
 READERS = ("raw", "soma-ml", "ours", "ours-cached")
 
@@ -219,12 +226,6 @@ def run_ours(
     `fill_seconds`) and the result is epoch 1, served from the cache."""
     import ray
 
-    from data_ingest.cache import TokenCacheConfig
-    from data_ingest.source import ALL, SomaCellSource, SourceConfig
-    from data_ingest.stream import StreamConfig, StreamStats, rank_batches
-    from data_ingest.tokenize import TokenizerConfig
-    from data_ingest.vocab import GeneVocab
-
     # Ray starts its workers at niceness 15; the other readers run at 0. On a shared machine that alone
     # would starve our read tasks, so compare at equal priority.
     ray.init(
@@ -334,8 +335,6 @@ def tile_census(src: str | Path, out: str | Path, copies: int, block_cells: int 
     import pyarrow as pa
     import pyarrow.compute as pc
     import tiledbsoma
-
-    from data_ingest.atomic import atomic_directory
 
     src, out = str(src), Path(out)
     with tiledbsoma.Collection.open(src) as census:
@@ -563,8 +562,6 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.worker:
         return _worker(a)
-
-    from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
 
     census = Path(a.census)
     if not census.exists() and a.tile_from:

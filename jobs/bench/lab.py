@@ -32,15 +32,14 @@ import scipy.sparse as sp
 import torch
 
 from data_ingest import keys
+from data_ingest.splat import SplatConfig, simulate
 from data_ingest.synth import CensusSynthConfig, sample_census
-from data_ingest.tokenize import (
-    RESTYLE_DEPTHS,
-    TokenizerConfig,
+from data_ingest.tokenize import RESTYLE_DEPTHS, TokenizerConfig, tokenize_csr
+from data_ingest.views import (
     attach_views,
     batch_log_depths,
     batch_log_profile,
     thin_csr,
-    tokenize_csr,
     view_tokenizer,
 )
 from scgpt_dist.config import ModelConfig, ObjectiveConfig, TrainConfig
@@ -171,8 +170,6 @@ def main(argv: list[str]) -> int:
         )  # fmt: skip
         X, types, datasets = sample_census(synth)
     elif a.data == "splat":
-        from data_ingest.splat import SplatConfig, simulate
-
         sim = simulate(
             SplatConfig(
                 n_cells=a.cells, n_genes=a.genes, n_groups=a.types, n_batches=a.datasets,

@@ -25,7 +25,29 @@ import json
 import time
 from pathlib import Path
 
+from data_ingest import keys
+from data_ingest.source import SomaCellSource
 from jobs._cli import CONFIG_DIR, quiet_ray_data, setup_logging
+from jobs.demo import export_cells
+from scgpt_dist.annotation import classification_metrics
+from scgpt_dist.config import ObjectiveConfig, load_config
+from scgpt_dist.evaluate import (
+    embedding_scores,
+    gap_closed,
+    gep_baselines,
+    heldout_tables,
+    knn_accuracy,
+    linear_probe_accuracy,
+    model_scores,
+    pca_embedding,
+    type_only_batch_knn,
+)
+from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model
+from scgpt_dist.inference import EMBEDDING_KEY
+from scgpt_dist.model.transformer import build_model
+from scgpt_dist.preprocess import is_count_matrix
+from scgpt_dist.train.checkpoint import load_consolidated
+from scgpt_dist.train.driver import run_pretraining
 
 DEFAULT_CONFIG = str(Path(CONFIG_DIR) / "learn.yaml")
 
@@ -59,8 +81,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def pretrain(args: argparse.Namespace, out: Path) -> tuple[dict, object]:
-    from scgpt_dist.config import load_config
-    from scgpt_dist.train.driver import run_pretraining
 
     cfg = load_config(args.config, args.overrides)
     src = cfg.data.source
@@ -109,7 +129,6 @@ def learning_curve(summary: dict) -> dict:
 
 
 def embedding_metrics(emb, labels, batches, seed: int) -> dict[str, float]:
-    from scgpt_dist.evaluate import embedding_scores, linear_probe_accuracy
 
     out = embedding_scores(emb, labels, batches, seed=seed)
     out["linear_probe_type"] = linear_probe_accuracy(emb, labels, seed=seed)
@@ -121,11 +140,6 @@ def annotation(loaded, held, args) -> dict:
     cells; macro-F1 on the rest of the sample, per seed."""
     import numpy as np
     import pyarrow as pa
-
-    from data_ingest import keys
-    from scgpt_dist.annotation import classification_metrics
-    from scgpt_dist.config import ObjectiveConfig
-    from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model
 
     table = held.drop_columns(["eval_mask"])
     labels = table[keys.LABEL].to_numpy()
@@ -173,24 +187,6 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import ray
     import torch
-
-    from data_ingest import keys
-    from data_ingest.source import SomaCellSource
-    from jobs.demo import export_cells
-    from scgpt_dist.evaluate import (
-        gap_closed,
-        gep_baselines,
-        heldout_tables,
-        knn_accuracy,
-        linear_probe_accuracy,
-        model_scores,
-        pca_embedding,
-        type_only_batch_knn,
-    )
-    from scgpt_dist.inference import EMBEDDING_KEY
-    from scgpt_dist.model.transformer import build_model
-    from scgpt_dist.preprocess import is_count_matrix
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     ours = not ray.is_initialized()
     summary, cfg = pretrain(args, out)
@@ -303,8 +299,6 @@ def write_report(out: Path, r: dict, hist: dict, adata, labels_key: str) -> None
     plt.close(fig)
 
     import scanpy as sc
-
-    from scgpt_dist.inference import EMBEDDING_KEY
 
     view = adata.copy()
     sc.pp.neighbors(view, use_rep=EMBEDDING_KEY, n_neighbors=15, random_state=0)

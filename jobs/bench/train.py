@@ -24,6 +24,11 @@ from pathlib import Path
 
 import torch
 
+from data_ingest.vocab import GeneVocab
+from scgpt_dist.config import ExperimentConfig, from_dict, load_config, to_dict
+from scgpt_dist.model.collate import Batch
+from scgpt_dist.train.module import TrainModule
+
 TOKENS_PER_CELL = 256
 MICRO_BATCH = 8
 
@@ -62,11 +67,6 @@ def _optimizer_bytes(optimizer) -> int:
 def _loop(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
-
-    from data_ingest.vocab import GeneVocab
-    from scgpt_dist.config import ExperimentConfig, from_dict
-    from scgpt_dist.model.collate import Batch
-    from scgpt_dist.train.module import TrainModule
 
     cfg = from_dict(ExperimentConfig, config["cfg"])
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(config["vocab"])])
@@ -131,8 +131,6 @@ def _loop(config: dict) -> None:
 def run_one(stage: int, world: int, args, root: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from scgpt_dist.config import load_config, to_dict
 
     cfg = load_config(
         None,

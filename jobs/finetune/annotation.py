@@ -12,7 +12,13 @@ import time
 
 import numpy as np
 
+from jobs.finetune.common import load_cells
+from scgpt_dist import annotation as an
+from scgpt_dist.config import ObjectiveConfig
+from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
+from scgpt_dist.inference import tokenize_anndata
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.train.checkpoint import load_consolidated
 
 DESCRIPTION = (
     "cell-type annotation: CLS finetuning vs from-scratch scGPT and logistic-regression baselines"
@@ -49,12 +55,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
-    from jobs.finetune.common import load_cells
-    from scgpt_dist import annotation as an
-    from scgpt_dist.config import ObjectiveConfig
-    from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
-    from scgpt_dist.inference import tokenize_anndata
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:

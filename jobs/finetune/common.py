@@ -23,8 +23,13 @@ from typing import Any
 import anndata as ad
 import numpy as np
 
+from data_ingest import keys
+from data_ingest.demo_data import load_pbmc
+from data_ingest.soma_store import read_h5ad_checked, validate_anndata
+from data_ingest.synth import experiment_uri
+from jobs._cli import setup_logging
 from jobs.report import Report
-from scgpt_dist.train.tracking import PARENT_RUN_TAG
+from scgpt_dist.train.tracking import PARENT_RUN_TAG, get_or_create_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +74,8 @@ def load_cells(
     spec: str, obs_filter: str | None = None, max_cells: int | None = None, seed: int = 0
 ) -> ad.AnnData:
     """Cells as AnnData with non-negative values and gene symbols as var_names."""
-    from data_ingest.soma_store import read_h5ad_checked, validate_anndata
 
     if spec == PBMC_SPEC:
-        from data_ingest.demo_data import load_pbmc
-
         adata = load_pbmc()
         adata.obs["cell_type"] = adata.obs["bulk_labels"].astype(str)
         adata.obs["batch"] = "pbmc68k"
@@ -96,9 +98,6 @@ def read_soma(uri: str, obs_filter: str | None = None, layer: str | None = None)
     """A (small) SOMA experiment, or its census-layout `census_data/<organism>` experiment, as AnnData."""
     import tiledbsoma
     import tiledbsoma.io
-
-    from data_ingest import keys
-    from data_ingest.synth import experiment_uri
 
     path = Path(uri)
     if (path / keys.CENSUS_DATA).exists():
@@ -149,8 +148,6 @@ class TaskContext:
 
 def open_mlflow_run(args: argparse.Namespace, task: str) -> tuple[Any, str]:
     from mlflow.tracking import MlflowClient
-
-    from scgpt_dist.train.tracking import get_or_create_experiment, tracking_uri
 
     uri = tracking_uri(args.tracking_uri, args.out)
     client = MlflowClient(uri)
@@ -211,7 +208,6 @@ def execute_as_ray_task(task: str, module_name: str, args: argparse.Namespace) -
 
     @ray.remote(num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_retries=0)
     def _task(a: argparse.Namespace) -> dict:
-        from jobs._cli import setup_logging
 
         setup_logging()
         return execute(task, importlib.import_module(module_name), a)

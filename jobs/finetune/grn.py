@@ -19,6 +19,7 @@ import numpy as np
 from data_ingest import keys
 from jobs.finetune.common import TaskContext, load_cells
 from scgpt_dist import grn
+from scgpt_dist.train.checkpoint import load_consolidated
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
 
     loaded = None
     if args.checkpoint:
-        from scgpt_dist.train.checkpoint import load_consolidated
-
         loaded = load_consolidated(args.checkpoint)
     genes = grn.select_genes(
         cells, cfg.min_detection, cfg.max_genes, loaded.vocab if loaded else None

@@ -21,7 +21,15 @@ import time
 
 import numpy as np
 
+from data_ingest.tokenize import TokenizerConfig
+from jobs.finetune.common import load_cells
+from scgpt_dist import integration as ig
+from scgpt_dist.config import ObjectiveConfig
+from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
+from scgpt_dist.inference import embed_table, tokenize_anndata
+from scgpt_dist.integration import ScibConfig, plot_umaps, scib_scores, umap_coords
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.train.checkpoint import load_consolidated
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +89,6 @@ def batch_key_of(obs, requested: str | None) -> str:
 
 def tokenizer_of(loaded, args: argparse.Namespace):
     """The checkpoint's tokenizer config, with --max-seq-len applied."""
-    from data_ingest.tokenize import TokenizerConfig
 
     tok = loaded.config.data.tokenizer
     if args.max_seq_len:
@@ -90,7 +97,6 @@ def tokenizer_of(loaded, args: argparse.Namespace):
 
 
 def finetune_objectives(args: argparse.Namespace):
-    from scgpt_dist.config import ObjectiveConfig
 
     return ObjectiveConfig(
         mask_ratio=args.mask_ratio,
@@ -106,7 +112,6 @@ def finetune_objectives(args: argparse.Namespace):
 def adapt_for_integration(loaded, n_batches: int, args: argparse.Namespace, **changes):
     """A copy of `loaded` with a DAR head, DSBN (unless --no-dsbn) and a batch embedding for `n_batches`
     batches, and the finetuning dropout; `changes` are further ModelConfig fields."""
-    from scgpt_dist.finetune import adapt_model
 
     model, fresh = adapt_model(
         loaded,
@@ -124,7 +129,6 @@ def adapt_for_integration(loaded, n_batches: int, args: argparse.Namespace, **ch
 
 def train_for_integration(model, table, args: argparse.Namespace, ctx, tag: str) -> list[dict]:
     """Finetune `model` in place with the integration objectives; per-epoch losses go to MLflow."""
-    from scgpt_dist.finetune import FinetuneConfig, finetune
 
     cfg = FinetuneConfig(
         epochs=args.epochs,
@@ -150,7 +154,6 @@ def score_methods(
     args: argparse.Namespace,
 ) -> tuple[list[dict], dict[str, float]]:
     """scib metrics of each embedding: report rows (sorted by overall) and flat `method/metric` values."""
-    from scgpt_dist.integration import ScibConfig, scib_scores
 
     scib_cfg = ScibConfig(clustering=args.clustering, seed=args.seed)
     rows, flat = [], {}
@@ -184,7 +187,6 @@ def verdict(rows: list[dict], ours: str) -> str:
 
 
 def add_umaps(rep, name: str, embeddings, labels, batches, seed: int) -> None:
-    from scgpt_dist.integration import plot_umaps, umap_coords
 
     coords = {m: umap_coords(e, seed=seed) for m, e in embeddings.items()}
     fig = rep.figure(name, 9, 3.0 * len(coords))
@@ -192,11 +194,6 @@ def add_umaps(rep, name: str, embeddings, labels, batches, seed: int) -> None:
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
-    from jobs.finetune.common import load_cells
-    from scgpt_dist import integration as ig
-    from scgpt_dist.finetune import run_model, with_labels
-    from scgpt_dist.inference import embed_table, tokenize_anndata
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:

@@ -28,8 +28,17 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from data_ingest import keys
+from data_ingest.multiome_synth import modality_of_features
+from data_ingest.tokenize import TokenizerConfig
+from data_ingest.vocab import GeneVocab
 from jobs.finetune import integration as integ
+from jobs.finetune.common import load_cells
+from scgpt_dist import integration as ig
+from scgpt_dist.finetune import run_model, with_labels
+from scgpt_dist.inference import embed_table, tokenize_anndata
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.train.checkpoint import LoadedModel, load_consolidated
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +67,6 @@ def joint_pca(
 ) -> np.ndarray:
     """PCA of [scaled log-normalised RNA HVGs, scaled CLR proteins], each block weighted to equal total
     variance so the small protein panel is not drowned by the genes: (N, n_pcs)."""
-    from scgpt_dist import integration as ig
 
     logX = log_normalize(rna_counts).toarray().astype(np.float32)
     R = logX[:, ig.hvg_index(logX, n_hvg)]
@@ -75,7 +83,6 @@ def joint_pca(
 def concat_tokens(rna: pa.Table, prot: pa.Table) -> pa.Table:
     """Row-wise join of two token tables of the same cells: `<cls>` + RNA tokens + protein tokens (the
     protein table's own `<cls>` is dropped), with a per-token `modality` list column."""
-    from data_ingest import keys
 
     if rna.num_rows != prot.num_rows:
         raise ValueError(f"{rna.num_rows} RNA rows but {prot.num_rows} protein rows")
@@ -123,8 +130,6 @@ def concat_tokens(rna: pa.Table, prot: pa.Table) -> pa.Table:
 def extend_vocab_model(loaded, features: list[str]):
     """`loaded` with its vocabulary extended by `features` (appended; existing ids unchanged). The model is
     untouched: `copy_pretrained_rows` fills the old rows of an adapted model's bigger embedding table."""
-    from data_ingest.vocab import GeneVocab
-    from scgpt_dist.train.checkpoint import LoadedModel
 
     vocab = GeneVocab(loaded.vocab.to_dict())
     added = vocab.extend(features)
@@ -152,14 +157,6 @@ def copy_pretrained_rows(model, pretrained) -> int:
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
-    from data_ingest import keys
-    from data_ingest.multiome_synth import modality_of_features
-    from data_ingest.tokenize import TokenizerConfig
-    from jobs.finetune.common import load_cells
-    from scgpt_dist import integration as ig
-    from scgpt_dist.finetune import run_model, with_labels
-    from scgpt_dist.inference import embed_table, tokenize_anndata
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:

@@ -18,7 +18,11 @@ import time
 
 import numpy as np
 
+from data_ingest import keys
+from jobs.finetune.common import load_cells
+from scgpt_dist import perturbation as pt
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.train.checkpoint import load_consolidated
 
 DESCRIPTION = (
     "perturbation response: flag-token finetuning vs no-change, mean, linear and additive baselines"
@@ -61,7 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _batch_index(loaded, adata) -> int:
     """The pretrained batch id of the cells' dataset, when the checkpoint recorded its categories."""
-    from data_ingest import keys
 
     cats = (loaded.meta.get("data") or {}).get("batch_categories") or []
     if keys.OBS_DATASET in adata.obs and cats:
@@ -72,9 +75,6 @@ def _batch_index(loaded, adata) -> int:
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
-    from data_ingest import keys
-    from jobs.finetune.common import load_cells
-    from scgpt_dist import perturbation as pt
 
     t_start = time.perf_counter()
     if args.max_cells:
@@ -98,8 +98,6 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     loaded = None
     if args.checkpoint:
-        from scgpt_dist.train.checkpoint import load_consolidated
-
         loaded = load_consolidated(args.checkpoint)
     n_genes = args.n_genes or (
         loaded.config.data.tokenizer.max_seq_len - 1 if loaded is not None else 255
@@ -241,7 +239,6 @@ def _verdicts(ctx, rows: list[dict]) -> None:
 
 def _planted_truth(ctx, adata, data, test, preds) -> None:
     """With a synthetic screen: how well each method's change matches the planted expected log fold change."""
-    from data_ingest import keys
 
     if keys.UNS_EXPECTED_LFC not in adata.uns:
         return

@@ -13,6 +13,14 @@ import time
 
 import numpy as np
 
+from jobs.finetune.common import load_cells
+from scgpt_dist import integration as ig
+from scgpt_dist.annotation import is_count_matrix
+from scgpt_dist.evaluate import knn_accuracy
+from scgpt_dist.inference import embed_anndata
+from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.train.checkpoint import load_consolidated
+
 DESCRIPTION = "zero-shot cell embeddings: kNN annotation and scib metrics vs HVG+PCA and scVI"
 
 
@@ -36,13 +44,6 @@ def _batch_key(obs, requested: str | None) -> str | None:
 
 
 def run(args: argparse.Namespace, ctx) -> dict:
-    from jobs.finetune.common import load_cells
-    from scgpt_dist import integration as ig
-    from scgpt_dist.annotation import is_count_matrix
-    from scgpt_dist.evaluate import knn_accuracy
-    from scgpt_dist.inference import embed_anndata
-    from scgpt_dist.preprocess import log_normalize
-    from scgpt_dist.train.checkpoint import load_consolidated
 
     adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
     if args.label_key not in adata.obs:

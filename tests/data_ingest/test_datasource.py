@@ -123,7 +123,8 @@ def test_coo_segments_index_unordered_chunked_reads():
 def test_read_token_table_matches_reference_in_any_order(demo_soma, tok):
     import tiledbsoma
 
-    from data_ingest.tokenize import TokenizeStats, tokenize_csr_reference
+    from data_ingest.tokenize import TokenizeStats
+    from data_ingest.tokenize_reference import tokenize_csr_reference
 
     src, vocab = _source(demo_soma)
     res = src.resolve(vocab, ALL)

@@ -158,7 +158,7 @@ def test_top_selection_keeps_the_most_expressed_genes():
 
 
 def test_thinned_views_keep_each_count_with_probability_p_per_cell():
-    from data_ingest.tokenize import thin_csr
+    from data_ingest.views import thin_csr
 
     rng = np.random.default_rng(0)
     counts = rng.poisson(3.0, (200, 100)).astype(np.float32)
@@ -188,7 +188,7 @@ def test_thinned_views_keep_each_count_with_probability_p_per_cell():
 
 
 def test_attach_views_match_cells_and_fall_back_to_the_record():
-    from data_ingest.tokenize import attach_views
+    from data_ingest.views import attach_views
 
     X, genes = _cells(n=6)
     vocab = GeneVocab.from_genes(genes)
@@ -210,7 +210,7 @@ def test_attach_views_match_cells_and_fall_back_to_the_record():
 def test_restyled_views_thin_each_gene_towards_a_random_batchs_profile():
     """tokenizer.view_restyle: a view of a cell of batch b takes batch t's gene-wise style (t drawn per
     cell and view), by keeping gene g with probability p x m[t, g] / m[b, g] (at most 1)."""
-    from data_ingest.tokenize import batch_log_profile, restyled_keep, thin_csr, thin_streams
+    from data_ingest.views import batch_log_profile, restyled_keep, thin_csr, thin_streams
 
     rng = np.random.default_rng(0)
     n, g = 4000, 20
@@ -253,7 +253,7 @@ def test_restyled_depth_is_each_batchs_median_library_size():
     """tokenizer.view_restyle_depth: dataset: the profile also carries each batch's median depth, so a
     view of a cell from a batch sequenced half as deep, restyled towards the deep batch, keeps about twice
     the counts."""
-    from data_ingest.tokenize import batch_log_profile, restyled_keep, thin_streams
+    from data_ingest.views import batch_log_profile, restyled_keep, thin_streams
 
     rng = np.random.default_rng(1)
     n, g = 4000, 30
@@ -283,7 +283,7 @@ def test_restyled_depth_is_each_batchs_median_library_size():
 def test_restyled_depth_per_cell_takes_a_random_cell_of_the_target_batch():
     """tokenizer.view_restyle_depth: cell: a view takes the library size of a random cell of the target
     batch (a quantile of its log library sizes), so a cell's two views share no depth."""
-    from data_ingest.tokenize import DEPTH_QUANTILES, batch_log_depths, restyled_keep, thin_streams
+    from data_ingest.views import DEPTH_QUANTILES, batch_log_depths, restyled_keep, thin_streams
 
     rng = np.random.default_rng(2)
     n, g = 3000, 10

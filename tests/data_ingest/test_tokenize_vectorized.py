@@ -4,12 +4,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_ingest.tokenize import (
-    TokenizerConfig,
-    TokenizeStats,
-    tokenize_csr,
-    tokenize_csr_reference,
-)
+from data_ingest.tokenize import TokenizerConfig, TokenizeStats, tokenize_csr
+from data_ingest.tokenize_reference import tokenize_csr_reference
 
 
 def _data(seed, n=60, g=300, kind="counts"):

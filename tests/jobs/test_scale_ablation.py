@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
-from jobs.scale_ablation import (
-    FIT_METRIC,
-    WHOLE,
-    ScaleAblationConfig,
-    cell_steps,
-    collect_results,
-    grid_cells,
-    load_ablation_config,
-    run_ablation,
-    train_holdout_fraction,
-    write_ablation_report,
-)
+from jobs.scale_ablation.cell import cell_steps, train_holdout_fraction
+from jobs.scale_ablation.config import FIT_METRIC, WHOLE, ScaleAblationConfig, load_ablation_config
+from jobs.scale_ablation.job import grid_cells, run_ablation
+from jobs.scale_ablation.report import collect_results, write_ablation_report
 from jobs.sweep import expand_cells
 from scgpt_dist.config import ConfigError, from_dict
 from tests.conftest import REPO, TINY_CONFIG
@@ -37,7 +29,7 @@ def test_cpu_preset_grid_has_sizes_x_data_plus_the_context_arm():
     assert len(organ) == 1 and organ[0]["n_cells"] == 3000
     # The organ cell's whole-census twin is the grid cell of the same model and D: run once.
     assert len(cells) == 10
-    from jobs.scale_ablation import sweep_config
+    from jobs.scale_ablation.job import sweep_config
 
     assert len(expand_cells(sweep_config(cfg))) == 10
     # One epoch-based step count per D (3 epochs, global batch 16 x 2 workers).

@@ -166,7 +166,9 @@ def test_bad_sweep_configs_say_what_to_fix(tmp_path):
     bad.write_text("job: {kind: finetune, task: zeroshot, args: [--out, x]}\ngrid: {k: [1]}\n")
     with pytest.raises(ConfigError, match="the sweep sets those per cell"):
         load_sweep_config(bad)
-    bad.write_text("job: {kind: finetune, task: zeroshot}\ngrid: {k: [1]}\nmlflow: {registered_model: m}\n")
+    bad.write_text(
+        "job: {kind: finetune, task: zeroshot}\ngrid: {k: [1]}\nmlflow: {registered_model: m}\n"
+    )
     with pytest.raises(ConfigError, match="a sweep registers no model"):
         load_sweep_config(bad)
     with pytest.raises(ConfigError, match="no sweep config"):

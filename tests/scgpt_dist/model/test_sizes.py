@@ -3,7 +3,7 @@
 import pytest
 
 from jobs.bench.model import PRESETS
-from jobs.scale_ablation import ModelSize
+from jobs.scale_ablation.config import ModelSize
 from scgpt_dist.config import ConfigError, from_dict, load_config
 from scgpt_dist.model import ModelConfig, build_model
 from scgpt_dist.model.sizes import SIZES
