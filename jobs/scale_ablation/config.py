@@ -23,6 +23,11 @@ WHOLE = "whole"
 ABLATION_EXPERIMENT = "scgpt-dist-scale-ablation"
 FIT_METRIC = "heldout_gep_mse"
 MODEL_KEYS = ("d_model", "n_layers", "n_heads", "d_hid")
+CELL_METRICS = (
+    "n_params", "n_train_cells", "steps", "tokens_seen", "compute_flops", "final_train_loss", FIT_METRIC,
+    "heldout_gep_mse_baseline", "knn_acc", "heldout_gep_mse_tissue", "knn_acc_tissue",
+)  # fmt: skip
+"""What each cell reports, in the sweep's comparison table's order."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 from jobs import scale_ablation
 from jobs._cli import setup_logging
 from jobs.scale_ablation.config import (
-    FIT_METRIC,
+    CELL_METRICS,
     WHOLE,
     ScaleAblationConfig,
     load_ablation_config,
@@ -63,19 +63,7 @@ def sweep_config(cfg: ScaleAblationConfig):
         concurrency=cfg.concurrency,
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
-        metrics=[
-            "n_params",
-            "n_train_cells",
-            "steps",
-            "tokens_seen",
-            "compute_flops",
-            "final_train_loss",
-            FIT_METRIC,
-            "heldout_gep_mse_baseline",
-            "knn_acc",
-            "heldout_gep_mse_tissue",
-            "knn_acc_tissue",
-        ],
+        metrics=list(CELL_METRICS),
         mlflow=MlflowConfig(tracking_uri=cfg.mlflow.tracking_uri, experiment=cfg.mlflow.experiment),
         ray_address=cfg.ray_address,
     )

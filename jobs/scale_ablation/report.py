@@ -13,7 +13,7 @@ from data_ingest.source import SomaCellSource, open_experiment
 from data_ingest.vocab import GeneVocab
 from jobs.report import Report
 from jobs.scale_ablation.cell import evaluation_cells
-from jobs.scale_ablation.config import FIT_METRIC, WHOLE, ScaleAblationConfig
+from jobs.scale_ablation.config import CELL_METRICS, FIT_METRIC, WHOLE, ScaleAblationConfig
 from jobs.scaling_law import fit_scaling_law
 from scgpt_dist.config import ExperimentConfig, from_dict
 from scgpt_dist.evaluate import knn_accuracy, pca_embedding
@@ -57,21 +57,7 @@ def collect_results(
     return rows
 
 
-TABLE_COLUMNS = (
-    "model",
-    "tissue",
-    "n_cells",
-    "n_params",
-    "n_train_cells",
-    "steps",
-    "compute_flops",
-    "final_train_loss",
-    FIT_METRIC,
-    "heldout_gep_mse_baseline",
-    "knn_acc",
-    "heldout_gep_mse_tissue",
-    "knn_acc_tissue",
-)
+TABLE_COLUMNS = tuple(c for c in CELL_METRICS if c != "tokens_seen")
 
 
 def monotone_trends(rows: list[dict]) -> dict[str, bool]:
