@@ -32,5 +32,4 @@ def quiet_ray_data() -> None:
 def run_main(fn: Callable[[], int | None]) -> None:
     """Run `fn`; a user error (bad input, config, path) exits 2 with one clear line instead of a traceback
     (`data_ingest.cli.run_main`; `SCGPT_TRACEBACK=1` shows the traceback)."""
-
     _run_main(fn, extra_errors=(ConfigError,))

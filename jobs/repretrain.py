@@ -125,7 +125,6 @@ class Outcome:
 
 def current_data(cfg):
     """(DataVersion now, function promoted-tags -> new dataset ids)."""
-
     if cfg.repretrain.data_versions == registry.CENSUS:
         directory = registry.census_directory(cfg.repretrain.census_lts_only)
         newest = registry.newest_census_version(directory, cfg.repretrain.census_lts_only)
@@ -192,7 +191,6 @@ def candidate_config(cfg, run_dir: Path, promoted, target, new_datasets, n_batch
 
 def prepare_warm_start(cfg, cand, promoted, run_dir: Path, batch_categories: list[str]) -> dict:
     """Write `run_dir/init`: the promoted model grown to the new vocabulary and batches (atomic; reused)."""
-
     init = run_dir / INIT_DIR
     if (init / keys.META_FILE).is_file():
         return json.loads((init / keys.META_FILE).read_text())["warm_start"]
@@ -228,7 +226,6 @@ def prepare_warm_start(cfg, cand, promoted, run_dir: Path, batch_categories: lis
 def _baseline(promoted, candidate, batch_categories):
     """The promoted model as a LoadedModel with the candidate's shapes: identical on the genes and batches
     it knows, average rows for new ones (the warm start with zero noise)."""
-
     state, _ = warm_start_state(
         promoted, candidate.vocab, candidate.model.cfg, batch_categories, noise=0.0
     )

@@ -338,7 +338,6 @@ RUNNERS = {
 
 def run_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
     """Run one cell and leave its done marker; returns the marker's content."""
-
     setup_logging()
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -511,7 +510,6 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_table(cfg: SweepConfig, rows: list[dict[str, Any]], out_dir: Path) -> Path:
     """The comparison table as report.md (+ results.json) and results.csv in `out_dir`."""
-
     rep = Report(f"Sweep {cfg.name}", out_dir)
     job = cfg.job
     what = {

@@ -74,7 +74,6 @@ def load_cells(
     spec: str, obs_filter: str | None = None, max_cells: int | None = None, seed: int = 0
 ) -> ad.AnnData:
     """Cells as AnnData with non-negative values and gene symbols as var_names."""
-
     if spec == PBMC_SPEC:
         adata = load_pbmc()
         adata.obs["cell_type"] = adata.obs["bulk_labels"].astype(str)

@@ -89,7 +89,6 @@ def batch_key_of(obs, requested: str | None) -> str:
 
 def tokenizer_of(loaded, args: argparse.Namespace):
     """The checkpoint's tokenizer config, with --max-seq-len applied."""
-
     tok = loaded.config.data.tokenizer
     if args.max_seq_len:
         tok = TokenizerConfig(**{**tok.__dict__, "max_seq_len": args.max_seq_len})
@@ -112,7 +111,6 @@ def finetune_objectives(args: argparse.Namespace):
 def adapt_for_integration(loaded, n_batches: int, args: argparse.Namespace, **changes):
     """A copy of `loaded` with a DAR head, DSBN (unless --no-dsbn) and a batch embedding for `n_batches`
     batches, and the finetuning dropout; `changes` are further ModelConfig fields."""
-
     model, fresh = adapt_model(
         loaded,
         seed=args.seed,
@@ -129,7 +127,6 @@ def adapt_for_integration(loaded, n_batches: int, args: argparse.Namespace, **ch
 
 def train_for_integration(model, table, args: argparse.Namespace, ctx, tag: str) -> list[dict]:
     """Finetune `model` in place with the integration objectives; per-epoch losses go to MLflow."""
-
     cfg = FinetuneConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -154,7 +151,6 @@ def score_methods(
     args: argparse.Namespace,
 ) -> tuple[list[dict], dict[str, float]]:
     """scib metrics of each embedding: report rows (sorted by overall) and flat `method/metric` values."""
-
     scib_cfg = ScibConfig(clustering=args.clustering, seed=args.seed)
     rows, flat = [], {}
     for method, emb in embeddings.items():

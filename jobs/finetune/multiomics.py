@@ -67,7 +67,6 @@ def joint_pca(
 ) -> np.ndarray:
     """PCA of [scaled log-normalised RNA HVGs, scaled CLR proteins], each block weighted to equal total
     variance so the small protein panel is not drowned by the genes: (N, n_pcs)."""
-
     logX = log_normalize(rna_counts).toarray().astype(np.float32)
     R = logX[:, ig.hvg_index(logX, n_hvg)]
     R = (R - R.mean(0)) / np.maximum(R.std(0), 1e-8) / np.sqrt(R.shape[1])
@@ -83,7 +82,6 @@ def joint_pca(
 def concat_tokens(rna: pa.Table, prot: pa.Table) -> pa.Table:
     """Row-wise join of two token tables of the same cells: `<cls>` + RNA tokens + protein tokens (the
     protein table's own `<cls>` is dropped), with a per-token `modality` list column."""
-
     if rna.num_rows != prot.num_rows:
         raise ValueError(f"{rna.num_rows} RNA rows but {prot.num_rows} protein rows")
 
@@ -130,7 +128,6 @@ def concat_tokens(rna: pa.Table, prot: pa.Table) -> pa.Table:
 def extend_vocab_model(loaded, features: list[str]):
     """`loaded` with its vocabulary extended by `features` (appended; existing ids unchanged). The model is
     untouched: `copy_pretrained_rows` fills the old rows of an adapted model's bigger embedding table."""
-
     vocab = GeneVocab(loaded.vocab.to_dict())
     added = vocab.extend(features)
     log.info(

@@ -65,7 +65,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _batch_index(loaded, adata) -> int:
     """The pretrained batch id of the cells' dataset, when the checkpoint recorded its categories."""
-
     cats = (loaded.meta.get("data") or {}).get("batch_categories") or []
     if keys.OBS_DATASET in adata.obs and cats:
         ds = str(adata.obs[keys.OBS_DATASET].iloc[0])
@@ -239,7 +238,6 @@ def _verdicts(ctx, rows: list[dict]) -> None:
 
 def _planted_truth(ctx, adata, data, test, preds) -> None:
     """With a synthetic screen: how well each method's change matches the planted expected log fold change."""
-
     if keys.UNS_EXPECTED_LFC not in adata.uns:
         return
     index = list(adata.uns[keys.UNS_EXPECTED_LFC_INDEX])

@@ -44,7 +44,6 @@ def grid_cells(cfg: ScaleAblationConfig) -> list[dict[str, Any]]:
 
 def sweep_config(cfg: ScaleAblationConfig):
     """The ablation as a `jobs.sweep` config: a callable job whose kwargs are what every cell shares."""
-
     return SweepConfig(
         name=cfg.name,
         output_dir=cfg.output_dir,
