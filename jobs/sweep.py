@@ -12,7 +12,7 @@ A sweep YAML names the job and the grid (see `SweepConfig`)::
       task: annotation
       args: [--checkpoint, outputs/synth/run/model, --data, pbmc68k_reduced]
     grid:                            # every combination is one cell
-      lr: [1.0e-4, 5.0e-4]           # finetune: `--lr 1e-4`; pretrain: a config key such as train.lr
+      lr: [1.0e-4, 5.0e-4]           # finetune: the task setting `lr`; pretrain: a config key (train.lr)
       epochs: [2, 5]
     concurrency: 2
 
@@ -25,7 +25,9 @@ artifacts.
 Jobs:
 - `pretrain`: `jobs.pretrain` with `config` + `overrides` + the cell's `key=value` overrides; the cell's
   result is the final training loss, steps, cells, wall time and the consolidated model path.
-- `finetune`: `python -m jobs.finetune <task> <args> --<param> <value>`; the result is the task's metrics.
+- `finetune`: the task (`scgpt_dist.tasks`) with `args` parsed as `python -m jobs.finetune <task> <args>` would,
+  then the cell's parameters set on its typed config (names are its settings: `lr`, `n_hvg`, `no_scratch`); the
+  result is the task's metrics.
 - `callable`: `function: package.module:name`, called as `name(params, ctx, **kwargs)` with a `CellContext`;
   it returns a flat dict of results (and may return `run_id` of the MLflow run it made as ctx's child).
 """
@@ -49,9 +51,7 @@ from typing import Any
 
 from data_ingest.atomic import write_text_atomic
 from jobs._cli import run_main, setup_logging
-from jobs.finetune.__main__ import TASKS, build_parser
-from jobs.finetune.common import execute
-from jobs.report import Report
+from jobs.finetune.__main__ import parse_task
 from scgpt_dist.config import (
     ConfigError,
     MlflowConfig,
@@ -60,6 +60,10 @@ from scgpt_dist.config import (
     from_dict,
     load_config,
 )
+from scgpt_dist.tasks import TASKS
+from scgpt_dist.tasks.config import with_params
+from scgpt_dist.tasks.report import Report
+from scgpt_dist.tasks.runner import execute
 from scgpt_dist.train.driver import run_pretraining
 from scgpt_dist.train.tracking import (
     PARENT_RUN_TAG,
@@ -280,37 +284,23 @@ def run_pretrain_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
     }
 
 
-def finetune_argv(job: JobSpec, ctx: CellContext) -> list[str]:
-    """`python -m jobs.finetune` arguments of one cell."""
-    argv = [job.task, *job.args]
-    for k, v in ctx.params.items():
-        flag = "--" + k.lstrip("-").replace("_", "-")
-        if v is True:
-            argv.append(flag)
-        elif v is False or v is None:
-            continue
-        else:
-            argv += [flag, str(v)]
-    argv += [
-        "--out",
-        str(ctx.out_dir / "out"),
-        "--tracking-uri",
-        ctx.tracking_uri,
-        "--experiment",
-        ctx.experiment,
-        "--parent-run-id",
-        ctx.parent_run_id,
-        "--in-process",
-    ]
-    return argv
+def finetune_config(job: JobSpec, ctx: CellContext):
+    """The typed config of one finetune cell: the job's shared arguments, the cell's parameters (each checked
+    against the task's settings and converted to its type), and the cell's output and MLflow run."""
+    if job.task not in TASKS:
+        raise ValueError(f"job.task={job.task!r}; choose one of {list(TASKS)}")
+    task, cfg, _ = parse_task([job.task, *job.args, "--out", str(ctx.out_dir / "out")])
+    cfg = with_params(cfg, ctx.params)
+    return dataclasses.replace(
+        cfg,
+        tracking_uri=ctx.tracking_uri,
+        experiment=ctx.experiment,
+        parent_run_id=ctx.parent_run_id,
+    )
 
 
 def run_finetune_cell(job: JobSpec, ctx: CellContext) -> dict[str, Any]:
-
-    if job.task not in TASKS:
-        raise ValueError(f"job.task={job.task!r}; choose one of {sorted(TASKS)}")
-    args = build_parser().parse_args(finetune_argv(job, ctx))
-    result = execute(job.task, importlib.import_module(TASKS[job.task]), args)
+    result = execute(job.task, finetune_config(job, ctx))
     ctx.adopt_run(result["run_id"])
     return result
 

@@ -1,5 +1,5 @@
 """Expression preprocessing shared by the evaluation modules and their baselines: library-size normalisation
-+ log1p, and telling counts from already-normalised values."""
++ log1p, telling counts from already-normalised values, and picking highly variable genes."""
 
 from __future__ import annotations
 
@@ -28,3 +28,15 @@ def log_normalize(X, target_sum: float = TARGET_SUM) -> sp.csr_matrix:
     X = sp.csr_matrix(sp.diags(target_sum / np.maximum(lib, 1e-12)) @ X)
     X.data = np.log1p(X.data)
     return X
+
+
+def hvg_index(logX: np.ndarray, n_hvg: int) -> np.ndarray:
+    """Indices of the `n_hvg` genes with the highest normalised dispersion (scanpy's `seurat` flavour)."""
+    import anndata as ad
+    import scanpy as sc  # heavy; only the tasks' baselines need it
+
+    if n_hvg >= logX.shape[1]:
+        return np.arange(logX.shape[1])
+    tmp = ad.AnnData(X=logX)
+    sc.pp.highly_variable_genes(tmp, n_top_genes=n_hvg, flavor="seurat")
+    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())

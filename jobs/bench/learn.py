@@ -29,7 +29,6 @@ from data_ingest import keys
 from data_ingest.source import SomaCellSource
 from jobs._cli import CONFIG_DIR, quiet_ray_data, setup_logging
 from jobs.demo import export_cells
-from scgpt_dist.annotation import classification_metrics
 from scgpt_dist.config import ObjectiveConfig, load_config
 from scgpt_dist.evaluate import (
     embedding_scores,
@@ -42,10 +41,11 @@ from scgpt_dist.evaluate import (
     pca_embedding,
     type_only_batch_knn,
 )
-from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model
 from scgpt_dist.inference import EMBEDDING_KEY
 from scgpt_dist.model.transformer import build_model
 from scgpt_dist.preprocess import is_count_matrix
+from scgpt_dist.tasks.annotation.method import classification_metrics
+from scgpt_dist.tasks.finetune import FinetuneConfig, adapt_model, finetune, run_model
 from scgpt_dist.train.checkpoint import load_consolidated
 from scgpt_dist.train.driver import run_pretraining
 

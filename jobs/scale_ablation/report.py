@@ -11,12 +11,12 @@ from typing import Any
 from data_ingest import keys
 from data_ingest.source import SomaCellSource, open_experiment
 from data_ingest.vocab import GeneVocab
-from jobs.report import Report
 from jobs.scale_ablation.cell import evaluation_cells
 from jobs.scale_ablation.config import CELL_METRICS, FIT_METRIC, WHOLE, ScaleAblationConfig
 from jobs.scaling_law import fit_scaling_law
 from scgpt_dist.config import ExperimentConfig, from_dict
 from scgpt_dist.evaluate import knn_accuracy, pca_embedding
+from scgpt_dist.tasks.report import Report
 from scgpt_dist.train.tracking import PARENT_RUN_TAG
 
 log = logging.getLogger(__name__)

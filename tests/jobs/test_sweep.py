@@ -18,7 +18,7 @@ from jobs.sweep import (
     SweepConfig,
     cell_key,
     expand_cells,
-    finetune_argv,
+    finetune_config,
     load_sweep_config,
     run_sweep,
 )
@@ -127,17 +127,28 @@ def test_cells_are_keyed_by_job_and_parameters():
     assert [p for _, p in cells][:2] == [{"x": 1, "y": "a"}, {"x": 1, "y": "b"}]
 
 
-def test_finetune_argv_sets_cell_flags_and_mlflow_nesting(tmp_path):
+def test_finetune_config_sets_cell_params_and_mlflow_nesting(tmp_path):
     from jobs.sweep import CellContext
 
     job = JobSpec(kind="finetune", task="annotation", args=["--data", "pbmc68k_reduced"])
     ctx = CellContext(
-        "abc", {"lr": 0.001, "n_hvg": 500, "no_scratch": True}, tmp_path, "sqlite:///x.db", "e", "P"
+        "abc",
+        {"lr": 0.001, "n_hvg": "500", "no_scratch": True},
+        tmp_path,
+        "sqlite:///x.db",
+        "e",
+        "P",
     )
-    argv = finetune_argv(job, ctx)
-    assert argv[:3] == ["annotation", "--data", "pbmc68k_reduced"]
-    assert argv[3:8] == ["--lr", "0.001", "--n-hvg", "500", "--no-scratch"]
-    assert argv[argv.index("--parent-run-id") + 1] == "P" and "--in-process" in argv
+    cfg = finetune_config(job, ctx)
+    assert cfg.data == "pbmc68k_reduced" and cfg.out == str(tmp_path / "out")
+    assert (cfg.lr, cfg.n_hvg, cfg.no_scratch) == (0.001, 500, True)  # typed, not strings
+    assert (cfg.parent_run_id, cfg.experiment, cfg.tracking_uri) == ("P", "e", "sqlite:///x.db")
+    bad = CellContext("abc", {"n_hvgs": 5}, tmp_path, "sqlite:///x.db", "e", "P")
+    with pytest.raises(ValueError, match="no setting 'n_hvgs'; did you mean 'n_hvg'"):
+        finetune_config(job, bad)
+    bad = CellContext("abc", {"no_scratch": "yes"}, tmp_path, "sqlite:///x.db", "e", "P")
+    with pytest.raises(ValueError, match="no_scratch is a switch"):
+        finetune_config(job, bad)
 
 
 @pytest.mark.parametrize("name", ["sweep_annotation.yaml", "sweep_cpu.yaml"])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_ingest.synth import SynthConfig, make_synthetic
-from scgpt_dist import integration as ig
+from scgpt_dist.tasks.integration import method as ig
 
 
 def toy_embeddings(n: int = 240, seed: int = 0):

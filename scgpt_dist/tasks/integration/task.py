@@ -15,20 +15,21 @@ finetuned and evaluated on the same cells, as in the reference.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from data_ingest.tokenize import TokenizerConfig
-from jobs.finetune.common import load_cells
-from scgpt_dist import integration as ig
-from scgpt_dist.config import ObjectiveConfig
-from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
 from scgpt_dist.inference import embed_table, tokenize_anndata
-from scgpt_dist.integration import ScibConfig, plot_umaps, scib_scores, umap_coords
-from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.model.config import ObjectiveConfig
+from scgpt_dist.preprocess import hvg_index, log_normalize
+from scgpt_dist.tasks.config import TaskConfig, arg
+from scgpt_dist.tasks.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
+from scgpt_dist.tasks.integration import method as ig
+from scgpt_dist.tasks.integration.method import ScibConfig, plot_umaps, scib_scores, umap_coords
+from scgpt_dist.tasks.runner import load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
 log = logging.getLogger(__name__)
@@ -38,38 +39,36 @@ BATCH_KEY_CANDIDATES = ("dataset_id", "batch")
 """Default obs columns tried, in order, for the batch of each cell."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label-key", default="cell_type", help="obs column with the cell types")
-    parser.add_argument(
-        "--batch-key",
-        help=f"obs column with the batch of each cell (default: the first of {BATCH_KEY_CANDIDATES})",
+@dataclass
+class IntegrationConfig(TaskConfig):
+    """Batch-integration settings (besides the common ones); defaults are the reference tutorial's."""
+
+    label_key: str = arg("cell_type", "obs column with the cell types")
+    batch_key: str | None = arg(
+        None,
+        f"obs column with the batch of each cell (default: the first of {BATCH_KEY_CANDIDATES})",
     )
-    parser.add_argument("--epochs", type=int, default=30, help="finetuning epochs (reference: 30)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (reference)")
-    parser.add_argument("--mask-ratio", type=float, default=0.4)
-    parser.add_argument("--ecs-threshold", type=float, default=0.8)
-    parser.add_argument("--ecs-weight", type=float, default=10.0)
-    parser.add_argument("--dar-weight", type=float, default=1.0)
-    parser.add_argument("--gepc-weight", type=float, default=1.0)
-    parser.add_argument("--dropout", type=float, default=0.2, help="finetuning dropout (reference)")
-    parser.add_argument("--no-dsbn", action="store_true", help="no domain-specific batch norm")
-    parser.add_argument(
-        "--hvg-tokens",
-        type=int,
-        default=0,
-        help="tokenize only this many HVGs (reference: 1200); 0 = every gene the vocabulary knows",
+    epochs: int = arg(30, "finetuning epochs (reference: 30)")
+    batch_size: int = arg(32)
+    lr: float = arg(1e-4, "AdamW learning rate (reference)")
+    mask_ratio: float = arg(0.4)
+    ecs_threshold: float = arg(0.8)
+    ecs_weight: float = arg(10.0)
+    dar_weight: float = arg(1.0)
+    gepc_weight: float = arg(1.0)
+    dropout: float = arg(0.2, "finetuning dropout (reference)")
+    no_dsbn: bool = arg(False, "no domain-specific batch norm")
+    hvg_tokens: int = arg(
+        0, "tokenize only this many HVGs (reference: 1200); 0 = every gene the vocabulary knows"
     )
-    parser.add_argument(
-        "--max-seq-len",
-        type=int,
-        help="tokens per cell incl. <cls> (default: the checkpoint's; smaller is faster on CPU)",
+    max_seq_len: int | None = arg(
+        None, "tokens per cell incl. <cls> (default: the checkpoint's; smaller is faster on CPU)"
     )
-    parser.add_argument("--n-hvg", type=int, default=2000, help="HVGs for the PCA / scVI baselines")
-    parser.add_argument("--n-pcs", type=int, default=50)
-    parser.add_argument("--scvi-epochs", type=int, default=20, help="scVI epochs (0 skips scVI)")
-    parser.add_argument("--clustering", default="leiden", choices=("leiden", "kmeans"))
-    parser.add_argument("--no-umap", action="store_true", help="skip the UMAP figures")
+    n_hvg: int = arg(2000, "HVGs for the PCA / scVI baselines")
+    n_pcs: int = arg(50)
+    scvi_epochs: int = arg(20, "scVI epochs (0 skips scVI)")
+    clustering: str = arg("leiden", choices=("leiden", "kmeans"))
+    no_umap: bool = arg(False, "skip the UMAP figures")
 
 
 def batch_key_of(obs, requested: str | None) -> str:
@@ -87,58 +86,58 @@ def batch_key_of(obs, requested: str | None) -> str:
     )
 
 
-def tokenizer_of(loaded, args: argparse.Namespace):
+def tokenizer_of(loaded, cfg: IntegrationConfig):
     """The checkpoint's tokenizer config, with --max-seq-len applied."""
     tok = loaded.config.data.tokenizer
-    if args.max_seq_len:
-        tok = TokenizerConfig(**{**tok.__dict__, "max_seq_len": args.max_seq_len})
+    if cfg.max_seq_len:
+        tok = TokenizerConfig(**{**tok.__dict__, "max_seq_len": cfg.max_seq_len})
     return tok
 
 
-def finetune_objectives(args: argparse.Namespace):
+def finetune_objectives(cfg: IntegrationConfig):
 
     return ObjectiveConfig(
-        mask_ratio=args.mask_ratio,
+        mask_ratio=cfg.mask_ratio,
         gep=1.0,
-        gepc=args.gepc_weight,
-        ecs=args.ecs_weight,
-        ecs_threshold=args.ecs_threshold,
-        dar=args.dar_weight,
+        gepc=cfg.gepc_weight,
+        ecs=cfg.ecs_weight,
+        ecs_threshold=cfg.ecs_threshold,
+        dar=cfg.dar_weight,
         cls=0.0,
     )
 
 
-def adapt_for_integration(loaded, n_batches: int, args: argparse.Namespace, **changes):
+def adapt_for_integration(loaded, n_batches: int, cfg: IntegrationConfig, **changes):
     """A copy of `loaded` with a DAR head, DSBN (unless --no-dsbn) and a batch embedding for `n_batches`
     batches, and the finetuning dropout; `changes` are further ModelConfig fields."""
     model, fresh = adapt_model(
         loaded,
-        seed=args.seed,
+        seed=cfg.seed,
         n_batches=n_batches,
         use_batch_labels=True,
         do_dab=True,
-        domain_spec_batchnorm="none" if args.no_dsbn else "dsbn",
-        dropout=args.dropout,
+        domain_spec_batchnorm="none" if cfg.no_dsbn else "dsbn",
+        dropout=cfg.dropout,
         **changes,
     )
     log.info("adapted model: %d fresh tensors (e.g. %s)", len(fresh), fresh[:3])
     return model
 
 
-def train_for_integration(model, table, args: argparse.Namespace, ctx, tag: str) -> list[dict]:
+def train_for_integration(model, table, cfg: IntegrationConfig, ctx, tag: str) -> list[dict]:
     """Finetune `model` in place with the integration objectives; per-epoch losses go to MLflow."""
-    cfg = FinetuneConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
+    ft_cfg = FinetuneConfig(
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
         schedule_gamma=0.9,
-        seed=args.seed,
-        objectives=finetune_objectives(args),
+        seed=cfg.seed,
+        objectives=finetune_objectives(cfg),
     )
     return finetune(
         model,
         table,
-        cfg,
+        ft_cfg,
         on_epoch=lambda e, m: ctx.log_metrics({f"{tag}/train_{k}": v for k, v in m.items()}, e),
     )
 
@@ -148,10 +147,10 @@ def score_methods(
     labels: np.ndarray,
     batches: np.ndarray,
     seconds: dict[str, float],
-    args: argparse.Namespace,
+    cfg: IntegrationConfig,
 ) -> tuple[list[dict], dict[str, float]]:
     """scib metrics of each embedding: report rows (sorted by overall) and flat `method/metric` values."""
-    scib_cfg = ScibConfig(clustering=args.clustering, seed=args.seed)
+    scib_cfg = ScibConfig(clustering=cfg.clustering, seed=cfg.seed)
     rows, flat = [], {}
     for method, emb in embeddings.items():
         s = scib_scores(emb, labels, batches, scib_cfg)
@@ -189,20 +188,20 @@ def add_umaps(rep, name: str, embeddings, labels, batches, seed: int) -> None:
     plot_umaps(fig, coords, labels, batches)
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
+def run(cfg: IntegrationConfig, ctx) -> dict:
 
-    adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
-    if args.label_key not in adata.obs:
+    adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
+    if cfg.label_key not in adata.obs:
         raise ValueError(
-            f"--label-key {args.label_key!r} is not an obs column; have {list(adata.obs)}"
+            f"--label-key {cfg.label_key!r} is not an obs column; have {list(adata.obs)}"
         )
-    batch_key = batch_key_of(adata.obs, args.batch_key)
-    labels = adata.obs[args.label_key].astype(str).to_numpy()
+    batch_key = batch_key_of(adata.obs, cfg.batch_key)
+    labels = adata.obs[cfg.label_key].astype(str).to_numpy()
     batch_names, batch_codes = np.unique(
         adata.obs[batch_key].astype(str).to_numpy(), return_inverse=True
     )
     base_cfg = ig.BaselineConfig(
-        n_hvg=args.n_hvg, n_pcs=args.n_pcs, scvi_epochs=args.scvi_epochs, seed=args.seed
+        n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, scvi_epochs=cfg.scvi_epochs, seed=cfg.seed
     )
     embeddings: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
@@ -214,54 +213,54 @@ def run(args: argparse.Namespace, ctx) -> dict:
         log.info("%s embedding %s in %.1fs", method, embeddings[method].shape, seconds[method])
 
     history = []
-    if args.checkpoint:
-        loaded = load_consolidated(args.checkpoint)
+    if cfg.checkpoint:
+        loaded = load_consolidated(cfg.checkpoint)
         cells = adata
-        if args.hvg_tokens:
+        if cfg.hvg_tokens:
             logX = log_normalize(adata.X).toarray().astype(np.float32)
-            cells = adata[:, ig.hvg_index(logX, args.hvg_tokens)].copy()
-        table = tokenize_anndata(cells, loaded.vocab, tokenizer_of(loaded, args))
+            cells = adata[:, hvg_index(logX, cfg.hvg_tokens)].copy()
+        table = tokenize_anndata(cells, loaded.vocab, tokenizer_of(loaded, cfg))
         table = with_labels(table, batches=batch_codes)
         timed("scgpt_zeroshot", lambda: embed_table(loaded, table))
         t0 = time.perf_counter()
-        model = adapt_for_integration(loaded, len(batch_names), args)
-        history = train_for_integration(model, table, args, ctx, "scgpt_finetuned")
+        model = adapt_for_integration(loaded, len(batch_names), cfg)
+        history = train_for_integration(model, table, cfg, ctx, "scgpt_finetuned")
         embeddings["scgpt_finetuned"] = run_model(model, table)["cell_emb"]
         seconds["scgpt_finetuned"] = time.perf_counter() - t0
 
     counts = adata.X
     timed("pca", lambda: ig.pca_baseline(counts, base_cfg))
     timed("harmony", lambda: ig.harmony_baseline(embeddings["pca"], batch_codes, base_cfg))
-    if args.scvi_epochs > 0:
+    if cfg.scvi_epochs > 0:
         timed("scvi", lambda: ig.scvi_baseline(counts, batch_codes, base_cfg))
 
-    rows, metrics = score_methods(embeddings, labels, batch_names[batch_codes], seconds, args)
+    rows, metrics = score_methods(embeddings, labels, batch_names[batch_codes], seconds, cfg)
 
     rep = ctx.report
     rep.text(
-        f"{adata.n_obs} cells, {len(np.unique(labels))} cell types (`{args.label_key}`), "
+        f"{adata.n_obs} cells, {len(np.unique(labels))} cell types (`{cfg.label_key}`), "
         f"{len(batch_names)} batches (`{batch_key}`)."
         + (
-            f" scGPT finetuned {args.epochs} epochs (lr {args.lr}, batch {args.batch_size}) with GEP + "
-            f"GEPC (weight {args.gepc_weight}) + ECS (threshold {args.ecs_threshold}, weight "
-            f"{args.ecs_weight}) + DAR (weight {args.dar_weight})"
-            f"{'' if args.no_dsbn else ' + DSBN'}, mask ratio {args.mask_ratio}, dropout "
-            f"{args.dropout}; tokens: {'all known genes' if not args.hvg_tokens else f'{args.hvg_tokens} HVGs'}"
-            f", max_seq_len {tokenizer_of(loaded, args).max_seq_len}. Finetuned and evaluated on the same "
+            f" scGPT finetuned {cfg.epochs} epochs (lr {cfg.lr}, batch {cfg.batch_size}) with GEP + "
+            f"GEPC (weight {cfg.gepc_weight}) + ECS (threshold {cfg.ecs_threshold}, weight "
+            f"{cfg.ecs_weight}) + DAR (weight {cfg.dar_weight})"
+            f"{'' if cfg.no_dsbn else ' + DSBN'}, mask ratio {cfg.mask_ratio}, dropout "
+            f"{cfg.dropout}; tokens: {'all known genes' if not cfg.hvg_tokens else f'{cfg.hvg_tokens} HVGs'}"
+            f", max_seq_len {tokenizer_of(loaded, cfg).max_seq_len}. Finetuned and evaluated on the same "
             "cells (integration is unsupervised)."
-            if args.checkpoint
+            if cfg.checkpoint
             else " No checkpoint given: baselines only."
         )
-        + f" Baselines: PCA ({args.n_pcs} PCs of {args.n_hvg} log-normalised HVGs), Harmony on that PCA"
+        + f" Baselines: PCA ({cfg.n_pcs} PCs of {cfg.n_hvg} log-normalised HVGs), Harmony on that PCA"
         + (
-            f", scVI ({args.scvi_epochs} epochs, {base_cfg.scvi_latent}-d latent)."
-            if args.scvi_epochs
+            f", scVI ({cfg.scvi_epochs} epochs, {base_cfg.scvi_latent}-d latent)."
+            if cfg.scvi_epochs
             else "."
         )
-        + f" Clustering for NMI/ARI: {args.clustering}. Overall = 0.6 AvgBIO + 0.4 AvgBATCH."
+        + f" Clustering for NMI/ARI: {cfg.clustering}. Overall = 0.6 AvgBIO + 0.4 AvgBATCH."
     )
     rep.table("scib metrics (sorted by overall)", rows)
-    if args.checkpoint:
+    if cfg.checkpoint:
         rep.text(verdict(rows, "scgpt_finetuned"))
         zs = metrics["scgpt_zeroshot/overall"]
         ft = metrics["scgpt_finetuned/overall"]
@@ -280,6 +279,6 @@ def run(args: argparse.Namespace, ctx) -> dict:
         ax.set_yscale("symlog")
         ax.legend(fontsize=7)
         metrics.update({f"scgpt_finetuned/final_{k}": v for k, v in history[-1].items()})
-    if not args.no_umap:
-        add_umaps(rep, "umap", embeddings, labels, batch_names[batch_codes], args.seed)
+    if not cfg.no_umap:
+        add_umaps(rep, "umap", embeddings, labels, batch_names[batch_codes], cfg.seed)
     return metrics

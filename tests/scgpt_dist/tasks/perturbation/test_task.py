@@ -10,13 +10,13 @@ import pytest
 
 from data_ingest import keys
 from data_ingest.perturb_synth import write_h5ad_atomic
-from tests.scgpt_dist.test_perturbation import small_screen, tiny_model_dir
+from tests.scgpt_dist.tasks.perturbation.test_method import small_screen, tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     from jobs.finetune.__main__ import main
-    from scgpt_dist import perturbation as pt
+    from scgpt_dist.tasks.perturbation import method as pt
 
     root = tmp_path_factory.mktemp("perturb")
     screen = small_screen()
@@ -93,20 +93,14 @@ def test_planted_structure_shows_in_the_baselines(job):
 
 
 def test_bad_input_errors(tmp_path):
-    import argparse
-
-    from jobs.finetune import perturbation
-    from jobs.finetune.common import TaskContext
-    from jobs.report import Report
+    from scgpt_dist.tasks import perturbation
+    from scgpt_dist.tasks.report import Report
+    from scgpt_dist.tasks.runner import TaskContext
 
     screen = small_screen()
     del screen.obs[keys.OBS_PERTURBATION]
     path = write_h5ad_atomic(screen, tmp_path / "x.h5ad")
-    parser = argparse.ArgumentParser()
-    perturbation.add_arguments(parser)
-    args = parser.parse_args([])
-    args.data, args.checkpoint, args.obs_filter, args.seed = str(path), None, None, 0
-    args.max_cells = None
+    args = perturbation.Config(data=str(path), out=str(tmp_path))
     ctx = TaskContext(out_dir=tmp_path, report=Report("x", tmp_path / "report"))
     with pytest.raises(ValueError, match="perturbation-key"):
         perturbation.run(args, ctx)

@@ -1,19 +1,17 @@
-"""What every finetune / evaluation task shares: its command-line arguments, loading the cells, one MLflow
-run per task (a child run when a sweep passes its parent), running the task body as a Ray task, and writing
-the report.
+"""Running a downstream task: loading its cells, one MLflow run per task (a child run when a sweep passes its
+parent), the task body in this process or as a Ray task, and its report.
 
-A task module (`jobs/finetune/<task>.py`) defines::
+A task package (`scgpt_dist/tasks/<name>/`) exports::
 
     DESCRIPTION = "one line"
-    def add_arguments(parser): ...            # task-specific flags
-    def run(args, ctx: TaskContext) -> dict:  # the work; returns flat {metric: float} for MLflow / sweeps
+    Config                                         # a TaskConfig dataclass: the task's settings
+    def run(cfg: Config, ctx: TaskContext) -> dict # the work; returns flat {metric: float} for MLflow / sweeps
 
-and `python -m jobs.finetune <task> --checkpoint ... --data ...` does the rest.
+and `execute(name, cfg)` (or `python -m jobs.finetune <name> --data ... --out ...`) does the rest.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from dataclasses import dataclass, field
@@ -27,47 +25,12 @@ from data_ingest import keys
 from data_ingest.demo_data import load_pbmc
 from data_ingest.soma_store import read_h5ad_checked, validate_anndata
 from data_ingest.synth import experiment_uri
-from jobs._cli import setup_logging
-from jobs.report import Report
+from scgpt_dist.tasks import task_module
+from scgpt_dist.tasks.config import PBMC_SPEC, TaskConfig
+from scgpt_dist.tasks.report import Report
 from scgpt_dist.train.tracking import PARENT_RUN_TAG, get_or_create_experiment, tracking_uri
 
 log = logging.getLogger(__name__)
-
-PBMC_SPEC = "pbmc68k_reduced"
-FINETUNE_EXPERIMENT = "scgpt-dist-finetune"
-
-
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--checkpoint",
-        help="consolidated model directory (the `model/` folder `jobs.pretrain` writes); "
-        "omit for tasks that only run baselines",
-    )
-    parser.add_argument(
-        "--data",
-        required=True,
-        help=f"cells: an .h5ad file, a local SOMA experiment URI, or `{PBMC_SPEC}` (bundled with scanpy)",
-    )
-    parser.add_argument(
-        "--obs-filter", help="SOMA obs value_filter, e.g. \"tissue_general == 'blood'\""
-    )
-    parser.add_argument("--max-cells", type=int, default=None, help="subsample to this many cells")
-    parser.add_argument("--out", required=True, help="output directory (report.md, PNGs, results)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or a sqlite store in --out)",
-    )
-    parser.add_argument("--experiment", default=FINETUNE_EXPERIMENT, help="MLflow experiment")
-    parser.add_argument("--parent-run-id", help="MLflow parent run (set by sweeps)")
-    parser.add_argument("--num-cpus", type=float, default=1.0, help="CPUs of the Ray task")
-    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs of the Ray task")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (default: the task's --num-cpus; more threads than CPUs thrash)",
-    )
 
 
 def load_cells(
@@ -145,40 +108,42 @@ class TaskContext:
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
 
-def open_mlflow_run(args: argparse.Namespace, task: str) -> tuple[Any, str]:
+def open_mlflow_run(cfg: TaskConfig, task: str) -> tuple[Any, str]:
+    from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    uri = tracking_uri(args.tracking_uri, args.out)
+    uri = tracking_uri(cfg.tracking_uri, cfg.out)
     client = MlflowClient(uri)
-    exp_id = get_or_create_experiment(client, args.experiment, uri, args.out)
+    exp_id = get_or_create_experiment(client, cfg.experiment, uri, cfg.out)
     tags = {"task": task}
-    if args.parent_run_id:
-        tags[PARENT_RUN_TAG] = args.parent_run_id
-    run = client.create_run(exp_id, run_name=f"{task}-{Path(args.out).name}", tags=tags)
-    params = {k: v for k, v in vars(args).items() if v is not None and k != "func"}
-    from mlflow.entities import Param
-
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in params.items()])
+    if cfg.parent_run_id:
+        tags[PARENT_RUN_TAG] = cfg.parent_run_id
+    run = client.create_run(exp_id, run_name=f"{task}-{Path(cfg.out).name}", tags=tags)
+    params = [Param(k, str(v)[:500]) for k, v in cfg.params().items()]
+    client.log_batch(run.info.run_id, params=params)
     return client, run.info.run_id
 
 
-def execute(task: str, module, args: argparse.Namespace) -> dict:
-    """Run a task body inside this process: MLflow run, report, result metrics."""
+def execute(task: str, cfg: TaskConfig) -> dict:
+    """Run task `task` with settings `cfg` inside this process: MLflow run, report, result metrics."""
     import torch
 
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(max(1, args.threads or int(args.num_cpus)))
-    out = Path(args.out)
+    module = task_module(task)
+    if not isinstance(cfg, module.Config):
+        raise TypeError(f"task {task!r} takes a {module.Config.__name__}, got {type(cfg).__name__}")
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, cfg.threads or int(cfg.num_cpus)))
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    client, run_id = open_mlflow_run(args, task)
+    client, run_id = open_mlflow_run(cfg, task)
     report = Report(
-        f"{task}: {Path(args.checkpoint).name if args.checkpoint else 'baselines'} on "
-        f"{Path(args.data).name}",
+        f"{task}: {Path(cfg.checkpoint).name if cfg.checkpoint else 'baselines'} on "
+        f"{Path(cfg.data).name}",
         out / "report",
     )
     ctx = TaskContext(out_dir=out, report=report, client=client, run_id=run_id)
     try:
-        metrics = module.run(args, ctx)
+        metrics = module.run(cfg, ctx)
         ctx.log_metrics(metrics)
         report.results["metrics"] = metrics
         report.write()
@@ -190,11 +155,9 @@ def execute(task: str, module, args: argparse.Namespace) -> dict:
     return {"task": task, "run_id": run_id, "report": str(out / "report" / "report.md"), **metrics}
 
 
-def execute_as_ray_task(task: str, module_name: str, args: argparse.Namespace) -> dict:
-    """Run `execute` as one Ray task (CPU/GPU resources from the args), on the cluster in $RAY_ADDRESS or a
+def execute_as_ray_task(task: str, cfg: TaskConfig) -> dict:
+    """Run `execute` as one Ray task (CPU/GPU resources from the config), on the cluster in $RAY_ADDRESS or a
     local Ray instance; this is how sweeps fan tasks out too."""
-    import importlib
-
     import ray
 
     if not ray.is_initialized():
@@ -205,10 +168,12 @@ def execute_as_ray_task(task: str, module_name: str, args: argparse.Namespace) -
             _node_ip_address=None if os.environ.get("RAY_ADDRESS") else "127.0.0.1",
         )
 
-    @ray.remote(num_cpus=args.num_cpus, num_gpus=args.num_gpus, max_retries=0)
-    def _task(a: argparse.Namespace) -> dict:
+    @ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=0)
+    def _task(c: TaskConfig) -> dict:
+        logging.basicConfig(
+            level=os.environ.get("SCGPT_LOG_LEVEL", "INFO"),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        return execute(task, c)
 
-        setup_logging()
-        return execute(task, importlib.import_module(module_name), a)
-
-    return ray.get(_task.remote(args))
+    return ray.get(_task.remote(cfg))

@@ -13,8 +13,8 @@ import torch
 from data_ingest import keys
 from data_ingest.perturb_synth import PerturbSynthConfig, make_perturbation_data
 from data_ingest.synth import CensusSynthConfig, CensusTruth
-from scgpt_dist import perturbation as pt
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.tasks.perturbation import method as pt
 
 CENSUS = CensusSynthConfig(
     n_cells=3000,

@@ -5,7 +5,7 @@ pretrained ids unchanged; their embedding rows start fresh, every pretrained row
 token sequence `<cls>`, its RNA genes (binned among the cell's RNA values), then its proteins (binned among the
 cell's protein values: proteins have their own count scale), and a per-token modality id (RNA / protein,
 `data_ingest.keys.MODALITY_*`) that the model embeds and adds to every token (`model.use_modality`). The model is
-finetuned with the integration objectives (GEP + GEPC + ECS + DAR + DSBN, `jobs.finetune.integration`) and the
+finetuned with the integration objectives (GEP + GEPC + ECS + DAR + DSBN, `scgpt_dist.tasks.integration`) and the
 joint cell embedding is scored with the scib metrics next to:
 
 - scGPT zero-shot on the RNA tokens (the pretrained model knows no proteins) and, unless `--no-rna-arm`, scGPT
@@ -21,9 +21,9 @@ synthetic census's planted truth.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -32,12 +32,14 @@ from data_ingest import keys
 from data_ingest.multiome_synth import modality_of_features
 from data_ingest.tokenize import TokenizerConfig
 from data_ingest.vocab import GeneVocab
-from jobs.finetune import integration as integ
-from jobs.finetune.common import load_cells
-from scgpt_dist import integration as ig
-from scgpt_dist.finetune import run_model, with_labels
 from scgpt_dist.inference import embed_table, tokenize_anndata
-from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.preprocess import hvg_index, log_normalize
+from scgpt_dist.tasks.config import arg
+from scgpt_dist.tasks.finetune import run_model, with_labels
+from scgpt_dist.tasks.integration import method as ig
+from scgpt_dist.tasks.integration import task as integ
+from scgpt_dist.tasks.integration.task import IntegrationConfig
+from scgpt_dist.tasks.runner import TaskContext, load_cells
 from scgpt_dist.train.checkpoint import LoadedModel, load_consolidated
 
 log = logging.getLogger(__name__)
@@ -48,12 +50,12 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    integ.add_arguments(parser)
-    parser.set_defaults(epochs=15)
-    parser.add_argument(
-        "--no-rna-arm", action="store_true", help="skip the RNA-only finetuned scGPT arm"
-    )
+@dataclass
+class MultiomicsConfig(IntegrationConfig):
+    """Multi-omics settings: the integration task's, 15 epochs, and the RNA-only arm switch."""
+
+    epochs: int = arg(15, "finetuning epochs")
+    no_rna_arm: bool = arg(False, "skip the RNA-only finetuned scGPT arm")
 
 
 def clr(P: np.ndarray) -> np.ndarray:
@@ -68,7 +70,7 @@ def joint_pca(
     """PCA of [scaled log-normalised RNA HVGs, scaled CLR proteins], each block weighted to equal total
     variance so the small protein panel is not drowned by the genes: (N, n_pcs)."""
     logX = log_normalize(rna_counts).toarray().astype(np.float32)
-    R = logX[:, ig.hvg_index(logX, n_hvg)]
+    R = logX[:, hvg_index(logX, n_hvg)]
     R = (R - R.mean(0)) / np.maximum(R.std(0), 1e-8) / np.sqrt(R.shape[1])
     Pn = clr(protein_counts)
     Pn = (Pn - Pn.mean(0)) / np.maximum(Pn.std(0), 1e-8) / np.sqrt(Pn.shape[1])
@@ -153,30 +155,30 @@ def copy_pretrained_rows(model, pretrained) -> int:
     return old.shape[0]
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
+def run(cfg: MultiomicsConfig, ctx: TaskContext) -> dict:
 
-    adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
-    if args.label_key not in adata.obs:
+    adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
+    if cfg.label_key not in adata.obs:
         raise ValueError(
-            f"--label-key {args.label_key!r} is not an obs column; have {list(adata.obs)}"
+            f"--label-key {cfg.label_key!r} is not an obs column; have {list(adata.obs)}"
         )
     modality = modality_of_features(adata.var)
     is_prot = modality == keys.MODALITY_PROTEIN
     if not is_prot.any() or is_prot.all():
         raise ValueError(
-            f"--data {args.data} needs both RNA genes and proteins as columns (var `feature_type` "
+            f"--data {cfg.data} needs both RNA genes and proteins as columns (var `feature_type` "
             "`Gene Expression` / `Antibody Capture`, or `PROT_`-prefixed protein names); "
             f"found {int(is_prot.sum())} proteins of {adata.n_vars} features"
         )
     rna, prot = adata[:, ~is_prot].copy(), adata[:, is_prot].copy()
     prot_names = list(prot.var_names.astype(str))
-    batch_key = integ.batch_key_of(adata.obs, args.batch_key)
-    labels = adata.obs[args.label_key].astype(str).to_numpy()
+    batch_key = integ.batch_key_of(adata.obs, cfg.batch_key)
+    labels = adata.obs[cfg.label_key].astype(str).to_numpy()
     batch_names, batch_codes = np.unique(
         adata.obs[batch_key].astype(str).to_numpy(), return_inverse=True
     )
     base_cfg = ig.BaselineConfig(
-        n_hvg=args.n_hvg, n_pcs=args.n_pcs, scvi_epochs=args.scvi_epochs, seed=args.seed
+        n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, scvi_epochs=cfg.scvi_epochs, seed=cfg.seed
     )
     P = prot.X.toarray() if hasattr(prot.X, "toarray") else np.asarray(prot.X)
     embeddings: dict[str, np.ndarray] = {}
@@ -190,17 +192,17 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     history: dict[str, list[dict]] = {}
     tok_note = ""
-    if args.checkpoint:
-        loaded = load_consolidated(args.checkpoint)
-        tok = integ.tokenizer_of(loaded, args)
+    if cfg.checkpoint:
+        loaded = load_consolidated(cfg.checkpoint)
+        tok = integ.tokenizer_of(loaded, cfg)
         if tok.max_seq_len <= len(prot_names) + 2:
             raise ValueError(
                 f"the checkpoint's max_seq_len {tok.max_seq_len} leaves no room for RNA next to "
                 f"{len(prot_names)} proteins; use a panel of fewer proteins"
             )
         rna_cells = rna
-        if args.hvg_tokens:
-            rna_cells = rna[:, ig.hvg_index(log_normalize(rna.X).toarray(), args.hvg_tokens)].copy()
+        if cfg.hvg_tokens:
+            rna_cells = rna[:, hvg_index(log_normalize(rna.X).toarray(), cfg.hvg_tokens)].copy()
         ext, added = extend_vocab_model(loaded, prot_names)
         rna_only = with_labels(tokenize_anndata(rna_cells, loaded.vocab, tok), batches=batch_codes)
         # Joint: RNA genes get the context left after the whole protein panel (proteins are dense).
@@ -221,53 +223,53 @@ def run(args: argparse.Namespace, ctx) -> dict:
         timed("scgpt_zeroshot_rna", lambda: embed_table(loaded, rna_only))
 
         t0 = time.perf_counter()
-        model = integ.adapt_for_integration(ext, len(batch_names), args, use_modality=True)
+        model = integ.adapt_for_integration(ext, len(batch_names), cfg, use_modality=True)
         copy_pretrained_rows(model, loaded.model)
         history["scgpt_finetuned_joint"] = integ.train_for_integration(
-            model, joint, args, ctx, "scgpt_finetuned_joint"
+            model, joint, cfg, ctx, "scgpt_finetuned_joint"
         )
         embeddings["scgpt_finetuned_joint"] = run_model(model, joint)["cell_emb"]
         seconds["scgpt_finetuned_joint"] = time.perf_counter() - t0
-        if not args.no_rna_arm:
+        if not cfg.no_rna_arm:
             t0 = time.perf_counter()
-            model = integ.adapt_for_integration(loaded, len(batch_names), args)
+            model = integ.adapt_for_integration(loaded, len(batch_names), cfg)
             history["scgpt_finetuned_rna"] = integ.train_for_integration(
-                model, rna_only, args, ctx, "scgpt_finetuned_rna"
+                model, rna_only, cfg, ctx, "scgpt_finetuned_rna"
             )
             embeddings["scgpt_finetuned_rna"] = run_model(model, rna_only)["cell_emb"]
             seconds["scgpt_finetuned_rna"] = time.perf_counter() - t0
 
     timed("pca_rna", lambda: ig.pca_baseline(rna.X, base_cfg))
-    timed("pca_joint", lambda: joint_pca(rna.X, P, args.n_hvg, args.n_pcs, args.seed))
+    timed("pca_joint", lambda: joint_pca(rna.X, P, cfg.n_hvg, cfg.n_pcs, cfg.seed))
     timed(
         "harmony_joint", lambda: ig.harmony_baseline(embeddings["pca_joint"], batch_codes, base_cfg)
     )
-    if args.scvi_epochs > 0:
+    if cfg.scvi_epochs > 0:
         timed(
             "totalvi",
             lambda: ig.totalvi_baseline(rna.X, P, batch_codes, base_cfg, protein_names=prot_names),
         )
 
-    rows, metrics = integ.score_methods(embeddings, labels, batch_names[batch_codes], seconds, args)
+    rows, metrics = integ.score_methods(embeddings, labels, batch_names[batch_codes], seconds, cfg)
     rep = ctx.report
     rep.text(
         f"{adata.n_obs} cells, {rna.n_vars} RNA genes + {len(prot_names)} proteins, "
-        f"{len(np.unique(labels))} cell types (`{args.label_key}`), {len(batch_names)} batches "
+        f"{len(np.unique(labels))} cell types (`{cfg.label_key}`), {len(batch_names)} batches "
         f"(`{batch_key}`)."
         + (
-            f" scGPT finetuned {args.epochs} epochs (lr {args.lr}, batch {args.batch_size}) with GEP + GEPC + "
-            f"ECS (threshold {args.ecs_threshold}, weight {args.ecs_weight}) + DAR (weight {args.dar_weight})"
-            f"{'' if args.no_dsbn else ' + DSBN'}, mask ratio {args.mask_ratio}.{tok_note}"
-            if args.checkpoint
+            f" scGPT finetuned {cfg.epochs} epochs (lr {cfg.lr}, batch {cfg.batch_size}) with GEP + GEPC + "
+            f"ECS (threshold {cfg.ecs_threshold}, weight {cfg.ecs_weight}) + DAR (weight {cfg.dar_weight})"
+            f"{'' if cfg.no_dsbn else ' + DSBN'}, mask ratio {cfg.mask_ratio}.{tok_note}"
+            if cfg.checkpoint
             else " No checkpoint given: baselines only."
         )
         + " Baselines: PCA of RNA alone and of RNA + CLR protein (blocks scaled to equal variance), Harmony "
         "on the joint PCA"
-        + (f", totalVI ({args.scvi_epochs} epochs)." if args.scvi_epochs else "; totalVI skipped.")
+        + (f", totalVI ({cfg.scvi_epochs} epochs)." if cfg.scvi_epochs else "; totalVI skipped.")
         + " Overall = 0.6 AvgBIO + 0.4 AvgBATCH."
     )
     rep.table("scib metrics on the joint embedding (sorted by overall)", rows)
-    if args.checkpoint:
+    if cfg.checkpoint:
         rep.text(integ.verdict(rows, "scgpt_finetuned_joint"))
         if "scgpt_finetuned_rna/overall" in metrics:
             rep.text(
@@ -286,6 +288,6 @@ def run(args: argparse.Namespace, ctx) -> dict:
         ax.set_xlabel("epoch")
         ax.set_ylabel("total training loss")
         ax.legend(fontsize=7)
-    if not args.no_umap:
-        integ.add_umaps(rep, "umap", embeddings, labels, batch_names[batch_codes], args.seed)
+    if not cfg.no_umap:
+        integ.add_umaps(rep, "umap", embeddings, labels, batch_names[batch_codes], cfg.seed)
     return metrics

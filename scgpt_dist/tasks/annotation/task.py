@@ -7,17 +7,18 @@ a 50-PC PCA.
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.finetune.common import load_cells
-from scgpt_dist import annotation as an
-from scgpt_dist.config import ObjectiveConfig
-from scgpt_dist.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
 from scgpt_dist.inference import tokenize_anndata
+from scgpt_dist.model.config import ObjectiveConfig
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.tasks.annotation import method as an
+from scgpt_dist.tasks.config import TaskConfig, arg
+from scgpt_dist.tasks.finetune import FinetuneConfig, adapt_model, finetune, run_model, with_labels
+from scgpt_dist.tasks.runner import TaskContext, load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
 DESCRIPTION = (
@@ -25,77 +26,67 @@ DESCRIPTION = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label-key", default="cell_type", help="obs column with the cell types")
-    parser.add_argument(
-        "--query-key", help="obs column that defines the query set (e.g. dataset_id)"
-    )
-    parser.add_argument(
-        "--query-values", nargs="+", help="values of --query-key that are the query"
-    )
-    parser.add_argument(
-        "--query-fraction",
-        type=float,
-        default=0.3,
-        help="without --query-key: stratified random query fraction",
-    )
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument(
-        "--lr",
-        type=float,
-        default=2e-3,
-        help="AdamW learning rate. The reference uses 1e-4 for its 12-layer, 512-d model over tens of "
+@dataclass
+class AnnotationConfig(TaskConfig):
+    """Cell-type annotation settings (besides the common ones)."""
+
+    label_key: str = arg("cell_type", "obs column with the cell types")
+    query_key: str | None = arg(None, "obs column that defines the query set (e.g. dataset_id)")
+    query_values: list[str] | None = arg(None, "values of --query-key that are the query")
+    query_fraction: float = arg(0.3, "without --query-key: stratified random query fraction")
+    epochs: int = arg(15)
+    lr: float = arg(
+        2e-3,
+        "AdamW learning rate. The reference uses 1e-4 for its 12-layer, 512-d model over tens of "
         "thousands of cells; small models on a few hundred cells need a larger rate",
     )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--no-scratch", action="store_true", help="skip the from-scratch scGPT control"
-    )
-    parser.add_argument("--n-hvg", type=int, default=2000, help="HVGs for the baselines")
+    batch_size: int = arg(32)
+    no_scratch: bool = arg(False, "skip the from-scratch scGPT control")
+    n_hvg: int = arg(2000, "HVGs for the baselines")
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
+def run(cfg: AnnotationConfig, ctx: TaskContext) -> dict:
 
-    adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
-    if args.label_key not in adata.obs:
+    adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
+    if cfg.label_key not in adata.obs:
         raise ValueError(
-            f"--label-key {args.label_key!r} is not an obs column; have {list(adata.obs)}"
+            f"--label-key {cfg.label_key!r} is not an obs column; have {list(adata.obs)}"
         )
     split = an.split_cells(
-        adata.obs, args.label_key, args.query_key, args.query_values, args.query_fraction, args.seed
+        adata.obs, cfg.label_key, cfg.query_key, cfg.query_values, cfg.query_fraction, cfg.seed
     )
-    names, y = np.unique(adata.obs[args.label_key].astype(str).to_numpy(), return_inverse=True)
+    names, y = np.unique(adata.obs[cfg.label_key].astype(str).to_numpy(), return_inverse=True)
     y_query = y[split.query]
     rows, preds, seconds = [], {}, {}
 
     X = log_normalize(adata.X)
     for method, fn in (("logreg_l1_hvg", an.logreg_hvg), ("logreg_pca50", an.logreg_pca)):
         t0 = time.perf_counter()
-        preds[method] = fn(X, y, split, n_hvg=args.n_hvg, seed=args.seed)
+        preds[method] = fn(X, y, split, n_hvg=cfg.n_hvg, seed=cfg.seed)
         seconds[method] = time.perf_counter() - t0
 
     history = {}
-    if args.checkpoint:
-        loaded = load_consolidated(args.checkpoint)
+    if cfg.checkpoint:
+        loaded = load_consolidated(cfg.checkpoint)
         table = with_labels(
             tokenize_anndata(adata, loaded.vocab, loaded.config.data.tokenizer), y, np.zeros(len(y))
         )
         ref_table, query_table = table.take(split.reference), table.take(split.query)
         ft = FinetuneConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            seed=cfg.seed,
             objectives=ObjectiveConfig(gep=0.0, gepc=0.0, cls=1.0),
         )
-        arms = [("scgpt_finetuned", False)] + ([] if args.no_scratch else [("scgpt_scratch", True)])
+        arms = [("scgpt_finetuned", False)] + ([] if cfg.no_scratch else [("scgpt_scratch", True)])
         for method, scratch in arms:
             t0 = time.perf_counter()
             # Annotation finetuning takes no batch labels (as the reference tutorial); the CLS head is new.
             model, _ = adapt_model(
                 loaded,
                 from_scratch=scratch,
-                seed=args.seed,
+                seed=cfg.seed,
                 n_cls=len(names),
                 use_batch_labels=False,
                 domain_spec_batchnorm="none",
@@ -121,11 +112,11 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     rep = ctx.report
     rep.text(
-        f"{adata.n_obs} cells, {len(names)} cell types (`{args.label_key}`); split: {split.how}; "
+        f"{adata.n_obs} cells, {len(names)} cell types (`{cfg.label_key}`); split: {split.how}; "
         f"{len(split.reference)} reference and {len(split.query)} query cells."
         + (
-            f" scGPT: {args.epochs} epochs, lr {args.lr}, batch {args.batch_size}, CLS objective."
-            if args.checkpoint
+            f" scGPT: {cfg.epochs} epochs, lr {cfg.lr}, batch {cfg.batch_size}, CLS objective."
+            if cfg.checkpoint
             else " No checkpoint given: baselines only."
         )
     )

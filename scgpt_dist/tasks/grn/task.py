@@ -11,14 +11,15 @@ the same gene pairs: genes detected in at least --min-detection of the chosen ce
 
 from __future__ import annotations
 
-import argparse
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
 from data_ingest import keys
-from jobs.finetune.common import TaskContext, load_cells
-from scgpt_dist import grn
+from scgpt_dist.tasks.config import TaskConfig, arg
+from scgpt_dist.tasks.grn import method as grn
+from scgpt_dist.tasks.runner import TaskContext, load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
 log = logging.getLogger(__name__)
@@ -47,55 +48,51 @@ SCOPE_ALL = "all"
 SCOPE_ACTIVE = "active"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = grn.GrnConfig()
-    parser.add_argument(
-        "--truth",
-        help="ground truth JSON (default: <data>.ground_truth.json next to a synthetic census)",
+_D = grn.GrnConfig()
+
+
+@dataclass
+class GrnTaskConfig(TaskConfig):
+    """GRN task settings (besides the common ones); the method's own are `grn.GrnConfig`'s."""
+
+    truth: str | None = arg(
+        None, "ground truth JSON (default: <data>.ground_truth.json next to a synthetic census)"
     )
-    parser.add_argument(
-        "--cell-type",
-        help=f"cell state (obs `{CELL_TYPE_COLUMN}` value) for attention and the gene set "
+    cell_type: str | None = arg(
+        None,
+        f"cell state (obs `{CELL_TYPE_COLUMN}` value) for attention and the gene set "
         "(default: the most frequent one)",
     )
-    parser.add_argument("--min-detection", type=float, default=d.min_detection)
-    parser.add_argument("--max-genes", type=int, default=d.max_genes)
-    parser.add_argument("--knn", type=int, default=d.knn, help="neighbours in the gene kNN graph")
-    parser.add_argument("--resolution", type=float, default=d.leiden_resolution)
-    parser.add_argument("--attention-layer", type=int, default=d.attention_layer)
-    parser.add_argument("--attention-norm", choices=grn.ATTENTION_NORMS, default=d.attention_norm)
-    parser.add_argument(
-        "--attention-apc",
-        action="store_true",
-        help="average product correction of the attention scores (removes hub-gene stripes)",
+    min_detection: float = arg(_D.min_detection)
+    max_genes: int | None = arg(_D.max_genes)
+    knn: int = arg(_D.knn, "neighbours in the gene kNN graph")
+    resolution: float = arg(_D.leiden_resolution)
+    attention_layer: int = arg(_D.attention_layer)
+    attention_norm: str = arg(_D.attention_norm, choices=grn.ATTENTION_NORMS)
+    attention_apc: bool = arg(
+        False, "average product correction of the attention scores (removes hub-gene stripes)"
     )
-    parser.add_argument("--attention-cells", type=int, default=d.attention_cells)
-    parser.add_argument("--attention-passes", type=int, default=d.attention_passes)
-    parser.add_argument(
-        "--context-len",
-        type=int,
-        default=d.context_len,
-        help="tokens per cell for attention (default: the model's training max_seq_len)",
+    attention_cells: int = arg(_D.attention_cells)
+    attention_passes: int = arg(_D.attention_passes)
+    context_len: int | None = arg(
+        _D.context_len, "tokens per cell for attention (default: the model's training max_seq_len)"
     )
-    parser.add_argument(
-        "--top-edges", type=int, default=15, help="rows per method in the top-edges table"
-    )
+    top_edges: int = arg(15, "rows per method in the top-edges table")
 
-
-def _config(args: argparse.Namespace) -> grn.GrnConfig:
-    return grn.GrnConfig(
-        min_detection=args.min_detection,
-        max_genes=args.max_genes,
-        knn=args.knn,
-        leiden_resolution=args.resolution,
-        attention_layer=args.attention_layer,
-        attention_norm=args.attention_norm,
-        attention_apc=args.attention_apc,
-        attention_cells=args.attention_cells,
-        attention_passes=args.attention_passes,
-        context_len=args.context_len,
-        seed=args.seed,
-    )
+    def method_config(self) -> grn.GrnConfig:
+        return grn.GrnConfig(
+            min_detection=self.min_detection,
+            max_genes=self.max_genes,
+            knn=self.knn,
+            leiden_resolution=self.resolution,
+            attention_layer=self.attention_layer,
+            attention_norm=self.attention_norm,
+            attention_apc=self.attention_apc,
+            attention_cells=self.attention_cells,
+            attention_passes=self.attention_passes,
+            context_len=self.context_len,
+            seed=self.seed,
+        )
 
 
 def _pick_cell_type(adata, requested: str | None) -> str:
@@ -113,19 +110,19 @@ def _pick_cell_type(adata, requested: str | None) -> str:
     return requested
 
 
-def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
-    cfg = _config(args)
-    truth_path = args.truth or grn.find_truth(args.data)
+def run(cfg: GrnTaskConfig, ctx: TaskContext) -> dict:
+    gcfg = cfg.method_config()
+    truth_path = cfg.truth or grn.find_truth(cfg.data)
     truth = grn.PlantedNetwork.load(truth_path)
-    adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
-    cell_type = _pick_cell_type(adata, args.cell_type)
+    adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
+    cell_type = _pick_cell_type(adata, cfg.cell_type)
     cells = adata[adata.obs[CELL_TYPE_COLUMN].astype(str) == cell_type].copy()
 
     loaded = None
-    if args.checkpoint:
-        loaded = load_consolidated(args.checkpoint)
+    if cfg.checkpoint:
+        loaded = load_consolidated(cfg.checkpoint)
     genes = grn.select_genes(
-        cells, cfg.min_detection, cfg.max_genes, loaded.vocab if loaded else None
+        cells, gcfg.min_detection, gcfg.max_genes, loaded.vocab if loaded else None
     )
     log.info("GRN on %d genes, %d %s cells of %d", len(genes), cells.n_obs, cell_type, adata.n_obs)
 
@@ -134,12 +131,12 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
     attn_cells = cells
     if loaded is not None:
         scores[EMBEDDING] = grn.cosine_similarity(grn.gene_embeddings(loaded, genes))
-        if cells.n_obs > cfg.attention_cells:
-            pick = np.random.default_rng(cfg.seed).choice(
-                cells.n_obs, cfg.attention_cells, replace=False
+        if cells.n_obs > gcfg.attention_cells:
+            pick = np.random.default_rng(gcfg.seed).choice(
+                cells.n_obs, gcfg.attention_cells, replace=False
             )
             attn_cells = cells[np.sort(pick)].copy()
-        scores[ATTENTION], seen = grn.attention_scores(loaded, attn_cells, genes, cfg)
+        scores[ATTENTION], seen = grn.attention_scores(loaded, attn_cells, genes, gcfg)
         off = ~np.eye(len(genes), dtype=bool)
         coverage = float((seen[off] > 0).mean())
     scores[CORR_CELLTYPE] = grn.correlation_scores(cells, genes)
@@ -165,7 +162,7 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
         metrics["attention_pair_coverage"] = coverage
     rows = []
     programs = {
-        m: grn.leiden_programs(s, cfg.knn, cfg.leiden_resolution, cfg.seed)
+        m: grn.leiden_programs(s, gcfg.knn, gcfg.leiden_resolution, gcfg.seed)
         for m, s in scores.items()
     }
     for scope in scopes:
@@ -201,8 +198,8 @@ def run(args: argparse.Namespace, ctx: TaskContext) -> dict:
 
     _write_report(
         ctx,
-        args,
         cfg,
+        gcfg,
         cell_type,
         genes,
         cells,
@@ -241,8 +238,8 @@ def _verdict(rows: list[dict], scope_label: str) -> str:
 
 def _write_report(
     ctx,
-    args,
     cfg,
+    gcfg,
     cell_type,
     genes,
     cells,
@@ -259,18 +256,18 @@ def _write_report(
     n_active = int((labels.get(SCOPE_ACTIVE, np.array([-1])) >= 0).sum())
     rep.text(
         f"Cell state **{cell_type}**: {cells.n_obs} cells; gene set = {len(genes)} genes detected in "
-        f">= {cfg.min_detection:.0%} of them ({int((labels[SCOPE_ALL] >= 0).sum())} in planted modules, "
+        f">= {gcfg.min_detection:.0%} of them ({int((labels[SCOPE_ALL] >= 0).sum())} in planted modules, "
         f"{n_active} in modules active in {cell_type}). Ground truth: `{truth_path}`. "
         "Edges are unordered gene pairs; the random AUPRC is the edge density."
     )
     if ATTENTION in scores:
         rep.text(
-            f"Attention: layer {cfg.attention_layer} of the model, {cfg.attention_norm}-normalised per query"
-            f"{', average-product corrected' if cfg.attention_apc else ''}, "
-            f"averaged over heads and {attn_cells.n_obs} cells x {cfg.attention_passes} tokenizations "
-            f"(context {cfg.context_len or 'as trained'}); {coverage:.1%} of gene pairs met in a context. "
+            f"Attention: layer {gcfg.attention_layer} of the model, {gcfg.attention_norm}-normalised per query"
+            f"{', average-product corrected' if gcfg.attention_apc else ''}, "
+            f"averaged over heads and {attn_cells.n_obs} cells x {gcfg.attention_passes} tokenizations "
+            f"(context {gcfg.context_len or 'as trained'}); {coverage:.1%} of gene pairs met in a context. "
             "Gene embedding: cosine of the gene token embeddings. Programs: Leiden (modularity, "
-            f"resolution {cfg.leiden_resolution}) on a {cfg.knn}-NN graph of each score matrix."
+            f"resolution {gcfg.leiden_resolution}) on a {gcfg.knn}-NN graph of each score matrix."
         )
     rep.table("Edge recovery and gene programs vs the planted network", rows)
     verdicts = [_verdict(rows, _scope_label(s, cell_type)) for s in truths if truths[s].any()]
@@ -281,7 +278,7 @@ def _write_report(
         if method not in scores:
             continue
         for r in grn.top_edges(
-            scores[method], genes, args.top_edges, truths[SCOPE_ALL], labels[SCOPE_ALL]
+            scores[method], genes, cfg.top_edges, truths[SCOPE_ALL], labels[SCOPE_ALL]
         ):
             top_rows.append({"method": METHOD_LABELS[method], **r})
     rep.table(

@@ -12,16 +12,17 @@ The data: counts (or log-normalized values) with obs `perturbation` in GEARS nam
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from data_ingest import keys
-from jobs.finetune.common import load_cells
-from scgpt_dist import perturbation as pt
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.tasks.config import TaskConfig, arg
+from scgpt_dist.tasks.perturbation import method as pt
+from scgpt_dist.tasks.runner import TaskContext, load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
 DESCRIPTION = (
@@ -30,37 +31,24 @@ DESCRIPTION = (
 METRICS = ("pearson_delta", "pearson_delta_de20", "mse", "mse_de20")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--perturbation-key", default="perturbation", help="obs column with GEARS-style names"
+@dataclass
+class PerturbationConfig(TaskConfig):
+    """Perturbation-response settings (besides the common ones)."""
+
+    perturbation_key: str = arg("perturbation", "obs column with GEARS-style names")
+    unseen_fraction: float = arg(0.25, "share of singles held out (unseen)")
+    double_test_fraction: float = arg(
+        0.5, "share of the doubles made of training singles that are held out"
     )
-    parser.add_argument(
-        "--unseen-fraction", type=float, default=0.25, help="share of singles held out (unseen)"
+    n_genes: int | None = arg(
+        None, "context genes (default: the model's max_seq_len - 1, or 255 without a model)"
     )
-    parser.add_argument(
-        "--double-test-fraction",
-        type=float,
-        default=0.5,
-        help="share of the doubles made of training singles that are held out",
-    )
-    parser.add_argument(
-        "--n-genes",
-        type=int,
-        default=None,
-        help="context genes (default: the model's max_seq_len - 1, or 255 without a model)",
-    )
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument(
-        "--lr", type=float, default=1e-4, help="AdamW learning rate (reference: 1e-4)"
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--pred-controls", type=int, default=300, help="control cells averaged per prediction"
-    )
-    parser.add_argument(
-        "--scratch", action="store_true", help="also train a from-scratch model (same recipe)"
-    )
-    parser.add_argument("--pca-components", type=int, default=10, help="linear baseline's PCs")
+    epochs: int = arg(5)
+    lr: float = arg(1e-4, "AdamW learning rate (reference: 1e-4)")
+    batch_size: int = arg(32)
+    pred_controls: int = arg(300, "control cells averaged per prediction")
+    scratch: bool = arg(False, "also train a from-scratch model (same recipe)")
+    pca_components: int = arg(10, "linear baseline's PCs")
 
 
 def _batch_index(loaded, adata) -> int:
@@ -73,32 +61,30 @@ def _batch_index(loaded, adata) -> int:
     return 0
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
+def run(cfg: PerturbationConfig, ctx: TaskContext) -> dict:
 
     t_start = time.perf_counter()
-    if args.max_cells:
+    if cfg.max_cells:
         raise ValueError(
             "--max-cells would subsample control and perturbed cells unevenly; the perturbation task "
             "uses every cell (make a smaller screen with `python -m data_ingest.perturb_synth` instead)"
         )
-    adata = load_cells(args.data, args.obs_filter, None, args.seed)
-    if args.perturbation_key not in adata.obs:
+    adata = load_cells(cfg.data, cfg.obs_filter, None, cfg.seed)
+    if cfg.perturbation_key not in adata.obs:
         raise ValueError(
-            f"--perturbation-key {args.perturbation_key!r} is not an obs column; have "
+            f"--perturbation-key {cfg.perturbation_key!r} is not an obs column; have "
             f"{list(adata.obs)} (write the data with `python -m data_ingest.perturb_synth`)"
         )
-    labels = adata.obs[args.perturbation_key].astype(str).to_numpy()
+    labels = adata.obs[cfg.perturbation_key].astype(str).to_numpy()
     names = sorted(set(labels) - {keys.CONTROL_CONDITION})
-    split = pt.split_perturbations(
-        names, args.unseen_fraction, args.double_test_fraction, args.seed
-    )
+    split = pt.split_perturbations(names, cfg.unseen_fraction, cfg.double_test_fraction, cfg.seed)
     groups = split.groups()
     test = sorted({n for g in groups.values() for n in g})
 
     loaded = None
-    if args.checkpoint:
-        loaded = load_consolidated(args.checkpoint)
-    n_genes = args.n_genes or (
+    if cfg.checkpoint:
+        loaded = load_consolidated(cfg.checkpoint)
+    n_genes = cfg.n_genes or (
         loaded.config.data.tokenizer.max_seq_len - 1 if loaded is not None else 255
     )
     allowed = set(loaded.vocab.to_dict()) if loaded is not None else None
@@ -114,7 +100,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
         f"{adata.n_obs} cells: {len(data.ctrl)} control, {len(names)} perturbations "
         f"({sum(pt.is_double(n) for n in names)} doubles). Context: {len(data.genes)} genes (every "
         "target gene, then the highest mean log expression over control + training cells). Split (seed "
-        f"{args.seed}): {len(split.train)} training perturbations, "
+        f"{cfg.seed}): {len(split.train)} training perturbations, "
         + ", ".join(f"{len(v)} {k}" for k, v in groups.items())
         + ". Values: log1p(counts normalized to 1e4); the model's input is the control cell's bins, its "
         "target the perturbed cell's log1p values. Pearson delta: correlation over genes of predicted vs "
@@ -129,7 +115,7 @@ def run(args: argparse.Namespace, ctx) -> dict:
     preds["no_change"] = pt.baseline_no_change(data, test)
     preds["mean_perturbed"] = pt.baseline_mean_perturbed(data, split.train, test)
     preds["linear_pca"] = pt.baseline_linear(
-        data, split.train, test, pt.pca_gene_features(data, split.train, args.pca_components)
+        data, split.train, test, pt.pca_gene_features(data, split.train, cfg.pca_components)
     )
     if loaded is not None:
         preds["linear_scgpt_emb"] = pt.baseline_linear(
@@ -140,21 +126,21 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     losses: dict[str, list[float]] = {}
     if loaded is not None:
-        arms = [("scgpt", False)] + ([("scgpt_scratch", True)] if args.scratch else [])
+        arms = [("scgpt", False)] + ([("scgpt_scratch", True)] if cfg.scratch else [])
         for method, scratch in arms:
             t0 = time.perf_counter()
             predictor = pt.PerturbationPredictor(
-                loaded, data, _batch_index(loaded, adata), from_scratch=scratch, seed=args.seed
+                loaded, data, _batch_index(loaded, adata), from_scratch=scratch, seed=cfg.seed
             )
-            cfg = pt.PerturbationTrainConfig(
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                n_pred_controls=args.pred_controls,
-                seed=args.seed,
+            train_cfg = pt.PerturbationTrainConfig(
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                lr=cfg.lr,
+                n_pred_controls=cfg.pred_controls,
+                seed=cfg.seed,
             )
-            losses[method] = predictor.fit(split.train, cfg)
-            preds[method] = predictor.predict_means(test, args.pred_controls, seed=args.seed)
+            losses[method] = predictor.fit(split.train, train_cfg)
+            preds[method] = predictor.predict_means(test, cfg.pred_controls, seed=cfg.seed)
             timings[f"{method}_s"] = time.perf_counter() - t0
 
     # --- metrics per perturbation, then averaged per (group, method)

@@ -319,7 +319,7 @@ class PerturbationPredictor:
         from_scratch: bool = False,
         seed: int = 0,
     ):
-        from scgpt_dist.finetune import adapt_model
+        from scgpt_dist.tasks.finetune import adapt_model
 
         self.model: ScGPT
         self.model, self.fresh = adapt_model(

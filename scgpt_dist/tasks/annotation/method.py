@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_dist.integration import hvg_index
-from scgpt_dist.preprocess import is_count_matrix  # noqa: F401  (re-exported for the jobs)
+from scgpt_dist.preprocess import hvg_index
 
 
 @dataclass

@@ -17,8 +17,8 @@ from data_ingest.synth import CensusSynthConfig, write_synthetic_census
 from data_ingest.vocab import GeneVocab
 from jobs.finetune.__main__ import main
 from scgpt_dist.config import ExperimentConfig, dump_config, from_dict
-from scgpt_dist.integration import METRICS
 from scgpt_dist.model.transformer import build_model
+from scgpt_dist.tasks.integration.method import METRICS
 
 CENSUS = CensusSynthConfig(
     n_cells=240,
@@ -141,7 +141,11 @@ def test_integration_needs_two_batches(model_dir, tmp_path, census):
 
 @pytest.mark.slow
 def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
-    from jobs.finetune.multiomics import concat_tokens, copy_pretrained_rows, extend_vocab_model
+    from scgpt_dist.tasks.multiomics.task import (
+        concat_tokens,
+        copy_pretrained_rows,
+        extend_vocab_model,
+    )
     from scgpt_dist.train.checkpoint import load_consolidated
 
     cite = make_multiome(MultiomeSynthConfig(n_cells=200, n_batches=2, n_proteins=6), CENSUS)
@@ -153,7 +157,7 @@ def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
     ext, added = extend_vocab_model(loaded, prot)
     assert added == prot and len(ext.vocab) == len(loaded.vocab) + 6
     assert all(ext.vocab[g] == loaded.vocab[g] for g in ("SYNG00000", "SYNG00399", keys.CLS_TOKEN))
-    from scgpt_dist.finetune import adapt_model
+    from scgpt_dist.tasks.finetune import adapt_model
 
     model, fresh = adapt_model(ext, use_modality=True)
     assert "encoder.embedding.weight" in fresh and "modality_encoder.embedding.weight" in fresh

@@ -26,7 +26,7 @@ import anndata as ad
 import numpy as np
 import scipy.sparse as sp
 
-from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.preprocess import hvg_index, log_normalize
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +146,6 @@ class BaselineConfig:
 
 def _dense_log(X) -> np.ndarray:
     return log_normalize(X).toarray().astype(np.float32)
-
-
-def hvg_index(logX: np.ndarray, n_hvg: int) -> np.ndarray:
-    """Indices of the `n_hvg` genes with the highest normalised dispersion (scanpy's `seurat` flavour)."""
-    import scanpy as sc
-
-    if n_hvg >= logX.shape[1]:
-        return np.arange(logX.shape[1])
-    tmp = ad.AnnData(X=logX)
-    sc.pp.highly_variable_genes(tmp, n_top_genes=n_hvg, flavor="seurat")
-    return np.flatnonzero(tmp.var["highly_variable"].to_numpy())
 
 
 def pca_of(logX: np.ndarray, n_pcs: int, seed: int = 0) -> np.ndarray:

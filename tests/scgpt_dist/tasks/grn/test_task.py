@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.finetune.__main__ import main
-from jobs.finetune.common import load_cells
-from scgpt_dist import grn
-from tests.scgpt_dist.test_grn import write_tiny_census, write_tiny_model
+from scgpt_dist.tasks.grn import method as grn
+from scgpt_dist.tasks.runner import load_cells
+from tests.scgpt_dist.tasks.grn.test_method import write_tiny_census, write_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.finetune.__main__ import main as finetune_main
-from scgpt_dist.annotation import classification_metrics, split_cells
+from scgpt_dist.tasks.annotation.method import classification_metrics, split_cells
 
 SYNTH = "value_kind == 'counts'"
 

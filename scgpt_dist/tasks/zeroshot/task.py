@@ -1,38 +1,39 @@
 """Zero-shot evaluation: the pretrained model's cell embeddings, without finetuning, next to HVG + PCA and scVI.
 
 Scores: kNN cell-type annotation accuracy (5-fold cross-validated, k = 10) and, when the cells come from two or
-more batches, the scib bio-conservation and batch-removal metrics (scgpt_dist.integration). Published work
+more batches, the scib bio-conservation and batch-removal metrics (`scgpt_dist.tasks.integration`). Published work
 (Kedzierska et al. 2023) found zero-shot scGPT embeddings often lose to HVG + PCA and scVI; the report says
 which wins here.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from jobs.finetune.common import load_cells
-from scgpt_dist import integration as ig
-from scgpt_dist.annotation import is_count_matrix
 from scgpt_dist.evaluate import knn_accuracy
 from scgpt_dist.inference import embed_anndata
-from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.preprocess import hvg_index, is_count_matrix, log_normalize
+from scgpt_dist.tasks.config import TaskConfig, arg
+from scgpt_dist.tasks.integration import method as ig
+from scgpt_dist.tasks.runner import TaskContext, load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
 DESCRIPTION = "zero-shot cell embeddings: kNN annotation and scib metrics vs HVG+PCA and scVI"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--label-key", default="cell_type", help="obs column with the cell types")
-    parser.add_argument(
-        "--batch-key", help="obs column with the batch (default: dataset_id or batch)"
-    )
-    parser.add_argument("--k", type=int, default=10, help="neighbours of the kNN classifier")
-    parser.add_argument("--no-scvi", action="store_true", help="skip the scVI baseline")
-    parser.add_argument("--scvi-epochs", type=int, default=20)
-    parser.add_argument("--no-umap", action="store_true", help="skip the UMAP figure")
+@dataclass
+class ZeroshotConfig(TaskConfig):
+    """Zero-shot evaluation settings (besides the common ones)."""
+
+    label_key: str = arg("cell_type", "obs column with the cell types")
+    batch_key: str | None = arg(None, "obs column with the batch (default: dataset_id or batch)")
+    k: int = arg(10, "neighbours of the kNN classifier")
+    no_scvi: bool = arg(False, "skip the scVI baseline")
+    scvi_epochs: int = arg(20)
+    no_umap: bool = arg(False, "skip the UMAP figure")
 
 
 def _batch_key(obs, requested: str | None) -> str | None:
@@ -43,15 +44,15 @@ def _batch_key(obs, requested: str | None) -> str | None:
     return next((k for k in ("dataset_id", "batch") if k in obs), None)
 
 
-def run(args: argparse.Namespace, ctx) -> dict:
+def run(cfg: ZeroshotConfig, ctx: TaskContext) -> dict:
 
-    adata = load_cells(args.data, args.obs_filter, args.max_cells, args.seed)
-    if args.label_key not in adata.obs:
+    adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
+    if cfg.label_key not in adata.obs:
         raise ValueError(
-            f"--label-key {args.label_key!r} is not an obs column; have {list(adata.obs)}"
+            f"--label-key {cfg.label_key!r} is not an obs column; have {list(adata.obs)}"
         )
-    labels = adata.obs[args.label_key].astype(str).to_numpy()
-    bkey = _batch_key(adata.obs, args.batch_key)
+    labels = adata.obs[cfg.label_key].astype(str).to_numpy()
+    bkey = _batch_key(adata.obs, cfg.batch_key)
     batches = adata.obs[bkey].astype(str).to_numpy() if bkey else np.full(adata.n_obs, "all")
     n_batches = len(np.unique(batches))
 
@@ -59,28 +60,28 @@ def run(args: argparse.Namespace, ctx) -> dict:
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     logX = log_normalize(adata.X).toarray().astype(np.float32)
-    embeddings["hvg_pca50"] = ig.pca_of(logX[:, ig.hvg_index(logX, 2000)], 50, args.seed)
+    embeddings["hvg_pca50"] = ig.pca_of(logX[:, hvg_index(logX, 2000)], 50, cfg.seed)
     seconds["hvg_pca50"] = time.perf_counter() - t0
     notes = []
-    if not args.no_scvi:
+    if not cfg.no_scvi:
         if is_count_matrix(adata.X):
             t0 = time.perf_counter()
-            cfg = ig.BaselineConfig(scvi_epochs=args.scvi_epochs, seed=args.seed)
-            embeddings["scvi"] = ig.scvi_baseline(adata.X, batches, cfg)
+            scvi_cfg = ig.BaselineConfig(scvi_epochs=cfg.scvi_epochs, seed=cfg.seed)
+            embeddings["scvi"] = ig.scvi_baseline(adata.X, batches, scvi_cfg)
             seconds["scvi"] = time.perf_counter() - t0
         else:
             notes.append("scVI skipped: the data are not counts (scVI's likelihood needs counts).")
-    if args.checkpoint:
+    if cfg.checkpoint:
         t0 = time.perf_counter()
-        loaded = load_consolidated(args.checkpoint)
+        loaded = load_consolidated(cfg.checkpoint)
         embeddings["scgpt_zeroshot"] = embed_anndata(loaded, adata)
         seconds["scgpt_zeroshot"] = time.perf_counter() - t0
 
     rows, metrics = [], {}
     for method, X in embeddings.items():
-        row = {"method": method, "knn_accuracy": knn_accuracy(X, labels, k=args.k, seed=args.seed)}
+        row = {"method": method, "knn_accuracy": knn_accuracy(X, labels, k=cfg.k, seed=cfg.seed)}
         if n_batches >= 2:
-            row.update(ig.scib_scores(X, labels, batches, ig.ScibConfig(seed=args.seed)))
+            row.update(ig.scib_scores(X, labels, batches, ig.ScibConfig(seed=cfg.seed)))
         row["seconds"] = seconds[method]
         rows.append(row)
         metrics.update(
@@ -91,8 +92,8 @@ def run(args: argparse.Namespace, ctx) -> dict:
 
     rep = ctx.report
     rep.text(
-        f"{adata.n_obs} cells, {len(np.unique(labels))} cell types (`{args.label_key}`), {n_batches} "
-        f"batch(es) (`{bkey}`). kNN: {args.k} neighbours, 5-fold cross-validation on each embedding."
+        f"{adata.n_obs} cells, {len(np.unique(labels))} cell types (`{cfg.label_key}`), {n_batches} "
+        f"batch(es) (`{bkey}`). kNN: {cfg.k} neighbours, 5-fold cross-validation on each embedding."
         + ("" if n_batches >= 2 else " One batch only: scib batch metrics are not computed.")
     )
     for note in notes:
@@ -104,8 +105,8 @@ def run(args: argparse.Namespace, ctx) -> dict:
             f"**{rows[0]['method']}** beats zero-shot scGPT on {key} "
             f"({rows[0][key]:.3f} vs {ours[key]:.3f}), as published benchmarks of zero-shot scGPT found."
         )
-    if not args.no_umap:
-        coords = {m: ig.umap_coords(X, seed=args.seed) for m, X in embeddings.items()}
+    if not cfg.no_umap:
+        coords = {m: ig.umap_coords(X, seed=cfg.seed) for m, X in embeddings.items()}
         fig = rep.figure("umap", 9, 3.2 * len(coords))
         ig.plot_umaps(fig, coords, labels, batches)
     return metrics

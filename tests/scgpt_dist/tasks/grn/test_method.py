@@ -13,13 +13,13 @@ import torch
 from data_ingest import keys
 from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
 from data_ingest.vocab import GeneVocab
-from jobs.finetune.common import load_cells
-from scgpt_dist import grn
 from scgpt_dist.config import ExperimentConfig, dump_config, from_dict
 from scgpt_dist.inference import tokenize_anndata
 from scgpt_dist.model.collate import collate
 from scgpt_dist.model.transformer import build_model
 from scgpt_dist.preprocess import log_normalize
+from scgpt_dist.tasks.grn import method as grn
+from scgpt_dist.tasks.runner import load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
 TINY_CENSUS = CensusSynthConfig(
