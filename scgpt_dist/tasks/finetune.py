@@ -2,7 +2,9 @@
 
 - `adapt_model`: a copy of a pretrained model with a changed head set (CLS classes, batch count, DAR, DSBN,
   modality / perturbation tokens), carrying every pretrained weight whose name and shape still match.
-- `finetune`: epochs over a token table with any weighted mix of objectives (CLS, GEP, GEPC, ECS, DAR, CCE).
+- `train_epochs`: the one finetuning loop (AdamW, step decay, clipping, per-epoch means) every task uses.
+- `finetune`: `train_epochs` over a token table with any weighted mix of objectives (CLS, GEP, GEPC, ECS, DAR,
+  CCE).
 - `embed_cells`, `predict_labels`: inference on a token table in row order.
 """
 
@@ -11,16 +13,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from data_ingest import keys
-from scgpt_dist.config import ModelConfig, ObjectiveConfig
 from scgpt_dist.model.collate import Batch, collate, mask_values
+from scgpt_dist.model.config import ModelConfig, ObjectiveConfig
 from scgpt_dist.model.losses import enabled as enabled_objectives
 from scgpt_dist.model.losses import model_problems, total_loss
 from scgpt_dist.model.transformer import ScGPT, build_model
@@ -59,24 +62,77 @@ def adapt_model(
 
 
 @dataclass
-class FinetuneConfig:
-    """One finetuning run."""
+class LoopConfig:
+    """The optimisation every finetuning run shares: AdamW, a per-epoch step decay, gradient clipping."""
 
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-4
-    """AdamW learning rate (reference annotation finetuning uses 1e-4)."""
+    """AdamW learning rate (reference finetuning uses 1e-4)."""
     weight_decay: float = 0.0
     schedule_gamma: float = 0.9
     """Learning rate multiplied by this after each epoch (reference StepLR, step 1)."""
     grad_clip: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig(LoopConfig):
+    """Finetuning on a token table with a weighted mix of objectives."""
+
     objectives: ObjectiveConfig = field(
         default_factory=lambda: ObjectiveConfig(gep=0.0, gepc=0.0, cls=1.0)
     )
     """Weights of the finetuning objectives (default: CLS only, as for annotation)."""
     freeze_encoder: bool = False
     """Train only the heads (gene/value embeddings and transformer frozen)."""
-    seed: int = 0
+
+
+def train_epochs(
+    model: torch.nn.Module,
+    cfg: LoopConfig,
+    epoch_batches: Callable[[int], Iterable[Any]],
+    loss_of: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    name: str = "finetune",
+) -> list[dict[str, float]]:
+    """The single-process finetuning loop every task uses: for each epoch, the batches `epoch_batches(epoch)`
+    yields, `loss_of(batch) -> (loss, parts)`, backward, clip, AdamW step; the learning rate decays by
+    `cfg.schedule_gamma` per epoch. Returns per-epoch means of `loss` and the parts; `on_epoch(epoch, means)`
+    after each epoch. Trains the parameters that require gradients; leaves the model in eval mode."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.schedule_gamma)
+    history = []
+    for epoch in range(cfg.epochs):
+        model.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in epoch_batches(epoch):
+            loss, parts = loss_of(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            for k, v in {"loss": loss.detach(), **parts}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            if n % 50 == 0:
+                log.info("%s epoch %d step %d loss=%.4f", name, epoch + 1, n, sums["loss"] / n)
+        sched.step()
+        means = {k: v / max(n, 1) for k, v in sums.items()}
+        history.append(means)
+        log.info(
+            "%s epoch %d/%d %s",
+            name,
+            epoch + 1,
+            cfg.epochs,
+            " ".join(f"{k}={v:.4f}" for k, v in means.items()),
+        )
+        if on_epoch is not None:
+            on_epoch(epoch, means)
+    model.eval()
+    return history
 
 
 def _model_inputs(model: ScGPT, b: Batch) -> dict:
@@ -97,8 +153,8 @@ def finetune(
     cfg: FinetuneConfig,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
-    """Train `model` in place on `table` (token records with `label` / `batch` as the objectives need).
-    Returns per-epoch mean losses; `on_epoch(epoch, losses)` is called after each epoch."""
+    """Train `model` in place on `table` (token records with `label` / `batch` as the objectives need) with
+    `cfg.objectives` through `train_epochs`. Returns per-epoch mean losses."""
     obj = cfg.objectives
     problems = model_problems(model.cfg, obj)
     if problems:  # adapt_model adds the heads (n_cls, do_dab, ...)
@@ -108,47 +164,24 @@ def finetune(
         for name, p in model.named_parameters():
             if name.startswith(("encoder.", "value_encoder.", "transformer_encoder.")):
                 p.requires_grad_(False)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.schedule_gamma)
     masking = any(o.masked for o in enabled_objectives(obj))
-    history = []
-    for epoch in range(cfg.epochs):
-        model.train()
+
+    def batches(epoch: int):
         order = torch.randperm(table.num_rows, generator=gen).numpy()
-        sums: dict[str, float] = {}
-        n = 0
         for start in range(0, table.num_rows, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            if len(idx) < 2:  # batch norm and ECS need two cells
-                continue
-            b = collate(table.take(pa.array(idx)), model.pad_id)
-            if masking:
-                inp, mask = mask_values(b.values, obj.mask_ratio, gen)
-            else:
-                inp, mask = b.values, b.values == keys.PAD_VALUE - 1  # all False
-            out = model(b.genes, inp, b.padding, **_model_inputs(model, b), cce=bool(obj.cce))
-            loss, parts = total_loss(out, b.values, mask, obj, batch=b.batch, labels=b.label)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            for k, v in {"loss": loss.detach(), **parts}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-        sched.step()
-        means = {k: v / max(n, 1) for k, v in sums.items()}
-        history.append(means)
-        log.info(
-            "finetune epoch %d/%d %s",
-            epoch + 1,
-            cfg.epochs,
-            " ".join(f"{k}={v:.4f}" for k, v in means.items()),
-        )
-        if on_epoch is not None:
-            on_epoch(epoch, means)
-    model.eval()
-    return history
+            if len(idx) >= 2:  # batch norm and ECS need two cells
+                yield collate(table.take(pa.array(idx)), model.pad_id)
+
+    def loss_of(b: Batch):
+        if masking:
+            inp, mask = mask_values(b.values, obj.mask_ratio, gen)
+        else:
+            inp, mask = b.values, b.values == keys.PAD_VALUE - 1  # all False
+        out = model(b.genes, inp, b.padding, **_model_inputs(model, b), cce=bool(obj.cce))
+        return total_loss(out, b.values, mask, obj, batch=b.batch, labels=b.label)
+
+    return train_epochs(model, cfg, batches, loss_of, on_epoch)
 
 
 @torch.no_grad()

@@ -36,6 +36,7 @@ from data_ingest import keys
 from data_ingest.binning import bin_cell
 from scgpt_dist import preprocess
 from scgpt_dist.model.transformer import ScGPT
+from scgpt_dist.tasks.finetune import LoopConfig, adapt_model, train_epochs
 from scgpt_dist.train.checkpoint import LoadedModel
 
 log = logging.getLogger(__name__)
@@ -286,16 +287,12 @@ def baseline_linear(
 
 
 @dataclass
-class PerturbationTrainConfig:
-    """Finetuning the perturbation model."""
+class PerturbationTrainConfig(LoopConfig):
+    """Finetuning the perturbation model (the loop's settings, and the pairs it trains on)."""
 
     epochs: int = 5
-    batch_size: int = 32
-    lr: float = 1e-4
-    """AdamW learning rate (reference perturbation tutorial: 1e-4)."""
-    schedule_gamma: float = 0.9
-    """LR multiplied by this after each epoch (reference StepLR, step 1)."""
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01
+    """AdamW's default, which this task has always used."""
     control_pairs: float = 0.5
     """Control -> control pairs (flags all 0) added per epoch, as a fraction of the perturbed training cells."""
     calibrate_head: bool = True
@@ -303,7 +300,6 @@ class PerturbationTrainConfig:
     log1p values on its (bin-scale) predictions for them, so finetuning starts on the target's scale."""
     n_pred_controls: int = 300
     """Control cells whose predictions are averaged into a perturbation's predicted mean."""
-    seed: int = 0
     losses: list[float] = field(default_factory=list)
     """Filled in: mean training loss per epoch."""
 
@@ -319,8 +315,6 @@ class PerturbationPredictor:
         from_scratch: bool = False,
         seed: int = 0,
     ):
-        from scgpt_dist.tasks.finetune import adapt_model
-
         self.model: ScGPT
         self.model, self.fresh = adapt_model(
             loaded, from_scratch=from_scratch, seed=seed, use_perturbation=True
@@ -392,7 +386,8 @@ class PerturbationPredictor:
         return float(a), float(b)
 
     def fit(self, train: list[str], cfg: PerturbationTrainConfig) -> list[float]:
-        """Finetune on (control cell, perturbed cell) pairs of the `train` perturbations; per-epoch losses."""
+        """Finetune on (control cell, perturbed cell) pairs of the `train` perturbations through the one
+        finetuning loop (`train_epochs`); per-epoch mean squared errors."""
         gen = np.random.default_rng(cfg.seed)
         torch.manual_seed(cfg.seed)
         if cfg.calibrate_head:
@@ -403,47 +398,27 @@ class PerturbationPredictor:
             [np.repeat(self.flags_for(n)[None], len(data.cells[n]), 0) for n in train]
         )  # (N, G)
         n_ctrl_pairs = int(round(cfg.control_pairs * len(targets)))
-        model = self.model
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=cfg.schedule_gamma)
         n_ctrl = len(data.ctrl)
-        for epoch in range(cfg.epochs):
-            model.train()
+
+        def batches(epoch: int):
             # Perturbed examples, then control -> control examples (targets are other control cells).
             ctrl_targets = gen.integers(0, n_ctrl, n_ctrl_pairs)
             all_targets = np.concatenate([targets, data.ctrl[ctrl_targets]])  # (N', G)
             all_flags = np.concatenate([flags, np.zeros((n_ctrl_pairs, flags.shape[1]), np.int64)])
             order = gen.permutation(len(all_targets))
-            total, steps = 0.0, 0
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                if len(idx) < 2:
-                    continue
-                ctrl_rows = gen.integers(0, n_ctrl, len(idx))
-                out = model(**self._inputs(ctrl_rows, all_flags[idx]))
-                pred = out["gep"][:, 1:]  # (B, G)
-                loss = F.mse_loss(pred, torch.from_numpy(all_targets[idx]))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                total += float(loss.detach())
-                steps += 1
-                if steps % 50 == 0:
-                    log.info(
-                        "perturbation finetune epoch %d step %d/%d mse=%.4f",
-                        epoch + 1,
-                        steps,
-                        -(-len(order) // cfg.batch_size),
-                        total / steps,
-                    )
-            sched.step()
-            cfg.losses.append(total / max(steps, 1))
-            log.info(
-                "perturbation finetune epoch %d/%d mse=%.4f", epoch + 1, cfg.epochs, cfg.losses[-1]
-            )
-        model.eval()
+                if len(idx) >= 2:
+                    ctrl_rows = gen.integers(0, n_ctrl, len(idx))
+                    yield ctrl_rows, all_flags[idx], all_targets[idx]
+
+        def loss_of(batch):
+            ctrl_rows, batch_flags, batch_targets = batch
+            pred = self.model(**self._inputs(ctrl_rows, batch_flags))["gep"][:, 1:]  # (B, G)
+            return F.mse_loss(pred, torch.from_numpy(batch_targets)), {}
+
+        history = train_epochs(self.model, cfg, batches, loss_of, name="perturbation finetune")
+        cfg.losses.extend(h["loss"] for h in history)
         return cfg.losses
 
     @torch.no_grad()
