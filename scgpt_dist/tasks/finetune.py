@@ -1,11 +1,13 @@
 """Finetuning a pretrained model on a small labelled data set (one process, a Ray task in `jobs.finetune`).
 
 - `adapt_model`: a copy of a pretrained model with a changed head set (CLS classes, batch count, DAR, DSBN,
-  modality / perturbation tokens), carrying every pretrained weight whose name and shape still match.
+  modality / perturbation tokens) and, optionally, a grown vocabulary, carrying every pretrained weight whose
+  name and shape still match.
 - `train_epochs`: the one finetuning loop (AdamW, step decay, clipping, per-epoch means) every task uses.
 - `finetune`: `train_epochs` over a token table with any weighted mix of objectives (CLS, GEP, GEPC, ECS, DAR,
   CCE).
-- `embed_cells`, `predict_labels`: inference on a token table in row order.
+- `run_model`: eval-mode cell embeddings (and class logits) of a token table in row order; `with_labels` sets
+  a table's label / batch codes.
 """
 
 from __future__ import annotations
@@ -22,28 +24,41 @@ import pyarrow as pa
 import torch
 
 from data_ingest import keys
+from data_ingest.vocab import GeneVocab
 from scgpt_dist.model.collate import Batch, collate, mask_values
 from scgpt_dist.model.config import ModelConfig, ObjectiveConfig
 from scgpt_dist.model.losses import enabled as enabled_objectives
 from scgpt_dist.model.losses import model_problems, total_loss
 from scgpt_dist.model.transformer import ScGPT, build_model
 from scgpt_dist.train.checkpoint import LoadedModel
+from scgpt_dist.train.warmstart import GENE_EMBEDDING, check_stable_extension, grow_gene_rows
 
 log = logging.getLogger(__name__)
 
 
 def adapt_model(
-    loaded: LoadedModel, from_scratch: bool = False, seed: int = 0, **changes
+    loaded: LoadedModel,
+    from_scratch: bool = False,
+    seed: int = 0,
+    vocab: GeneVocab | None = None,
+    new_token_noise: float = 0.1,
+    **changes,
 ) -> tuple[ScGPT, list[str]]:
     """A new model with `loaded`'s config updated by `changes` (ModelConfig fields, e.g. n_cls=10,
-    n_batches=3, do_dab=True, domain_spec_batchnorm="dsbn", use_modality=True).
+    n_batches=3, do_dab=True, domain_spec_batchnorm="dsbn", use_modality=True), over `vocab` when given (an
+    extension of `loaded.vocab`, e.g. `warmstart.extended_vocab(loaded.vocab, proteins)`).
 
-    Pretrained weights are copied wherever the parameter name and shape match; returns (model, names of the
-    freshly initialised tensors). `from_scratch=True` copies nothing (the paper's from-scratch control).
+    Pretrained weights are copied wherever the parameter name and shape match; a grown vocabulary keeps every
+    pretrained gene row and starts new tokens as continued pretraining does (`warmstart.grow_gene_rows`:
+    the mean gene row plus `new_token_noise` x its spread). Returns (model, names of the freshly initialised
+    tensors). `from_scratch=True` copies nothing (the paper's from-scratch control).
     """
     cfg: ModelConfig = dataclasses.replace(copy.deepcopy(loaded.model.cfg), **changes)
+    vocab = vocab or loaded.vocab
+    if vocab is not loaded.vocab:
+        check_stable_extension(loaded.vocab, vocab)
     torch.manual_seed(seed)
-    model = build_model(cfg, len(loaded.vocab), loaded.vocab.pad_id)
+    model = build_model(cfg, len(vocab), vocab.pad_id)
     if from_scratch:
         return model, sorted(model.state_dict())
     pretrained = loaded.model.state_dict()
@@ -51,7 +66,11 @@ def adapt_model(
     fresh = []
     for name, tensor in state.items():
         src = pretrained.get(name)
-        if src is not None and src.shape == tensor.shape:
+        if name == GENE_EMBEDDING and len(vocab) > len(loaded.vocab):
+            gen = torch.Generator().manual_seed(seed)
+            state[name] = grow_gene_rows(src, tensor, len(loaded.vocab), new_token_noise, gen)
+            log.info("adapt_model: vocabulary %d -> %d tokens", len(loaded.vocab), len(vocab))
+        elif src is not None and src.shape == tensor.shape:
             state[name] = src.clone()
         else:
             fresh.append(name)

@@ -1,5 +1,6 @@
-"""Warm start for continued pretraining (`jobs.repretrain`): grow a promoted model to a larger vocabulary and
-batch set, load those weights into a DeepSpeed engine, and pick new cells plus a replay sample of old ones.
+"""Warm start for continued pretraining (`jobs.repretrain`), and the one way a model's vocabulary grows
+(`extended_vocab` + `grow_gene_rows`, also what `scgpt_dist.tasks.finetune.adapt_model` uses for new tokens):
+grow a promoted model to a larger vocabulary and batch set, load those weights into a DeepSpeed engine, and pick new cells plus a replay sample of old ones.
 
 How new rows are initialised (`warm_start_state`):
 
@@ -108,7 +109,7 @@ def warm_start_state(
     for name, fresh in target.items():
         old = source.get(name)
         if name == GENE_EMBEDDING:
-            out[name] = _grow_gene_rows(old, fresh, len(loaded.vocab), noise, gen)  # (V_new, D)
+            out[name] = grow_gene_rows(old, fresh, len(loaded.vocab), noise, gen)  # (V_new, D)
         elif name == BATCH_EMBEDDING or name in _DAR_OUT:
             out[name] = _map_batch_rows(old, fresh, batch_map, mean_for_new=name == BATCH_EMBEDDING)
         elif (m := _DSBN.match(name)) is not None:
@@ -129,9 +130,13 @@ def warm_start_state(
     return out, report
 
 
-def _grow_gene_rows(
+def grow_gene_rows(
     old: torch.Tensor | None, fresh: torch.Tensor, n_old: int, noise: float, gen: torch.Generator
 ) -> torch.Tensor:
+    """The gene-embedding table for a grown vocabulary, `fresh`'s shape (V_new, D): the promoted `old` rows
+    (V_old, D) first, then one row per new token: the mean of the old gene rows plus `noise` x their
+    per-dimension standard deviation of seeded Gaussian noise. The project's one rule for new tokens
+    (continued pretraining's new genes, the multi-omics task's proteins)."""
     if old is None or old.shape[0] != n_old or old.shape[1:] != fresh.shape[1:]:
         raise ValueError(
             f"the promoted model's gene embedding has shape {None if old is None else tuple(old.shape)}; "

@@ -1,7 +1,8 @@
 """Multi-omics (RNA + protein, CITE-seq-like) integration with modality tokens.
 
 The pretrained vocabulary is extended with the protein features (`PROT_<gene>`: new token ids appended, the
-pretrained ids unchanged; their embedding rows start fresh, every pretrained row is copied). Each cell becomes one
+pretrained ids unchanged; every pretrained row is copied and a protein's row starts as continued pretraining
+starts a new gene: the mean gene row plus a little noise, `warmstart.grow_gene_rows`). Each cell becomes one
 token sequence `<cls>`, its RNA genes (binned among the cell's RNA values), then its proteins (binned among the
 cell's protein values: proteins have their own count scale), and a per-token modality id (RNA / protein,
 `data_ingest.keys.MODALITY_*`) that the model embeds and adds to every token (`model.use_modality`). The model is
@@ -31,7 +32,6 @@ import pyarrow as pa
 from data_ingest import keys
 from data_ingest.multiome_synth import modality_of_features
 from data_ingest.tokenize import TokenizerConfig
-from data_ingest.vocab import GeneVocab
 from scgpt_dist.inference import embed_table, tokenize_anndata
 from scgpt_dist.preprocess import hvg_index, log_normalize
 from scgpt_dist.tasks.config import arg
@@ -40,7 +40,8 @@ from scgpt_dist.tasks.integration import method as ig
 from scgpt_dist.tasks.integration import task as integ
 from scgpt_dist.tasks.integration.task import IntegrationConfig
 from scgpt_dist.tasks.runner import TaskContext, load_cells
-from scgpt_dist.train.checkpoint import LoadedModel, load_consolidated
+from scgpt_dist.train.checkpoint import load_consolidated
+from scgpt_dist.train.warmstart import extended_vocab
 
 log = logging.getLogger(__name__)
 
@@ -127,34 +128,6 @@ def concat_tokens(rna: pa.Table, prot: pa.Table) -> pa.Table:
     return table
 
 
-def extend_vocab_model(loaded, features: list[str]):
-    """`loaded` with its vocabulary extended by `features` (appended; existing ids unchanged). The model is
-    untouched: `copy_pretrained_rows` fills the old rows of an adapted model's bigger embedding table."""
-    vocab = GeneVocab(loaded.vocab.to_dict())
-    added = vocab.extend(features)
-    log.info(
-        "vocabulary %d -> %d tokens (%d new features)", len(loaded.vocab), len(vocab), len(added)
-    )
-    return LoadedModel(
-        model=loaded.model, config=loaded.config, vocab=vocab, meta=loaded.meta
-    ), added
-
-
-def copy_pretrained_rows(model, pretrained) -> int:
-    """Copy the pretrained gene-embedding rows into `model`'s (longer) table; returns the rows copied."""
-    import torch
-
-    old = pretrained.encoder.embedding.weight
-    new = model.encoder.embedding.weight
-    if new.shape[0] < old.shape[0] or new.shape[1] != old.shape[1]:
-        raise ValueError(
-            f"embedding {tuple(new.shape)} cannot hold the pretrained {tuple(old.shape)}"
-        )
-    with torch.no_grad():
-        new[: old.shape[0]] = old
-    return old.shape[0]
-
-
 def run(cfg: MultiomicsConfig, ctx: TaskContext) -> dict:
 
     adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
@@ -203,7 +176,7 @@ def run(cfg: MultiomicsConfig, ctx: TaskContext) -> dict:
         rna_cells = rna
         if cfg.hvg_tokens:
             rna_cells = rna[:, hvg_index(log_normalize(rna.X).toarray(), cfg.hvg_tokens)].copy()
-        ext, added = extend_vocab_model(loaded, prot_names)
+        vocab, added = extended_vocab(loaded.vocab, prot_names)
         rna_only = with_labels(tokenize_anndata(rna_cells, loaded.vocab, tok), batches=batch_codes)
         # Joint: RNA genes get the context left after the whole protein panel (proteins are dense).
         tok_rna = TokenizerConfig(
@@ -211,20 +184,21 @@ def run(cfg: MultiomicsConfig, ctx: TaskContext) -> dict:
         )
         tok_prot = TokenizerConfig(**{**tok.__dict__, "max_seq_len": len(prot_names) + 1})
         joint = concat_tokens(
-            tokenize_anndata(rna_cells, ext.vocab, tok_rna),
-            tokenize_anndata(prot, ext.vocab, tok_prot),
+            tokenize_anndata(rna_cells, vocab, tok_rna),
+            tokenize_anndata(prot, vocab, tok_prot),
         )
         joint = with_labels(joint, batches=batch_codes)
         tok_note = (
-            f" Vocabulary extended by {len(added)} protein tokens ({len(loaded.vocab)} -> {len(ext.vocab)} "
+            f" Vocabulary extended by {len(added)} protein tokens ({len(loaded.vocab)} -> {len(vocab)} "
             f"ids); joint sequences: <cls> + up to {tok_rna.max_seq_len - 1} RNA genes + "
             f"{len(prot_names)} proteins, per-token modality ids."
         )
         timed("scgpt_zeroshot_rna", lambda: embed_table(loaded, rna_only))
 
         t0 = time.perf_counter()
-        model = integ.adapt_for_integration(ext, len(batch_names), cfg, use_modality=True)
-        copy_pretrained_rows(model, loaded.model)
+        model = integ.adapt_for_integration(
+            loaded, len(batch_names), cfg, vocab=vocab, use_modality=True
+        )
         history["scgpt_finetuned_joint"] = integ.train_for_integration(
             model, joint, cfg, ctx, "scgpt_finetuned_joint"
         )

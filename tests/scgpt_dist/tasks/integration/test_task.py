@@ -141,29 +141,27 @@ def test_integration_needs_two_batches(model_dir, tmp_path, census):
 
 @pytest.mark.slow
 def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
-    from scgpt_dist.tasks.multiomics.task import (
-        concat_tokens,
-        copy_pretrained_rows,
-        extend_vocab_model,
-    )
+    from scgpt_dist.tasks.finetune import adapt_model
+    from scgpt_dist.tasks.multiomics.task import concat_tokens
     from scgpt_dist.train.checkpoint import load_consolidated
+    from scgpt_dist.train.warmstart import extended_vocab
 
     cite = make_multiome(MultiomeSynthConfig(n_cells=200, n_batches=2, n_proteins=6), CENSUS)
     data = write_h5ad_atomic(cite, tmp_path / "cite.h5ad")
     prot = [v for v in cite.var_names if v.startswith("PROT_")]
 
-    # Vocabulary extension appends, and the pretrained rows are carried over.
+    # Vocabulary extension appends, and the pretrained rows are carried over (the one growth path).
     loaded = load_consolidated(model_dir)
-    ext, added = extend_vocab_model(loaded, prot)
-    assert added == prot and len(ext.vocab) == len(loaded.vocab) + 6
-    assert all(ext.vocab[g] == loaded.vocab[g] for g in ("SYNG00000", "SYNG00399", keys.CLS_TOKEN))
-    from scgpt_dist.tasks.finetune import adapt_model
-
-    model, fresh = adapt_model(ext, use_modality=True)
-    assert "encoder.embedding.weight" in fresh and "modality_encoder.embedding.weight" in fresh
-    assert copy_pretrained_rows(model, loaded.model) == len(loaded.vocab)
+    vocab, added = extended_vocab(loaded.vocab, prot)
+    assert added == prot and len(vocab) == len(loaded.vocab) + 6
+    assert all(vocab[g] == loaded.vocab[g] for g in ("SYNG00000", "SYNG00399", keys.CLS_TOKEN))
+    model, fresh = adapt_model(loaded, vocab=vocab, use_modality=True)
+    assert "encoder.embedding.weight" not in fresh and "modality_encoder.embedding.weight" in fresh
     old = loaded.model.encoder.embedding.weight
-    assert torch.equal(model.encoder.embedding.weight[: len(old)], old)
+    grown = model.encoder.embedding.weight
+    assert grown.shape == (len(vocab), old.shape[1]) and torch.equal(grown[: len(old)], old)
+    genes = old[len(keys.SPECIAL_TOKENS) :]
+    assert torch.all((grown[len(old) :] - genes.mean(0)).abs() <= 0.6 * genes.std(0) + 1e-6)
 
     # Joined token rows: <cls>, RNA genes, then every protein, with per-token modality.
     from data_ingest.tokenize import TokenizerConfig
@@ -172,14 +170,14 @@ def test_multiomics_task_end_to_end(model_dir, tmp_path, capsys):
     rna = cite[:, ~cite.var_names.str.startswith("PROT_")]
     tok = TokenizerConfig(max_seq_len=20)
     joint = concat_tokens(
-        tokenize_anndata(rna, ext.vocab, tok),
-        tokenize_anndata(cite[:, prot], ext.vocab, TokenizerConfig(max_seq_len=7)),
+        tokenize_anndata(rna, vocab, tok),
+        tokenize_anndata(cite[:, prot], vocab, TokenizerConfig(max_seq_len=7)),
     )
-    rna_rows = tokenize_anndata(rna, ext.vocab, tok).to_pylist()
-    prot_ids = sorted(ext.vocab[p] for p in prot)
+    rna_rows = tokenize_anndata(rna, vocab, tok).to_pylist()
+    prot_ids = sorted(vocab[p] for p in prot)
     for row, rna_row in zip(joint.to_pylist(), rna_rows, strict=True):
         n = len(rna_row[keys.GENES])
-        assert row[keys.GENES][:n] == rna_row[keys.GENES] and row[keys.GENES][0] == ext.vocab.cls_id
+        assert row[keys.GENES][:n] == rna_row[keys.GENES] and row[keys.GENES][0] == vocab.cls_id
         assert row[keys.VALUES][:n] == rna_row[keys.VALUES]
         assert sorted(row[keys.GENES][n:]) == prot_ids
         assert all(0 < v < 51 for v in row[keys.VALUES][n:])  # proteins are dense: every one binned
