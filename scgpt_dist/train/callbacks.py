@@ -1,4 +1,16 @@
-"""Training callbacks: MLflow logging (rank 0 only) and checkpointing through Ray Train."""
+"""What the training loop calls besides the model: the callback protocol and its callbacks (MLflow, the
+progress line, system metrics) and the checkpointer.
+
+**Callbacks** (`Callback`) observe the loop: it calls each hook on every callback of its `CallbackList`, in
+list order: `on_log` (a logging window's metrics), `on_eval` (an evaluation's), `on_checkpoint` (a committed
+checkpoint), `on_train_end`. A callback that must survive a restart keeps its own state: `state_dict()` is
+stored in every checkpoint's meta.json (`callbacks.<name>`) and handed back to `load_state_dict` when the
+run resumes (`{}` on a fresh start). The MLflow callback stores its unwritten metrics that way. Callbacks
+that only act on rank 0 are only built there.
+
+The **checkpointer** and the evaluator (`train/evaluator.py`) are collectives (every rank takes part at the
+same steps), so the loop calls them itself and hands their results to the callbacks.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +41,74 @@ from scgpt_dist.train.storage import Store, upload_dir
 log = logging.getLogger(__name__)
 
 
-class MlflowCallback:
+class Callback:
+    """Hooks the training loop calls (all optional); see the module docstring."""
+
+    name = "callback"
+    """Key of this callback's state in a checkpoint's meta.json."""
+
+    def state_dict(self) -> dict:
+        """What this callback needs after a restart (JSON-able; empty: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Called once before training with the state saved in the checkpoint resumed from ({} if none)."""
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """A logging window's metrics (loss, rates, counters), summed over ranks."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """An in-training evaluation's metrics (`eval/*`)."""
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        """The checkpoint at `step` is committed (complete in storage) at `path`."""
+
+    def on_train_end(self, step: int) -> None:
+        """Training stops (finished, preempted or failed)."""
+
+
+class CallbackList:
+    """The loop's callbacks, called in order; their states keyed by name."""
+
+    def __init__(self, callbacks: list[Callback]):
+        names = [cb.name for cb in callbacks]
+        if len(set(names)) != len(names):
+            raise ValueError(f"callback names must be unique, got {names}")
+        self.callbacks = list(callbacks)
+
+    def state_dict(self) -> dict[str, dict]:
+        return {cb.name: state for cb in self.callbacks if (state := cb.state_dict())}
+
+    def load_state_dict(self, states: dict[str, dict]) -> None:
+        for cb in self.callbacks:
+            cb.load_state_dict(states.get(cb.name, {}))
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_log(step, metrics)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        for cb in self.callbacks:
+            cb.on_eval(step, metrics)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        for cb in self.callbacks:
+            cb.on_checkpoint(step, path)
+
+    def on_train_end(self, step: int) -> None:
+        for cb in self.callbacks:
+            cb.on_train_end(step)
+
+
+def saved_callback_state(meta: dict) -> dict[str, dict]:
+    """The callbacks' states stored in a checkpoint's meta.json (checkpoints written before the callback
+    protocol kept the MLflow buffer as `pending_metrics`)."""
+    if "callbacks" in meta:
+        return dict(meta["callbacks"])
+    return {MlflowCallback.name: {"pending_metrics": meta.get("pending_metrics", [])}}
+
+
+class MlflowCallback(Callback):
     """Logs the job's metrics to its MLflow run. Constructed on rank 0 only; other ranks never write.
 
     Metrics are buffered and written when the checkpoint covering their steps is committed; the buffer is
@@ -44,6 +123,8 @@ class MlflowCallback:
     replays them too. Each HTTP request gets `http_retries` quick retries and a `http_timeout_s` timeout
     (MLflow's own defaults retry for minutes, which would stall every rank at the next collective).
     """
+
+    name = "mlflow"
 
     def __init__(
         self,
@@ -71,6 +152,21 @@ class MlflowCallback:
         older checkpoint than the newest, e.g. when the newest was damaged) logs nothing twice."""
         self._down_since: float | None = None
         """When a write first failed in the current outage (None: the last write succeeded)."""
+
+    def state_dict(self) -> dict:
+        return {"pending_metrics": self.pending()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.replay(state.get("pending_metrics", []))
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.log(step, metrics)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.log(step, metrics)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self.commit({"checkpoint.latest": path, "step": step})
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -143,7 +239,7 @@ class MlflowCallback:
         return True
 
 
-class CheckpointCallback:
+class Checkpointer:
     """Every rank saves its DeepSpeed shard to a local temp dir (rank 0 adds config, vocab and meta) and
     uploads it to `checkpoints/step_<N>` in the run's storage itself (`storage`: `train.storage_path` or the
     output directory; a local path or an object-store URI, through `scgpt_dist.train.storage`).
@@ -173,7 +269,7 @@ class CheckpointCallback:
         return step % self.cfg.train.checkpoint_every == 0
 
     def save(
-        self, module, state: dict, metrics: dict[str, float], pending_metrics: list | None = None
+        self, module, state: dict, metrics: dict[str, float], callbacks: dict | None = None
     ) -> str:
         """Write and report the checkpoint (a collective: every rank calls it at the same step); returns
         the committed checkpoint's path.
@@ -181,7 +277,7 @@ class CheckpointCallback:
         A directory left at this step by an interrupted attempt is removed first. Each rank uploads its
         files, its manifest last (rank 0's meta.json just before it); all ranks meet, and rank 0 checks the
         checkpoint is complete in storage before returning: only then may the caller commit anything that
-        depends on it (the MLflow metrics it covers). A rank killed mid-upload makes this raise, the worker
+        depends on it (the MLflow metrics it covers). `callbacks` is the callbacks' state (rank 0's). A rank killed mid-upload makes this raise, the worker
         group restarts from the previous complete checkpoint, and those steps are logged once, by the
         rerun."""
         nodes = _gather_node_ids()
@@ -205,7 +301,7 @@ class CheckpointCallback:
                     "node_drain": bool(metrics.get("node_drain")),  # written because a node drains
                     "data": self.data_info,
                     "vocab_fingerprint": self.vocab.fingerprint(),
-                    "pending_metrics": pending_metrics or [],
+                    "callbacks": callbacks or {},
                     "package_version": __version__,
                     "git_sha": self.git_commit,
                     "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -269,12 +365,15 @@ def _duration(seconds: float) -> str:
     return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
 
 
-class ProgressCallback:
+class ProgressCallback(Callback):
     """A compact console line on rank 0 at log points, at most every `train.progress_every_s` seconds:
 
         step 300/1500 (20%) | loss 24.1 (gep 19.6, gepc 4.5) | lr 3.0e-03 | 9.8k tok/s | data wait 2% | 1m04s, ETA 4m16s
 
-    Printed (not logged) so it reaches the driver's console, and `ray job logs`, from the Ray Train worker."""
+    Printed (not logged) so it reaches the driver's console, and `ray job logs`, from the Ray Train worker;
+    one more line per evaluation."""
+
+    name = "progress"
 
     def __init__(self, total_steps: int, start_step: int, every_s: float):
         self.total = total_steps
@@ -282,6 +381,12 @@ class ProgressCallback:
         self.every_s = every_s
         self.t0 = time.perf_counter()
         self._last = -float("inf")
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        self.update(step, metrics)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.evaluation(step, metrics)
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         now = time.perf_counter()
@@ -324,64 +429,21 @@ class ProgressCallback:
         _console(line)
 
 
-class EvalCallback:
-    """Scores the model on a fixed held-out sample every `eval.every` steps (`EvalConfig`).
+class SystemMetricsCallback(Callback):
+    """MLflow's system metrics (CPU, memory, GPU) sampled into the run while training (`mlflow.system_metrics`)."""
 
-    Every rank scores its equal share of the sample (a collective under ZeRO-3, so all ranks call `run` at
-    the same steps); squared errors are summed and embeddings gathered over ranks, and rank 0 logs
-    `eval/gep_mse`, `eval/gep_gap_closed`, the baselines `eval/baseline_*`, `eval/knn_type`,
-    `eval/knn_batch` and `eval/mean_cosine` through the MLflow callback (committed with the next checkpoint,
-    like every metric)."""
+    name = "system_metrics"
 
-    def __init__(self, cfg: ExperimentConfig, eval_set: dict, rank: int, world: int, pad_id: int):
-        self.every = cfg.eval.every
-        self.k = cfg.eval.knn_k
-        self.seed = cfg.eval.seed
-        self.generative = cfg.objectives.generative
-        self.pad_id = pad_id
-        self.rank, self.world = rank, world
-        self.baselines = eval_set["baselines"]
-        self.has_labels = eval_set["has_labels"]
-        table = eval_set["table"]
-        share = table.num_rows // world
-        self.table = table.slice(rank * share, share)
+    def __init__(self, tracking_uri: str, run_id: str, sampling_interval_s: int = 10):
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-    def due(self, step: int, last_step: int) -> bool:
-        return self.every > 0 and (step % self.every == 0 or step == last_step)
-
-    def run(self, model, step: int, mlflow_cb: MlflowCallback | None) -> dict[str, float] | None:
-        import numpy as np
-        import torch
-        import torch.distributed as dist
-
-        from scgpt_dist.evaluate import embedding_scores, gap_closed, model_scores
-
-        se, n, emb = model_scores(model, self.pad_id, self.table, generative=self.generative)
-        meta = np.stack(
-            [self.table[keys.LABEL].to_numpy(), self.table[keys.BATCH].to_numpy()], axis=1
-        ).astype(np.float32)
-        local = torch.from_numpy(np.concatenate([emb, meta], axis=1))
-        sums = torch.tensor([se, n], dtype=torch.float64)
-        if self.world > 1 and dist.is_initialized():
-            dist.all_reduce(sums)
-            parts = [torch.empty_like(local) for _ in range(self.world)]
-            dist.all_gather(parts, local)
-            local = torch.cat(parts)
-        if self.rank != 0:
-            return None
-        everything = local.numpy()
-        emb, labels, batches = everything[:, :-2], everything[:, -2], everything[:, -1]
-        mse = float(sums[0] / max(float(sums[1]), 1.0))
-        metrics = {"eval/gep_mse": mse}
-        metrics.update({f"eval/baseline_{k}": v for k, v in self.baselines.items()})
-        closed = gap_closed(mse, self.baselines)
-        if closed is not None:
-            metrics["eval/gep_gap_closed"] = closed
-        scores = embedding_scores(
-            emb, labels if self.has_labels else None, batches, k=self.k, seed=self.seed
+        self.monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=sampling_interval_s,
+            resume_logging=True,
+            tracking_uri=tracking_uri,
         )
-        metrics.update({f"eval/{k}": v for k, v in scores.items()})
-        if mlflow_cb is not None:
-            mlflow_cb.log(step, metrics)
-        ProgressCallback.evaluation(step, metrics)
-        return metrics
+        self.monitor.start()
+
+    def on_train_end(self, step: int) -> None:
+        self.monitor.finish()

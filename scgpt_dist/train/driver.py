@@ -22,6 +22,7 @@ from data_ingest.vocab import GeneVocab
 from scgpt_dist.config import ExperimentConfig, dump_config, flatten, to_dict
 from scgpt_dist.train.callbacks import (
     MlflowCallback,
+    saved_callback_state,
 )
 from scgpt_dist.train.checkpoint import (
     CHECKPOINTS_DIR,
@@ -272,7 +273,8 @@ def run_pretraining(cfg: ExperimentConfig) -> dict:
         )
     meta = read_meta(latest)
     # Metrics rank 0 could not write (MLflow was down at its last commit) are in the last checkpoint.
-    MlflowCallback(uri, run_id, http_retries=None).replay(meta.get("pending_metrics", []))
+    mlflow_state = saved_callback_state(meta).get(MlflowCallback.name, {})
+    MlflowCallback(uri, run_id, http_retries=None).load_state_dict(mlflow_state)
     summary = {
         "run_id": run_id,
         "tracking_uri": uri,

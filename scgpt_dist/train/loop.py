@@ -1,6 +1,8 @@
 """The training loop on every Ray Train worker: counters, the step loop over the rank's stream, logging
 windows, evaluation, checkpoints and stop requests. `TrainModule` (train/module.py) owns the model and the
-step; the callbacks (train/callbacks.py) log and checkpoint."""
+step; the evaluator (train/evaluator.py) and the checkpointer (train/callbacks.py) are collectives the loop calls itself, and the
+callbacks (`CallbackList`: MLflow, the progress line, system metrics) hear about logs, evaluations and
+checkpoints in order."""
 
 from __future__ import annotations
 
@@ -26,10 +28,12 @@ from data_ingest.vocab import GeneVocab
 from scgpt_dist.config import ExperimentConfig, from_dict
 from scgpt_dist.model.collate import collate
 from scgpt_dist.train.callbacks import (
-    CheckpointCallback,
-    EvalCallback,
+    CallbackList,
+    Checkpointer,
     MlflowCallback,
     ProgressCallback,
+    SystemMetricsCallback,
+    saved_callback_state,
     write_worker_info,
 )
 from scgpt_dist.train.checkpoint import (
@@ -37,6 +41,7 @@ from scgpt_dist.train.checkpoint import (
     open_checkpoint,
     prune_checkpoints,
 )
+from scgpt_dist.train.evaluator import Evaluator
 from scgpt_dist.train.preemption import (
     StallWatchdog,
     StopWatcher,
@@ -122,11 +127,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     module = TrainModule(cfg, vocab, world, rank)
     state = TrainState()
-    replay = []
+    saved: dict = {}
     with _resume_dir(loop_config["storage"]) as resume:
         if resume is not None:
             state.load_state_dict(module.load(str(resume))["train_state"])
-            replay = _meta(resume).get("pending_metrics", [])
+            saved = saved_callback_state(_meta(resume))
             log.info("rank %d resumed from %s at step %d", rank, resume, state.step)
         elif cfg.train.init_from:
             from scgpt_dist.train.warmstart import load_into_engine
@@ -134,57 +139,54 @@ def train_loop_per_worker(loop_config: dict) -> None:
             load_into_engine(module.engine, cfg.train.init_from)  # a collective under ZeRO-3
             log.info("rank %d warm-started from %s", rank, cfg.train.init_from)
 
-    mlflow_cb = monitor = None
-    if rank == 0:
-        mlflow_cb = MlflowCallback(loop_config["tracking_uri"], loop_config["run_id"])
-        mlflow_cb.replay(replay)
-        if cfg.mlflow.system_metrics:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            monitor = SystemMetricsMonitor(
-                loop_config["run_id"],
-                sampling_interval=10,
-                resume_logging=True,
-                tracking_uri=loop_config["tracking_uri"],
-            )
-            monitor.start()
+    callbacks = CallbackList([])
+    if rank == 0:  # the callbacks only act on rank 0: MLflow's one writer, the one console line
+        uri, run_id = loop_config["tracking_uri"], loop_config["run_id"]
+        callbacks = CallbackList(
+            [
+                MlflowCallback(uri, run_id),
+                ProgressCallback(_stop_step(cfg), state.step, cfg.train.progress_every_s),
+            ]
+            + ([SystemMetricsCallback(uri, run_id)] if cfg.mlflow.system_metrics else [])
+        )
+    callbacks.load_state_dict(saved)
     try:
-        _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config)
+        _train(cfg, vocab, module, state, callbacks, rank, world, loop_config)
     finally:
-        if monitor is not None:
-            monitor.finish()
+        callbacks.on_train_end(state.step)
 
 
-def _train(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config) -> None:
+def _stop_step(cfg: ExperimentConfig) -> int:
+    return min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
+
+
+def _train(cfg, vocab, module, state, callbacks, rank, world, loop_config) -> None:
     """The step loop, watched for stalls (`train.stall_timeout_s`)."""
     watchdog = StallWatchdog(cfg.train.stall_timeout_s, rank, str(Path(cfg.output_dir) / "workers"))
     watchdog.start()
     try:
-        _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchdog)
+        _loop(cfg, vocab, module, state, callbacks, rank, world, loop_config, watchdog)
     finally:
         watchdog.stop()
 
 
-def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchdog) -> None:
+def _loop(cfg, vocab, module, state, callbacks, rank, world, loop_config, watchdog) -> None:
     """data -> micro-steps -> counters, logging and checkpoints; stops early on a stop request."""
     storage: Store = loop_config["storage"]
-    ckpt_cb = CheckpointCallback(cfg, vocab, rank, world, loop_config["data_info"], storage)
-    stop_at = min(cfg.train.max_steps, cfg.train.stop_after_steps or cfg.train.max_steps)
+    checkpointer = Checkpointer(cfg, vocab, rank, world, loop_config["data_info"], storage)
+    stop_at = _stop_step(cfg)
     resolved = loop_config["resolved"]
     stats = StreamStats()
     win = _Window()
-    progress = (
-        ProgressCallback(stop_at, state.step, cfg.train.progress_every_s) if rank == 0 else None
-    )
     stopper = StopWatcher(
         loop_config.get("stop_flag"), rank, cfg.train.stop_poll_s, cfg.train.on_node_drain
     )
-    eval_cb = None
+    evaluator = None
     if loop_config.get("eval_set") is not None:
-        eval_cb = EvalCallback(cfg, loop_config["eval_set"], rank, world, vocab.pad_id)
+        evaluator = Evaluator(cfg, loop_config["eval_set"], rank, world, vocab.pad_id)
         if state.step == 0:  # the model at initialisation: what training has to beat
             watchdog.beat("eval", state.step)
-            eval_cb.run(module.engine.module, 0, mlflow_cb)
+            _evaluate(evaluator, module, 0, callbacks)
 
     while state.step < stop_at:
         # Each rank's stream is a pure function of (seed, epoch, rank, world): resuming passes the data
@@ -225,7 +227,7 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
                 state.step += 1
                 action = stopper.poll()  # a collective: every rank, every step
                 preempted = action == "stop"
-                save = ckpt_cb.due(state.step) or state.step == stop_at or action is not None
+                save = checkpointer.due(state.step) or state.step == stop_at or action is not None
                 if preempted and rank == 0:
                     log.warning("stopping after step %d (%s)", state.step, stopper.reason)
                 elif action == "checkpoint" and rank == 0:
@@ -235,17 +237,16 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
                         stopper.reason,
                         state.step,
                     )
-                if eval_cb is not None and not preempted and eval_cb.due(state.step, stop_at):
+                if evaluator is not None and not preempted and evaluator.due(state.step, stop_at):
                     watchdog.beat("eval", state.step)
-                    eval_cb.run(module.engine.module, state.step, mlflow_cb)
+                    _evaluate(evaluator, module, state.step, callbacks)
                 if save or state.step % cfg.train.log_every == 0:
-                    window_loss = _flush_window(cfg, state, win, module, mlflow_cb, world, progress)
+                    window_loss = _flush_window(cfg, state, win, module, callbacks, rank, world)
                     stats.skipped_cells = 0
                     win = _Window()
                 if save:
                     watchdog.beat("checkpoint", state.step)
-                    pending = mlflow_cb.pending() if mlflow_cb is not None else []
-                    path = ckpt_cb.save(
+                    path = checkpointer.save(
                         module,
                         state.state_dict(),
                         {
@@ -254,10 +255,10 @@ def _loop(cfg, vocab, module, state, mlflow_cb, rank, world, loop_config, watchd
                             "preempted": int(preempted),
                             "node_drain": int(action == "checkpoint"),
                         },
-                        pending,
+                        callbacks.state_dict(),
                     )
+                    callbacks.on_checkpoint(state.step, path)
                     if rank == 0:
-                        mlflow_cb.commit({"checkpoint.latest": path, "step": state.step})
                         prune_checkpoints(
                             storage,
                             cfg.train.keep_checkpoints,
@@ -303,11 +304,17 @@ def _meta(path) -> dict:
     return json.loads((Path(path) / "meta.json").read_text())
 
 
+def _evaluate(evaluator: Evaluator, module, step: int, callbacks: CallbackList) -> None:
+    metrics = evaluator.run(module.engine.module, step)  # a collective; metrics on rank 0
+    if metrics is not None:
+        callbacks.on_eval(step, metrics)
+
+
 def _flush_window(
-    cfg, state: TrainState, win: _Window, module, mlflow_cb, world: int, progress=None
+    cfg, state: TrainState, win: _Window, module, callbacks: CallbackList, rank: int, world: int
 ) -> float:
     """Sum the window's counters over ranks (a collective: every rank calls it at the same steps), add them
-    to the global counters, and on rank 0 log the window to MLflow and the console. Returns the window's
+    to the global counters, and on rank 0 hand the window's metrics to the callbacks. Returns the window's
     mean loss."""
     names = sorted(win.parts)
     elapsed = time.perf_counter() - win.t0
@@ -319,7 +326,7 @@ def _flush_window(
     state.tokens_seen += int(tokens)
     state.cells_seen += int(cells)
     state.cells_skipped += int(skipped)
-    if mlflow_cb is None:
+    if rank != 0:
         return loss / max(n, 1)
     elapsed_mean = elapsed_sum / world
     metrics = {
@@ -340,9 +347,7 @@ def _flush_window(
         seq = tokens / max(cells, 1)
         achieved = module.engine.module.flops_per_token(seq) * metrics["tokens_per_s"]
         metrics["mfu"] = achieved / (cfg.train.peak_tflops_per_worker * 1e12 * world)
-    mlflow_cb.log(state.step, metrics)
-    if progress is not None:
-        progress.update(state.step, metrics)
+    callbacks.on_log(state.step, metrics)
     return metrics["loss"]
 
 

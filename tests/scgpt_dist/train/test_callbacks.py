@@ -1,4 +1,5 @@
-"""The console progress line: its content, its cadence, and the evaluation line."""
+"""The callback protocol (order, state kept across a restart), the console progress line (content, cadence,
+the evaluation line) and the MLflow callback through a tracking-server outage."""
 
 import logging
 import os
@@ -12,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from scgpt_dist.train.callbacks import MlflowCallback, ProgressCallback
+from scgpt_dist.train.callbacks import (
+    Callback,
+    CallbackList,
+    MlflowCallback,
+    ProgressCallback,
+    saved_callback_state,
+)
 
 
 def _free_port() -> int:
@@ -29,6 +36,48 @@ METRICS = {
     "tokens_per_s": 36100.0,
     "data_wait_fraction": 0.012,
 }
+
+
+class _Recorder(Callback):
+    def __init__(self, name: str, calls: list):
+        self.name, self.calls, self.count = name, calls, 0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count} if self.count else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state.get("count", 0)
+
+    def on_log(self, step, metrics):
+        self.count += 1
+        self.calls.append((self.name, "log", step))
+
+    def on_checkpoint(self, step, path):
+        self.calls.append((self.name, "checkpoint", step))
+
+
+def test_callbacks_are_called_in_order_and_keep_their_own_state_across_a_restart():
+    calls = []
+    cbs = CallbackList([_Recorder("a", calls), _Recorder("b", calls)])
+    cbs.load_state_dict({})  # a fresh start
+    assert cbs.state_dict() == {}  # nothing to keep yet: nothing stored
+    cbs.on_log(1, {"loss": 1.0})
+    cbs.on_checkpoint(1, "ckpt")
+    assert calls == [
+        ("a", "log", 1),
+        ("b", "log", 1),
+        ("a", "checkpoint", 1),
+        ("b", "checkpoint", 1),
+    ]
+    meta = {"step": 1, "callbacks": cbs.state_dict()}  # what the checkpointer writes into meta.json
+    restarted = CallbackList([_Recorder("a", []), _Recorder("b", [])])
+    restarted.load_state_dict(saved_callback_state(meta))
+    assert [cb.count for cb in restarted.callbacks] == [1, 1]
+    # A checkpoint from before the protocol kept only the MLflow buffer, as `pending_metrics`.
+    old = {"step": 4, "pending_metrics": [["loss", 2.0, 0, 4]]}
+    assert saved_callback_state(old) == {"mlflow": {"pending_metrics": [["loss", 2.0, 0, 4]]}}
+    with pytest.raises(ValueError, match="unique"):
+        CallbackList([_Recorder("a", []), _Recorder("a", [])])
 
 
 def test_progress_line_content_and_cadence(capfd, monkeypatch):
