@@ -225,54 +225,6 @@ class RayConfig:
 
 
 @dataclass
-class GateConfig:
-    """When a re-pretrained candidate may replace the promoted model (`jobs.repretrain`). Both models are
-    evaluated on the same fixed held-out cells (tokenized with the promoted model's vocabulary)."""
-
-    max_old_loss_ratio: float = 1.05
-    """Candidate held-out GEP MSE on old data <= promoted model's x this (bounded forgetting)."""
-    max_new_loss_ratio: float = 1.0
-    """Candidate held-out GEP MSE on new data <= promoted model's x this."""
-    max_knn_drop: float = 0.05
-    """Candidate zero-shot kNN cell-type accuracy >= promoted model's - this."""
-    eval_cells: int = 2000
-    """Held-out cells evaluated per part (old, new): the first ones by soma_joinid, so the set is fixed."""
-    mask_ratio: float = 0.4
-    """GEP mask ratio of the evaluation."""
-    knn_k: int = 10
-    """Neighbours of the kNN classifier."""
-    seed: int = 0
-    """Seed of the evaluation masks and folds."""
-
-
-DATA_VERSION_SOURCES = ("ingest_log", "census")
-
-
-@dataclass
-class RepretrainConfig:
-    """Scheduled re-pretraining (`python -m jobs.repretrain`): what counts as new data, where the promoted
-    model is, how the warm start and the gate work."""
-
-    data_versions: str = "ingest_log"
-    """`ingest_log`: versions of a local experiment are its ingest log (data_ingest.ingest); `census`: the
-    CELLxGENE Census release directory (the newest release is pinned into data.source.census_version)."""
-    census_lts_only: bool = True
-    """With `census`: follow long-term-stable releases only (weekly builds otherwise)."""
-    alias: str = "champion"
-    """Registry alias of the promoted version of `mlflow.registered_model`."""
-    new_gene_noise: float = 0.1
-    """New gene embedding rows = mean of the existing gene rows + Gaussian noise of this many times their
-    standard deviation."""
-    gate: GateConfig = field(default_factory=GateConfig)
-
-    def __post_init__(self) -> None:
-        if self.data_versions not in DATA_VERSION_SOURCES:
-            raise ValueError(
-                f"repretrain.data_versions={self.data_versions!r}; choose one of {DATA_VERSION_SOURCES}"
-            )
-
-
-@dataclass
 class ExperimentConfig:
     name: str = "scgpt"
     output_dir: str = "outputs/run"
@@ -283,7 +235,6 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    repretrain: RepretrainConfig = field(default_factory=RepretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -440,9 +391,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = ExperimentConfig
 ) -> ExperimentConfig:
-    """Load an experiment config from YAML (or defaults) plus overrides."""
+    """Load an experiment config (`cls`: ExperimentConfig or a job's subclass with its own sections) from
+    YAML (or defaults) plus overrides."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -450,7 +402,18 @@ def load_config(
             raise ConfigError(f"no config file at {path}; see jobs/configs/ for presets")
         data = yaml.safe_load(path.read_text()) or {}
     data = apply_overrides(data, list(overrides or []))
-    return from_dict(ExperimentConfig, data)
+    return from_dict(cls, data)
+
+
+RETIRED_SECTIONS = ("repretrain",)
+"""Sections a saved config.yaml may carry from before they moved to their job (`jobs.repretrain` owns its
+settings now); `saved_config` skips them so older model directories and checkpoints still load."""
+
+
+def saved_config(data: dict[str, Any] | None) -> ExperimentConfig:
+    """The ExperimentConfig of a model directory's or checkpoint's config.yaml (parsed)."""
+    kept = {k: v for k, v in (data or {}).items() if k not in RETIRED_SECTIONS}
+    return from_dict(ExperimentConfig, kept)
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -35,7 +35,13 @@ import yaml
 from data_ingest import keys
 from data_ingest.atomic import atomic_directory
 from data_ingest.vocab import GeneVocab
-from scgpt_dist.config import ExperimentConfig, ModelConfig, ObjectiveConfig, to_dict
+from scgpt_dist.config import (
+    ExperimentConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    saved_config,
+    to_dict,
+)
 
 log = logging.getLogger(__name__)
 
@@ -328,9 +334,8 @@ def export_reference(model_dir: str | Path, out_dir: str | Path, style: str = "f
             raise FileNotFoundError(
                 f"{model_dir} lacks {name}; pass a consolidated model directory (see python -m jobs.consolidate)"
             )
-    from scgpt_dist.config import from_dict
 
-    cfg = from_dict(ExperimentConfig, yaml.safe_load((model_dir / keys.CONFIG_FILE).read_text()))
+    cfg = saved_config(yaml.safe_load((model_dir / keys.CONFIG_FILE).read_text()))
     unsupported = [
         name
         for name, on in (

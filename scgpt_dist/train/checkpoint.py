@@ -28,7 +28,7 @@ import yaml
 from data_ingest import keys
 from data_ingest.atomic import atomic_directory, file_sha256
 from data_ingest.vocab import GeneVocab, write_text_atomic
-from scgpt_dist.config import ExperimentConfig, from_dict
+from scgpt_dist.config import ExperimentConfig, saved_config
 from scgpt_dist.train.storage import Store, local_copy, resolve
 
 log = logging.getLogger(__name__)
@@ -197,7 +197,7 @@ def open_checkpoint(checkpoint: str | Path | Store, verify: bool = True) -> Iter
 
 
 def load_experiment_config(path: str | Path) -> ExperimentConfig:
-    return from_dict(ExperimentConfig, yaml.safe_load(Path(path).read_text()))
+    return saved_config(yaml.safe_load(Path(path).read_text()))
 
 
 def consolidate(

@@ -19,10 +19,10 @@ from data_ingest.ingest import ingest_h5ads
 from data_ingest.soma_store import to_census_layout, write_experiment
 from data_ingest.synth import SynthConfig, make_synthetic
 from jobs import repretrain as job
-from scgpt_dist.config import load_config
+from scgpt_dist.config import ExperimentConfig, dump_config, load_config
 from scgpt_dist.train import registry
 from scgpt_dist.train.checkpoint import find_latest_checkpoint
-from tests.conftest import TINY_CONFIG
+from tests.conftest import REPO, TINY_CONFIG
 
 pytestmark = pytest.mark.slow  # end to end: `pytest -m "not slow"` skips it
 
@@ -63,7 +63,7 @@ def scenario(ray_local, tmp_path_factory):
     ]
 
     def run(*extra):
-        return job.repretrain(load_config(TINY_CONFIG, overrides + list(extra)))
+        return job.repretrain(job.load_repretrain_config(TINY_CONFIG, overrides + list(extra)))
 
     def ingest(name: str, genes: list[str], seed: int):
         path = root / f"{name}.h5ad"
@@ -262,3 +262,17 @@ def test_ingest_log_versions(tmp_path):
         registry.new_ingested_datasets(uri, v1.tags())
     with pytest.raises(ValueError, match="ingest_log_entries"):
         registry.new_ingested_datasets(uri, {"data_version": "s3://x"})
+
+
+@pytest.mark.parametrize("name", ["repretrain.yaml", "repretrain_cluster.yaml"])
+def test_repretrain_presets_load_and_the_candidate_config_is_a_plain_experiment(name, tmp_path):
+    cfg = job.load_repretrain_config(REPO / "jobs" / "configs" / name)
+    assert isinstance(cfg, job.RepretrainExperiment) and cfg.repretrain.gate.eval_cells > 0
+    plain = cfg.experiment()
+    assert type(plain) is ExperimentConfig and "repretrain:" not in dump_config(plain)
+    (tmp_path / "c.yaml").write_text(dump_config(plain))
+    assert (
+        load_config(tmp_path / "c.yaml") == plain
+    )  # what pretraining workers and checkpoints read
+    with pytest.raises(ValueError, match="data_versions"):
+        job.load_repretrain_config(None, ["repretrain.data_versions=weekly"])

@@ -2,11 +2,19 @@ from pathlib import Path
 
 import pytest
 
-from scgpt_dist.config import ConfigError, ExperimentConfig, dump_config, load_config
+from scgpt_dist.config import (
+    ConfigError,
+    ExperimentConfig,
+    dump_config,
+    load_config,
+    saved_config,
+    to_dict,
+)
 
-# Job presets with their own schema (sweeps, scale ablations) are loaded by tests/jobs/test_sweep.py and
-# tests/jobs/test_scale_ablation.py; every other YAML here is an experiment config.
-JOB_PRESET_PREFIXES = ("sweep_", "scale_ablation_")
+# Job presets with their own schema (sweeps, scale ablations, re-pretraining) are loaded by
+# tests/jobs/test_sweep.py, test_scale_ablation.py and test_repretrain.py; every other YAML here is an
+# experiment config.
+JOB_PRESET_PREFIXES = ("sweep_", "scale_ablation_", "repretrain")
 CONFIGS = sorted(
     p
     for p in (Path(__file__).resolve().parents[2] / "jobs" / "configs").glob("*.yaml")
@@ -25,6 +33,17 @@ def test_every_shipped_config_loads_and_round_trips(path, tmp_path):
     dumped = tmp_path / "c.yaml"
     dumped.write_text(dump_config(cfg))
     assert load_config(dumped) == cfg
+
+
+def test_a_saved_config_from_before_the_job_sections_moved_out_still_loads():
+    saved = to_dict(load_config(None))
+    saved["repretrain"] = {
+        "alias": "champion",
+        "gate": {"eval_cells": 2000},
+    }  # older model dirs have it
+    assert saved_config(saved) == load_config(None)
+    with pytest.raises(ConfigError, match="unknown config key 'repretrain'"):
+        load_config(None, ["repretrain.alias=x"])  # a new experiment config has no such section
 
 
 def test_overrides_and_types():
