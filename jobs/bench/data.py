@@ -2,7 +2,7 @@
 
 Readers of the same first `--cells-read` cells of the experiment, each in its own subprocess so peak memory
 (the process tree's summed PSS, its physical memory, and summed RSS, which counts pages shared between
-processes such as Ray's object store once per process; see `PeakMemory`) is separate:
+processes such as Ray's object store once per process; see `jobs.bench.memory.PeakMemory`) is separate:
 
 - `raw`: SOMA X rows read in contiguous 8192-row blocks (`X.read(coords=(rows,)).tables()`) into Arrow and
   dropped: the limit.
@@ -18,7 +18,7 @@ Not a timed test: run it by hand and paste the table into the README.
 
     python -m data_ingest.synth --out /tmp/bench/census100k --cells 100000 --genes 20000
     python -m jobs.bench data --census /tmp/bench/census100k
-    # a larger experiment from copies of a smaller one (see tile_census), shuffled readers capped:
+    # a larger experiment from copies of a smaller one (see jobs.bench.tile), shuffled readers capped:
     python -m jobs.bench data --census /tmp/bench/census1m --tile-from /tmp/bench/census100k --copies 10 \
         --max-batches 1000
 """
@@ -31,97 +31,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from data_ingest import keys
-from data_ingest.atomic import atomic_directory
 from data_ingest.cache import TokenCacheConfig
 from data_ingest.source import ALL, SomaCellSource, SourceConfig
 from data_ingest.stream import StreamConfig, StreamStats, rank_batches
 from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
 from data_ingest.tokenize import TokenizerConfig
 from data_ingest.vocab import GeneVocab
+from jobs.bench.memory import PeakMemory
+from jobs.bench.tile import tile_census
 
 READERS = ("raw", "soma-ml", "ours", "ours-cached")
-
-
-def _tree_memory(proc, pss: bool) -> tuple[int, int]:
-    """(summed RSS, summed PSS or 0) of `proc` and its descendants. RSS counts a shared page (Ray's object
-    store, mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS
-    sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often."""
-    import psutil
-
-    rss_sum = pss_sum = 0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            if pss:
-                info = p.memory_full_info()
-                rss_sum, pss_sum = rss_sum + info.rss, pss_sum + info.pss
-            else:
-                rss_sum += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return rss_sum, pss_sum
-
-
-class PeakMemory:
-    """Peak summed RSS (every `every_s`) and PSS of this process tree.
-
-    PSS costs a walk of every process's page tables: at 0.1 s it took ~12% of the 2 cores from a 1M-cell
-    run of our stream (perf: `smaps_account`), slowing what it measured. So PSS is read every `pss_every`
-    samples and, in between, whenever the summed RSS is within `near` of its peak so far and 1% above what
-    it was at the last PSS read (at most every other sample): the PSS peak comes with the RSS highs (the
-    read workers' transient arrays count fully in both), and a short epoch still gets its peaks sampled.
-    Without the 1% rule an RSS plateau near its peak had PSS read every other sample: 44% of the bench
-    process's CPU in a 500k-cell run of our stream. `pss_samples` says how often it was read.
-    """
-
-    def __init__(self, every_s: float = 0.05, pss_every: int = 10, near: float = 0.97):
-        import psutil
-
-        self.proc, self.every, self.pss_every, self.near = (
-            psutil.Process(),
-            every_s,
-            pss_every,
-            near,
-        )
-        self.peak_rss = self.peak_pss = self.pss_samples = 0
-        self._stop = False
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _sample(self, pss: bool) -> int:
-        rss, p = _tree_memory(self.proc, pss)
-        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
-        self.pss_samples += pss
-        return rss
-
-    def _run(self) -> None:
-        i, last_pss, pss_rss = 0, -2, 0
-        while not self._stop:
-            pss = i % self.pss_every == 0
-            rss = self._sample(pss)
-            if pss:
-                last_pss, pss_rss = i, rss
-            elif (
-                rss >= self.near * self.peak_rss and rss > 1.01 * pss_rss and i - last_pss >= 2
-            ):  # a new high since the last PSS read
-                self._sample(pss=True)
-                last_pss, pss_rss = i, rss
-            i += 1
-            time.sleep(self.every)
-
-    def __enter__(self) -> PeakMemory:
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop = True
-        self._t.join()
-        self._sample(pss=True)
 
 
 def _distinct(per_batch: list[np.ndarray]) -> float:
@@ -314,118 +239,6 @@ def ideal_mixing(exp_uri: str, n_cells: int, batch_size: int, seed: int = 0) -> 
     n = len(labels) // batch_size * batch_size
     batches = list(labels[perm[:n]].reshape(-1, batch_size))
     return _distinct(batches), _tv(batches)
-
-
-def _suffix(col, suffix: str):
-    """String column `col` with `suffix` appended, in the column's own string type."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.binary_join_element_wise(col, pa.scalar(suffix, col.type), pa.scalar("", col.type))
-
-
-def tile_census(src: str | Path, out: str | Path, copies: int, block_cells: int = 8192) -> Path:
-    """Write `copies` back-to-back copies of the census collection `src` as a new census at `out`.
-
-    For loader benchmarks at sizes the synthetic generator cannot reach in the time at hand: the copy has the
-    same sparsity, value distribution and X write pattern (one fragment per `block_cells` rows), rows
-    grouped by dataset, and `copies` times as many datasets (copy k's dataset ids get the suffix `~k`).
-    Cells repeat, so it is not for model training or evaluation.
-    """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import tiledbsoma
-
-    src, out = str(src), Path(out)
-    with tiledbsoma.Collection.open(src) as census:
-        organism = next(iter(census[keys.CENSUS_DATA].keys()))
-        exp = census[keys.CENSUS_DATA][organism]
-        n = int(exp.obs.count)
-        X_src = exp.ms[keys.MEASUREMENT_RNA].X[keys.RAW_LAYER]
-        n_genes = int(X_src.shape[1])
-        var = exp.ms[keys.MEASUREMENT_RNA].var.read().concat()
-        summary = census[keys.CENSUS_INFO][keys.CENSUS_SUMMARY].read().concat()
-        datasets = census[keys.CENSUS_INFO][keys.CENSUS_DATASETS].read().concat()
-        obs_schema = exp.obs.schema
-        with atomic_directory(out, create=False) as tmp:
-            with tiledbsoma.Collection.create(str(tmp)) as dst:
-                info = dst.add_new_collection(keys.CENSUS_INFO)
-                data = dst.add_new_collection(keys.CENSUS_DATA)
-                dexp = data.add_new_collection(organism, tiledbsoma.Experiment)
-                obs = dexp.add_new_dataframe("obs", schema=obs_schema, domain=[(0, n * copies - 1)])
-                rna = dexp.add_new_collection("ms").add_new_collection(
-                    keys.MEASUREMENT_RNA, tiledbsoma.Measurement
-                )
-                X = rna.add_new_collection("X").add_new_sparse_ndarray(
-                    keys.RAW_LAYER,
-                    type=pa.float32(),
-                    shape=(n * copies, n_genes),
-                    platform_config=keys.CENSUS_X_PLATFORM_CONFIG,
-                )
-                rna.add_new_dataframe("var", schema=var.schema, domain=[(0, len(var) - 1)]).write(
-                    var
-                )
-                for k in range(copies):
-                    for lo in range(0, n, block_cells):
-                        hi = min(lo + block_cells, n) - 1
-                        shift = k * n
-                        xt = X_src.read(coords=(slice(lo, hi),)).tables().concat()
-                        X.write(
-                            xt.set_column(
-                                0, "soma_dim_0", pc.add(xt["soma_dim_0"], pa.scalar(shift))
-                            )
-                        )
-                        ot = exp.obs.read(coords=(slice(lo, hi),)).concat()
-                        ot = ot.set_column(
-                            ot.schema.get_field_index(keys.SOMA_JOINID),
-                            keys.SOMA_JOINID,
-                            pc.add(ot[keys.SOMA_JOINID], pa.scalar(shift)),
-                        )
-                        for col in (keys.OBS_DATASET, keys.OBS_ID):
-                            if col in ot.schema.names:
-                                i = ot.schema.get_field_index(col)
-                                ot = ot.set_column(
-                                    i,
-                                    ot.schema.field(i),
-                                    _suffix(ot[col], f"~{k}"),
-                                )
-                        obs.write(ot)
-                    print(f"tiled copy {k + 1}/{copies} of {src}", flush=True)
-                summary = summary.set_column(
-                    summary.schema.get_field_index("value"),
-                    "value",
-                    pa.array(
-                        [
-                            str(n * copies) if lab == "total_cell_count" else v
-                            for lab, v in zip(
-                                summary["label"].to_pylist(),
-                                summary["value"].to_pylist(),
-                                strict=True,
-                            )
-                        ]
-                    ),
-                )
-                info.add_new_dataframe(
-                    keys.CENSUS_SUMMARY, schema=summary.schema, domain=[(0, len(summary) - 1)]
-                ).write(summary)
-                dsets = pa.concat_tables(
-                    [
-                        datasets.set_column(
-                            datasets.schema.get_field_index(keys.SOMA_JOINID),
-                            keys.SOMA_JOINID,
-                            pc.add(datasets[keys.SOMA_JOINID], pa.scalar(k * len(datasets))),
-                        ).set_column(
-                            datasets.schema.get_field_index(keys.OBS_DATASET),
-                            datasets.schema.field(keys.OBS_DATASET),
-                            _suffix(datasets[keys.OBS_DATASET], f"~{k}"),
-                        )
-                        for k in range(copies)
-                    ]
-                )
-                info.add_new_dataframe(
-                    keys.CENSUS_DATASETS, schema=dsets.schema, domain=[(0, len(dsets) - 1)]
-                ).write(dsets)
-    return out
 
 
 def _reader_spec(reader: str) -> tuple[str, int, int]:

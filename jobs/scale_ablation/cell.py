@@ -11,7 +11,8 @@ from data_ingest.datasource import read_token_table
 from data_ingest.source import HOLDOUT, TRAIN, SomaCellSource, open_experiment
 from jobs._cli import quiet_ray_data
 from jobs.scale_ablation.config import FIT_METRIC, MODEL_KEYS, WHOLE
-from jobs.sweep import JobSpec, _final_metric, run_finetune_cell
+from jobs.sweep.cells import final_metric, run_finetune_cell
+from jobs.sweep.config import JobSpec
 from scgpt_dist.config import ExperimentConfig, from_dict
 from scgpt_dist.evaluate import heldout_gep, knn_accuracy, with_fixed_masks
 from scgpt_dist.inference import embed_table
@@ -101,13 +102,13 @@ def run_ablation_cell(
 
     client = ctx.client()
     metrics = evaluate_model(summary["model_dir"], cfg, eval, context_tissue)
-    tokens = _final_metric(client, run_id, "tokens_seen")
+    tokens = final_metric(client, run_id, "tokens_seen")
     metrics.update(
         n_train_cells=summary["n_train_cells"],
         steps=summary["step"],
         tokens_seen=tokens,
         compute_flops=6.0 * metrics["n_params"] * tokens,
-        final_train_loss=_final_metric(client, run_id, "loss"),
+        final_train_loss=final_metric(client, run_id, "loss"),
         train_wall_s=summary["train_wall_s"],
     )
     if finetune.get("task"):
