@@ -7,12 +7,12 @@ from data_ingest import keys
 from scgpt_dist.config import ModelConfig
 from scgpt_dist.model.attention import (
     WORKSPACE,
-    Packing,
     Workspace,
     attention_math,
     dropout_keep_mask,
     mask_bias,
 )
+from scgpt_dist.model.packing import Packing
 from scgpt_dist.model.transformer import build_model
 
 N_TOKENS, PAD = 50, 0

@@ -5,10 +5,13 @@ import torch
 
 from data_ingest import keys
 from scgpt_dist.config import ModelConfig, ObjectiveConfig
-from scgpt_dist.model.attention import dropout_keep_mask, generative_mask, resolve_backend, sdpa
+from scgpt_dist.model.attention import dropout_keep_mask, resolve_backend, sdpa
 from scgpt_dist.model.collate import draw_mask_ratio, mask_values
+from scgpt_dist.model.heads import ClsDecoder
+from scgpt_dist.model.layers import CategoryValueEncoder
 from scgpt_dist.model.losses import masked_mse, total_loss
-from scgpt_dist.model.transformer import PERT_PAD_ID, CategoryValueEncoder, ClsDecoder, build_model
+from scgpt_dist.model.packing import generative_mask
+from scgpt_dist.model.transformer import PERT_PAD_ID, build_model
 
 N_TOKENS, PAD = 50, 0
 
