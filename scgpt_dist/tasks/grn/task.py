@@ -19,6 +19,7 @@ import numpy as np
 from data_ingest import keys
 from scgpt_dist.tasks.config import TaskConfig, arg
 from scgpt_dist.tasks.grn import method as grn
+from scgpt_dist.tasks.grn import metrics as gm
 from scgpt_dist.tasks.runner import TaskContext, load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
@@ -112,8 +113,8 @@ def _pick_cell_type(adata, requested: str | None) -> str:
 
 def run(cfg: GrnTaskConfig, ctx: TaskContext) -> dict:
     gcfg = cfg.method_config()
-    truth_path = cfg.truth or grn.find_truth(cfg.data)
-    truth = grn.PlantedNetwork.load(truth_path)
+    truth_path = cfg.truth or gm.find_truth(cfg.data)
+    truth = gm.PlantedNetwork.load(truth_path)
     adata = load_cells(cfg.data, cfg.obs_filter, cfg.max_cells, cfg.seed)
     cell_type = _pick_cell_type(adata, cfg.cell_type)
     cells = adata[adata.obs[CELL_TYPE_COLUMN].astype(str) == cell_type].copy()
@@ -167,8 +168,8 @@ def run(cfg: GrnTaskConfig, ctx: TaskContext) -> dict:
     }
     for scope in scopes:
         for method, s in scores.items():
-            e = grn.evaluate_edges(s, truths[scope])
-            p = grn.program_recovery(programs[method], labels[scope])
+            e = gm.evaluate_edges(s, truths[scope])
+            p = gm.program_recovery(programs[method], labels[scope])
             rows.append(
                 {
                     "method": METHOD_LABELS[method],
@@ -277,7 +278,7 @@ def _write_report(
     for method in (EMBEDDING, ATTENTION, CORR_CELLTYPE):
         if method not in scores:
             continue
-        for r in grn.top_edges(
+        for r in gm.top_edges(
             scores[method], genes, cfg.top_edges, truths[SCOPE_ALL], labels[SCOPE_ALL]
         ):
             top_rows.append({"method": METHOD_LABELS[method], **r})
@@ -295,7 +296,7 @@ def _pr_figure(rep, scores, truths, cell_type) -> None:
     for i, scope in enumerate(scopes, 1):
         ax = fig.add_subplot(1, len(scopes), i)
         for method, s in scores.items():
-            recall, precision = grn.pr_curve(s, truths[scope])
+            recall, precision = gm.pr_curve(s, truths[scope])
             keep = np.unique(np.linspace(0, len(recall) - 1, 3000).astype(int))  # enough for a plot
             ax.plot(recall[keep], precision[keep], label=METHOD_LABELS[method], lw=1.2)
         density = truths[scope][np.triu_indices(len(truths[scope]), 1)].mean()

@@ -19,6 +19,7 @@ from scgpt_dist.model.collate import collate
 from scgpt_dist.model.transformer import build_model
 from scgpt_dist.preprocess import log_normalize
 from scgpt_dist.tasks.grn import method as grn
+from scgpt_dist.tasks.grn import metrics as gm
 from scgpt_dist.tasks.runner import load_cells
 from scgpt_dist.train.checkpoint import load_consolidated
 
@@ -90,8 +91,8 @@ def cells(census):
 
 
 @pytest.fixture(scope="module")
-def truth(census) -> grn.PlantedNetwork:
-    return grn.PlantedNetwork.load(grn.find_truth(census))
+def truth(census) -> gm.PlantedNetwork:
+    return gm.PlantedNetwork.load(gm.find_truth(census))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def test_edge_metrics_on_known_answers():
     t = _block_truth()
     density = t[np.triu_indices(len(t), 1)].mean()
 
-    perfect = grn.evaluate_edges(t.astype(float), t)
+    perfect = gm.evaluate_edges(t.astype(float), t)
     assert perfect.auprc == pytest.approx(1.0)
     assert perfect.early_precision == 1.0 and perfect.auroc == pytest.approx(1.0)
     assert perfect.random_auprc == pytest.approx(density)
@@ -125,12 +126,12 @@ def test_edge_metrics_on_known_answers():
     ratios = []
     for seed in range(5):
         r = np.random.default_rng(seed).random(t.shape)
-        ratios.append(grn.evaluate_edges((r + r.T) / 2, t).auprc_ratio)
+        ratios.append(gm.evaluate_edges((r + r.T) / 2, t).auprc_ratio)
     assert 0.75 < np.mean(ratios) < 1.35
 
-    inverted = grn.evaluate_edges(-t.astype(float), t)
+    inverted = gm.evaluate_edges(-t.astype(float), t)
     assert inverted.auprc < density * 1.01 and inverted.early_precision == 0.0
-    assert grn.evaluate_edges(np.zeros(t.shape), t).auprc == pytest.approx(density)
+    assert gm.evaluate_edges(np.zeros(t.shape), t).auprc == pytest.approx(density)
 
     # Half of the true edges on top, the rest tied with every non-edge: the 135 top slots left are filled
     # from the tied group at its share of true edges, whatever the gene order.
@@ -138,15 +139,15 @@ def test_edge_metrics_on_known_answers():
     half[:30, :30] = 0.0
     tied_share = 135 / (perfect.n_pairs - 135)
     expected = (135 + 135 * tied_share) / 270
-    assert grn.evaluate_edges(half, t).early_precision == pytest.approx(expected, abs=1e-12)
+    assert gm.evaluate_edges(half, t).early_precision == pytest.approx(expected, abs=1e-12)
     order = np.random.default_rng(0).permutation(len(t))
-    shuffled = grn.evaluate_edges(half[np.ix_(order, order)], t[np.ix_(order, order)])
+    shuffled = gm.evaluate_edges(half[np.ix_(order, order)], t[np.ix_(order, order)])
     assert shuffled.early_precision == pytest.approx(expected, abs=1e-12)
 
     with pytest.raises(ValueError, match="planted edges"):
-        grn.evaluate_edges(np.ones((5, 5)), np.zeros((5, 5), bool))
+        gm.evaluate_edges(np.ones((5, 5)), np.zeros((5, 5), bool))
     with pytest.raises(ValueError, match="same square"):
-        grn.evaluate_edges(np.ones((5, 5)), np.zeros((4, 4), bool))
+        gm.evaluate_edges(np.ones((5, 5)), np.zeros((4, 4), bool))
 
 
 def test_program_recovery_on_known_answers():
@@ -154,27 +155,27 @@ def test_program_recovery_on_known_answers():
         [np.repeat(np.arange(4), 5), np.full(10, -1)]
     )  # 4 modules + background
     same = np.where(modules >= 0, modules + 7, 99)  # relabeled, background in its own program
-    p = grn.program_recovery(same, modules)
+    p = gm.program_recovery(same, modules)
     assert p.ari == pytest.approx(1.0) and p.best_match_jaccard == pytest.approx(1.0)
     assert p.n_modules == 4
 
     merged = same.copy()
     merged[modules == 1] = 7  # modules 0 and 1 share one program
-    p = grn.program_recovery(merged, modules)
+    p = gm.program_recovery(merged, modules)
     assert p.ari < 1.0
     assert p.best_match_jaccard == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
 
     swallowed = np.where(modules == 0, 0, 1)  # module 0 alone; the rest with the background
-    p = grn.program_recovery(swallowed, modules)
+    p = gm.program_recovery(swallowed, modules)
     assert p.best_match_jaccard == pytest.approx((1 + 3 * 5 / 25) / 4)
 
     rng = np.random.default_rng(0)
     big = np.repeat(np.arange(20), 10)
-    aris = [grn.program_recovery(rng.integers(0, 20, 200), big).ari for _ in range(5)]
+    aris = [gm.program_recovery(rng.integers(0, 20, 200), big).ari for _ in range(5)]
     assert abs(np.mean(aris)) < 0.05
 
     with pytest.raises(ValueError, match="planted module"):
-        grn.program_recovery(np.zeros(5, int), np.full(5, -1))
+        gm.program_recovery(np.zeros(5, int), np.full(5, -1))
 
 
 def test_leiden_programs_recover_blocks_deterministically():
@@ -185,7 +186,7 @@ def test_leiden_programs_recover_blocks_deterministically():
     a = grn.leiden_programs(sim, k=8, resolution=1.0, seed=0)
     b = grn.leiden_programs(sim, k=8, resolution=1.0, seed=0)
     np.testing.assert_array_equal(a, b)
-    assert grn.program_recovery(a, labels).ari == pytest.approx(1.0)
+    assert gm.program_recovery(a, labels).ari == pytest.approx(1.0)
     assert len(np.unique(a)) == 6
 
 
@@ -203,9 +204,9 @@ def test_apc_removes_hub_structure_and_keeps_pairs():
     assert grn.apc(product)[off].std() < 0.1 * product[off].std()
     t = _block_truth(n_blocks=3, size=5, background=15)
     with_pairs = product + 0.5 * t
-    assert grn.evaluate_edges(grn.apc(with_pairs), t).auprc == pytest.approx(1.0)
+    assert gm.evaluate_edges(grn.apc(with_pairs), t).auprc == pytest.approx(1.0)
     assert (
-        grn.evaluate_edges(with_pairs, t).auprc < 0.9
+        gm.evaluate_edges(with_pairs, t).auprc < 0.9
     )  # hubs hide the pairs without the correction
 
 
@@ -215,7 +216,7 @@ def test_top_edges_lists_highest_pairs_with_truth():
     s[1, 3] = s[3, 1] = 0.5
     t = np.zeros((4, 4), bool)
     t[0, 2] = t[2, 0] = True
-    rows = grn.top_edges(s, ["a", "b", "c", "d"], 2, t, np.array([0, -1, 0, -1]))
+    rows = gm.top_edges(s, ["a", "b", "c", "d"], 2, t, np.array([0, -1, 0, -1]))
     assert [(r["gene_a"], r["gene_b"], r["planted"]) for r in rows] == [
         ("a", "c", "yes"),
         ("b", "d", "no"),
@@ -250,14 +251,14 @@ def test_planted_network_matches_the_census_truth(census, truth, cells):
 
 
 def test_find_truth_next_to_census_or_experiment(census, tmp_path):
-    assert grn.find_truth(census) == Path(str(census) + ".ground_truth.json")
-    assert grn.find_truth(experiment_uri(census)) == grn.find_truth(census)
+    assert gm.find_truth(census) == Path(str(census) + ".ground_truth.json")
+    assert gm.find_truth(experiment_uri(census)) == gm.find_truth(census)
     with pytest.raises(FileNotFoundError, match="--truth"):
-        grn.find_truth(tmp_path / "no_census")
+        gm.find_truth(tmp_path / "no_census")
     bad = tmp_path / "bad.json"
     bad.write_text('{"marker_genes": {}}')
     with pytest.raises(ValueError, match="coexpression_edges"):
-        grn.PlantedNetwork.load(bad)
+        gm.PlantedNetwork.load(bad)
 
 
 # ----------------------------------------------------------------------------------------------- baseline
@@ -272,16 +273,16 @@ def test_correlation_baseline_recovers_active_modules(cells, truth):
     np.testing.assert_allclose(corr, corr.T, atol=1e-12)
     np.testing.assert_allclose(np.diag(corr), 1.0)
 
-    active = grn.evaluate_edges(corr, truth.edge_matrix(genes, ct))
+    active = gm.evaluate_edges(corr, truth.edge_matrix(genes, ct))
     assert active.auprc_ratio > 100 and active.early_precision > 0.5
     programs = grn.leiden_programs(corr, k=10, resolution=1.0)
-    assert grn.program_recovery(programs, truth.module_labels(genes, ct)).ari > 0.8
+    assert gm.program_recovery(programs, truth.module_labels(genes, ct)).ari > 0.8
     # Modules inactive in this cell type do not co-vary in its cells: far weaker on all planted edges.
-    overall = grn.evaluate_edges(corr, truth.edge_matrix(genes))
+    overall = gm.evaluate_edges(corr, truth.edge_matrix(genes))
     assert overall.auprc < active.auprc
 
     # The expression-level null control knows no pairs.
-    null = grn.evaluate_edges(grn.expression_level_scores(sub, genes), truth.edge_matrix(genes, ct))
+    null = gm.evaluate_edges(grn.expression_level_scores(sub, genes), truth.edge_matrix(genes, ct))
     assert null.auprc < active.auprc / 10
 
     # Against numpy's own Pearson on the log-normalized values.
@@ -364,16 +365,16 @@ def test_gene_embedding_network_finds_modules_the_model_holds(cells, truth, rand
     assert emb.shape == (len(genes), 32)
     sim = grn.cosine_similarity(emb)
     np.testing.assert_allclose(np.diag(sim), 1.0, atol=1e-5)
-    assert grn.evaluate_edges(sim, t).auprc_ratio < 3  # an untrained model knows no modules
+    assert gm.evaluate_edges(sim, t).auprc_ratio < 3  # an untrained model knows no modules
 
     planted = load_consolidated(
         write_tiny_model(tmp_path / "m", list(cells.var_names), truth.modules)
     )
     sim = grn.cosine_similarity(grn.gene_embeddings(planted, genes))
-    m = grn.evaluate_edges(sim, t)
+    m = gm.evaluate_edges(sim, t)
     assert m.auprc > 0.95 and m.early_precision > 0.9
     programs = grn.leiden_programs(sim, k=10, resolution=1.0)
-    assert grn.program_recovery(programs, labels).ari > 0.9
+    assert gm.program_recovery(programs, labels).ari > 0.9
 
     with pytest.raises(ValueError, match="unknown"):
         grn.gene_embeddings(planted, ["NOT_A_GENE"])

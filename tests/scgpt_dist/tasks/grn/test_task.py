@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from jobs.finetune.__main__ import main
-from scgpt_dist.tasks.grn import method as grn
+from scgpt_dist.tasks.grn import metrics as gm
 from scgpt_dist.tasks.runner import load_cells
 from tests.scgpt_dist.tasks.grn.test_method import write_tiny_census, write_tiny_model
 
@@ -18,7 +18,7 @@ from tests.scgpt_dist.tasks.grn.test_method import write_tiny_census, write_tiny
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("grn_job")
     census = write_tiny_census(root / "census")
-    truth = grn.PlantedNetwork.load(grn.find_truth(census))
+    truth = gm.PlantedNetwork.load(gm.find_truth(census))
     genes = list(load_cells(str(census)).var_names)
     # A model whose gene embeddings hold the planted modules, so the scGPT rows have something to find.
     model = write_tiny_model(root / "model", genes, truth.modules)
