@@ -15,7 +15,7 @@ from pathlib import Path
 import anndata as ad
 
 from data_ingest.soma_store import to_census_layout, write_experiment
-from data_ingest.synth import SynthConfig, make_synthetic
+from data_ingest.synth.small import SynthConfig, make_synthetic
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from data_ingest import keys
 from data_ingest.cache import TokenCacheConfig
 from data_ingest.source import ALL, SomaCellSource, SourceConfig
 from data_ingest.stream import StreamConfig, StreamStats, rank_batches
-from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
+from data_ingest.synth.census import CensusSynthConfig, experiment_uri, write_synthetic_census
 from data_ingest.tokenize import TokenizerConfig
 from data_ingest.vocab import GeneVocab
 from jobs.bench.memory import PeakMemory

@@ -11,7 +11,7 @@ Ray, DeepSpeed or SOMA; `python -m jobs.bench learn` measures the real pipeline)
 - `exact`: every cell expresses the same genes and each gene's count is a fixed function of the cell type,
   so a masked value is exactly predictable from the visible ones (the per-gene x type mean scores 0): a model
   that uses context must get close to zero; the gene set says nothing about the type, only the values do;
-- `splat`: an independent simulator (`data_ingest.splat`, the Splat model of Splatter), to check that a
+- `splat`: an independent simulator (`data_ingest.synth.splat`, the Splat model of Splatter), to check that a
   recipe is not tuned to our own generator (`--synth` then takes SplatConfig fields).
 
 Every `--eval-every` steps it prints held-out GEP MSE (fixed masks) next to the per-gene, per-gene x batch and
@@ -32,8 +32,8 @@ import scipy.sparse as sp
 import torch
 
 from data_ingest import keys
-from data_ingest.splat import SplatConfig, simulate
-from data_ingest.synth import CensusSynthConfig, sample_census
+from data_ingest.synth.census import CensusSynthConfig, sample_census
+from data_ingest.synth.splat import SplatConfig, simulate
 from data_ingest.tokenize import RESTYLE_DEPTHS, TokenizerConfig, tokenize_csr
 from data_ingest.views import (
     attach_views,

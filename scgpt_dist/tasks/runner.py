@@ -24,7 +24,7 @@ import numpy as np
 from data_ingest import keys
 from data_ingest.demo_data import load_pbmc
 from data_ingest.soma_store import read_h5ad_checked, validate_anndata
-from data_ingest.synth import experiment_uri
+from data_ingest.synth.census import experiment_uri
 from scgpt_dist.tasks import task_module
 from scgpt_dist.tasks.config import PBMC_SPEC, TaskConfig
 from scgpt_dist.tasks.report import Report

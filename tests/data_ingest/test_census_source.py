@@ -5,7 +5,7 @@ import pytest
 
 from data_ingest import keys
 from data_ingest.source import ALL, SomaCellSource, SourceConfig, census_locator
-from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
+from data_ingest.synth.census import CensusSynthConfig, experiment_uri, write_synthetic_census
 from data_ingest.tokenize import TokenizerConfig
 from data_ingest.vocab import GeneVocab
 

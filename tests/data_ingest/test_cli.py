@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from data_ingest import ingest, splat, synth
+from data_ingest import ingest
+from data_ingest.synth import census as synth
+from data_ingest.synth import splat
 from data_ingest.cli import EXIT_USAGE, run_main
 from data_ingest.ingest import read_log
 from tests.conftest import REPO

@@ -8,7 +8,7 @@ import anndata as ad
 import pytest
 from mlflow.tracking import MlflowClient
 
-from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
+from data_ingest.synth.census import CensusSynthConfig, experiment_uri, write_synthetic_census
 from jobs.bench import learn
 from tests.conftest import REPO
 

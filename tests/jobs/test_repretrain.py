@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from data_ingest import keys
 from data_ingest.ingest import ingest_h5ads
 from data_ingest.soma_store import to_census_layout, write_experiment
-from data_ingest.synth import SynthConfig, make_synthetic
+from data_ingest.synth.small import SynthConfig, make_synthetic
 from jobs import repretrain as job
 from scgpt_dist.config import ExperimentConfig, dump_config, load_config
 from scgpt_dist.train import registry

@@ -84,7 +84,7 @@ class PlantedNetwork:
 def find_truth(data: str | Path) -> Path:
     """The ground truth JSON next to a synthetic census (`<census>.ground_truth.json`), given the census
     collection or its `census_data/<organism>` experiment."""
-    from data_ingest.synth import GROUND_TRUTH_SUFFIX
+    from data_ingest.synth.census import GROUND_TRUTH_SUFFIX
 
     path = Path(data).resolve()
     candidates = [path]

@@ -16,7 +16,7 @@ joint cell embedding is scored with the scib metrics next to:
   skips it).
 
 Data: an `.h5ad` with RNA genes and proteins as columns, told apart by var `feature_type` (`Gene Expression` /
-`Antibody Capture`) or the `PROT_` name prefix; `python -m data_ingest.multiome_synth` writes one from the
+`Antibody Capture`) or the `PROT_` name prefix; `python -m data_ingest.synth.multiome` writes one from the
 synthetic census's planted truth.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from data_ingest import keys
-from data_ingest.multiome_synth import modality_of_features
+from data_ingest.synth.multiome import modality_of_features
 from data_ingest.tokenize import TokenizerConfig
 from scgpt_dist.inference import embed_table, tokenize_anndata
 from scgpt_dist.preprocess import hvg_index, log_normalize

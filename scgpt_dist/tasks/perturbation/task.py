@@ -1,7 +1,7 @@
 """Perturbation response: finetune scGPT with perturbation flag tokens, predict the mean response of unseen
 single perturbations and held-out doubles, next to the no-change, mean-perturbed, linear and additive baselines.
 
-    python -m data_ingest.perturb_synth --out outputs/perturb/perturb.h5ad \\
+    python -m data_ingest.synth.perturb --out outputs/perturb/perturb.h5ad \\
         --census-truth outputs/synth/census.ground_truth.json
     python -m jobs.finetune perturbation --checkpoint outputs/synth/run/model \\
         --data outputs/perturb/perturb.h5ad --out outputs/perturb/run
@@ -67,13 +67,13 @@ def run(cfg: PerturbationConfig, ctx: TaskContext) -> dict:
     if cfg.max_cells:
         raise ValueError(
             "--max-cells would subsample control and perturbed cells unevenly; the perturbation task "
-            "uses every cell (make a smaller screen with `python -m data_ingest.perturb_synth` instead)"
+            "uses every cell (make a smaller screen with `python -m data_ingest.synth.perturb` instead)"
         )
     adata = load_cells(cfg.data, cfg.obs_filter, None, cfg.seed)
     if cfg.perturbation_key not in adata.obs:
         raise ValueError(
             f"--perturbation-key {cfg.perturbation_key!r} is not an obs column; have "
-            f"{list(adata.obs)} (write the data with `python -m data_ingest.perturb_synth`)"
+            f"{list(adata.obs)} (write the data with `python -m data_ingest.synth.perturb`)"
         )
     labels = adata.obs[cfg.perturbation_key].astype(str).to_numpy()
     names = sorted(set(labels) - {keys.CONTROL_CONDITION})

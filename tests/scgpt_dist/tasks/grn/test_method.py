@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data_ingest import keys
-from data_ingest.synth import CensusSynthConfig, experiment_uri, write_synthetic_census
+from data_ingest.synth.census import CensusSynthConfig, experiment_uri, write_synthetic_census
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.config import ExperimentConfig, dump_config, from_dict
 from scgpt_dist.inference import tokenize_anndata

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_ingest.synth import SynthConfig, make_synthetic
+from data_ingest.synth.small import SynthConfig, make_synthetic
 from scgpt_dist.tasks.integration import method as ig
 
 

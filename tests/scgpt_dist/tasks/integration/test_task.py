@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data_ingest import keys
-from data_ingest.multiome_synth import MultiomeSynthConfig, make_multiome, write_h5ad_atomic
-from data_ingest.synth import CensusSynthConfig, write_synthetic_census
+from data_ingest.synth.census import CensusSynthConfig, write_synthetic_census
+from data_ingest.synth.multiome import MultiomeSynthConfig, make_multiome, write_h5ad_atomic
 from data_ingest.vocab import GeneVocab
 from jobs.finetune.__main__ import main
 from scgpt_dist.config import ExperimentConfig, dump_config, from_dict

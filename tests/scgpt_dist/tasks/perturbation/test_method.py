@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data_ingest import keys
-from data_ingest.perturb_synth import PerturbSynthConfig, make_perturbation_data
-from data_ingest.synth import CensusSynthConfig, CensusTruth
+from data_ingest.synth.census import CensusSynthConfig, CensusTruth
+from data_ingest.synth.perturb import PerturbSynthConfig, make_perturbation_data
 from scgpt_dist.preprocess import log_normalize
 from scgpt_dist.tasks.perturbation import method as pt
 

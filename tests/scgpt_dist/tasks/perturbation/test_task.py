@@ -9,7 +9,7 @@ import math
 import pytest
 
 from data_ingest import keys
-from data_ingest.perturb_synth import write_h5ad_atomic
+from data_ingest.synth.perturb import write_h5ad_atomic
 from tests.scgpt_dist.tasks.perturbation.test_method import small_screen, tiny_model_dir
 
 

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from data_ingest import keys
-from data_ingest.perturb_synth import (
+from data_ingest.synth.census import CensusSynthConfig, CensusTruth
+from data_ingest.synth.perturb import (
     PerturbationScreen,
     PerturbSynthConfig,
     main,
     make_perturbation_data,
     perturbation_genes,
 )
-from data_ingest.synth import CensusSynthConfig, CensusTruth
 
 CENSUS = CensusSynthConfig(
     n_cells=3000,

@@ -7,15 +7,14 @@ import pytest
 import scipy.sparse as sp
 
 from data_ingest import keys
-from data_ingest.synth import (
+from data_ingest.synth.census import (
     GROUND_TRUTH_SUFFIX,
     CensusSynthConfig,
-    SynthConfig,
     experiment_uri,
     main,
-    make_synthetic,
     write_synthetic_census,
 )
+from data_ingest.synth.small import SynthConfig, make_synthetic
 
 SMALL = dict(
     n_cells=3000,

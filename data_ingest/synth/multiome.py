@@ -11,7 +11,7 @@ negative-binomial noise with low dispersion (proteins are dense: nearly every pr
 The result is one AnnData: RNA genes then proteins as columns, var `feature_type` (10x naming: `Gene Expression`
 / `Antibody Capture`), obs `cell_type` and `dataset_id` (the batch); written as `.h5ad`.
 
-    python -m data_ingest.multiome_synth --ground-truth outputs/synth/census.ground_truth.json \
+    python -m data_ingest.synth.multiome --ground-truth outputs/synth/census.ground_truth.json \
         --out outputs/synth/multiome.h5ad --cells 2000 --batches 4
 """
 
@@ -29,7 +29,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_ingest import keys
-from data_ingest.synth import CensusSynthConfig, CensusTruth, _sample_block
+from data_ingest.synth.census import CensusSynthConfig, CensusTruth, _sample_block
 
 PROTEIN_PREFIX = "PROT_"
 """Protein feature names are this prefix + the target gene's name (their own vocabulary tokens)."""
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(
-        prog="python -m data_ingest.multiome_synth",
+        prog="python -m data_ingest.synth.multiome",
         description="Write a synthetic CITE-seq (RNA + protein) .h5ad from a synthetic census's planted truth.",
     )
     p.add_argument("--out", required=True, help="output .h5ad")

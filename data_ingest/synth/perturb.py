@@ -26,7 +26,7 @@ obs: `perturbation` ("ctrl", "GENE+ctrl", "GENE_A+GENE_B", GEARS style), `condit
 mechanisms of every perturbation), `expected_lfc` (perturbations x genes: log ratio of the expected perturbed
 vs control rate at mean library size and module activity), `expected_lfc_perturbations` (its row names).
 
-    python -m data_ingest.perturb_synth --out outputs/perturb/perturb.h5ad \\
+    python -m data_ingest.synth.perturb --out outputs/perturb/perturb.h5ad \\
         --census-truth outputs/synth/census.ground_truth.json
 
 No registry package installed here ships a real perturbation data set: `cell-gears` and `pertpy` exist on
@@ -49,7 +49,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_ingest import keys
-from data_ingest.synth import CensusSynthConfig, CensusTruth
+from data_ingest.synth.census import CensusSynthConfig, CensusTruth
 
 INTERACTIONS = ("additive", "synergy", "buffering", "neomorphic")
 
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     d = PerturbSynthConfig()
     c = CensusSynthConfig()
     p = argparse.ArgumentParser(
-        prog="python -m data_ingest.perturb_synth",
+        prog="python -m data_ingest.synth.perturb",
         description="Write a synthetic perturbation screen (.h5ad) drawn from a synthetic census's model.",
     )
     p.add_argument("--out", required=True, help="output .h5ad")

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from data_ingest import keys
-from data_ingest import multiome_synth as ms
-from data_ingest.synth import CensusSynthConfig, CensusTruth
+from data_ingest.synth import multiome as ms
+from data_ingest.synth.census import CensusSynthConfig, CensusTruth
 
 CENSUS = CensusSynthConfig(
     n_cells=400,

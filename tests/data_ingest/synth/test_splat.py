@@ -4,7 +4,7 @@ import numpy as np
 import tiledbsoma
 
 from data_ingest import keys
-from data_ingest.splat import SplatConfig, simulate, write_splat_experiment
+from data_ingest.synth.splat import SplatConfig, simulate, write_splat_experiment
 
 
 def test_simulate_counts_groups_and_batches():
