@@ -9,10 +9,10 @@ import pytest
 import scipy.sparse as sp
 
 from data_ingest import ingest
-from data_ingest.synth import census as synth
-from data_ingest.synth import splat
 from data_ingest.cli import EXIT_USAGE, run_main
 from data_ingest.ingest import read_log
+from data_ingest.synth import census as synth
+from data_ingest.synth import splat
 from tests.conftest import REPO
 from tests.data_ingest.test_ingest import _adata, exp  # noqa: F401  (fixture)
 

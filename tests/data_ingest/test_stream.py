@@ -10,15 +10,15 @@ from data_ingest.source import TRAIN, SomaCellSource, SourceConfig
 from data_ingest.stream import (
     StreamConfig,
     StreamStats,
-    _rank_plan,
-    _read_tasks,
     batches_per_rank,
     buffer_starts,
     epoch_order,
     rank_batches,
     rank_dataset,
     rank_order,
+    rank_plan,
     read_task_tiledb_config,
+    read_tasks,
 )
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
 from data_ingest.vocab import GeneVocab
@@ -82,14 +82,14 @@ def test_chunks_are_joinid_aligned_and_tasks_respect_chunks_and_buffers():
     # A filtered selection: chunks are the selected cells of each 16-id block, whatever their number.
     ids = np.sort(np.random.default_rng(0).choice(np.arange(5000), 1500, replace=False))
     cfg = StreamConfig(chunk_size=16, buffer_size=200, task_cells=40)
-    cells, pos, tasks = _rank_plan(
+    cells, pos, tasks = rank_plan(
         ids, seed=2, epoch=1, rank=1, world_size=2, batch_size=10, cfg=cfg
     )
     blocks = cells // 16
     runs = np.split(blocks, np.flatnonzero(np.diff(blocks)) + 1)
     assert len({int(r[0]) for r in runs}) == len(runs)  # each block appears as one run
     assert sorted(pos.tolist()) == list(range(len(cells)))
-    assert tasks == _read_tasks(cells, cfg)
+    assert tasks == read_tasks(cells, cfg)
     covered = np.concatenate([np.arange(a, b) for a, b in tasks])
     assert np.array_equal(covered, np.arange(len(cells)))
     for a, b in tasks:
@@ -220,9 +220,7 @@ def test_a_small_first_buffer_and_the_plan_stays_a_permutation():
     both = np.concatenate(plans)
     assert len(both) == len(np.unique(both)) == 1200 and np.isin(both, ids).all()
     # A batch's cells come from one buffer or two adjacent ones; the first batches from the small first buffer.
-    cells, pos, tasks = _rank_plan(
-        ids, seed=2, epoch=3, rank=0, world_size=2, batch_size=8, cfg=cfg
-    )
+    cells, pos, tasks = rank_plan(ids, seed=2, epoch=3, rank=0, world_size=2, batch_size=8, cfg=cfg)
     starts = buffer_starts(len(cells), cfg)
     chunk_rank = np.searchsorted(starts, np.arange(len(cells)), "right") - 1  # buffer of each cell
     assert (np.searchsorted(starts, pos, "right") - 1 == chunk_rank).all()  # positions stay in it

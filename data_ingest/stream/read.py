@@ -1,0 +1,344 @@
+"""Reading a rank's cells: Ray Data read tasks over whole chunks that tokenize, the carried position columns,
+the read workers' memory settings, and the blocks the batcher gathers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from data_ingest import keys
+from data_ingest.cache import CacheEntry
+from data_ingest.datasource import read_token_table, record_schema
+from data_ingest.source import ResolvedSource
+from data_ingest.stream.config import StreamConfig
+from data_ingest.stream.plan import buffer_starts, rank_plan
+from data_ingest.tokenize import (
+    TOKEN_COLUMNS,
+    VIEW_COLUMNS,
+    TokenizerConfig,
+)
+
+POS_COLUMN = "_pos"
+"""Position of a cell in its rank's epoch order; carried from read tasks to the batcher, then dropped."""
+TASK_COLUMN = "_task"
+"""Index of the read task that made a record (carried to the batcher, then dropped)."""
+TASK_ROWS_COLUMN = "_task_rows"
+"""Records that read task made in all: the batcher knows when a task, and so a buffer, is complete even if
+Ray Data splits its output into several blocks."""
+CARRIED_COLUMNS = (POS_COLUMN, TASK_COLUMN, TASK_ROWS_COLUMN)
+
+
+def _block_schema(records: pa.Schema) -> pa.Schema:
+    """Schema of the stream's blocks: records (compact token types) plus the carried columns."""
+    for name, typ in zip(CARRIED_COLUMNS, (pa.int64(), pa.int32(), pa.int32()), strict=True):
+        records = records.append(pa.field(name, typ))
+    return records
+
+
+READ_TASK_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": "16777216",
+    "MALLOC_ARENA_MAX": "1",
+    "ARROW_DEFAULT_MEMORY_POOL": "system",
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+}
+"""Environment of the read-task worker processes. Each task allocates and frees a few hundred MB of arrays
+(TileDB's result buffers, token arrays).
+
+- A fixed 16 MB mmap threshold and Arrow's system pool give large arrays back on free. With glibc's adaptive
+  threshold and Arrow's caching pool that memory stayed with the workers and the loader's footprint crept up
+  over a long epoch (measured with 8,192-cell tasks and the earlier Arrow-take read path: peak PSS 2.7 ->
+  3.4 GB from a 100k- to a 1M-cell epoch, +27%; +14% with this).
+- Memory mapped afresh is faulted in page by page: kernel time was 39% of the read tasks' CPU. glibc >= 2.35
+  then asks for transparent huge pages (`madvise` mode, the usual default) and takes 512x fewer faults:
+  two 8,192-cell tasks side by side take 0.84 s instead of 1.0 s each. Ignored where unsupported.
+- One malloc arena. TileDB allocates from its threads, so its buffers came from per-thread arenas, which
+  glibc trims eagerly and does not back with huge pages: a 16,384-cell task still took ~165k page faults
+  and a third of its CPU in the kernel. In the main arena they are huge-page backed and reused: 1.66 ->
+  1.34 s per task, 1.8M -> 0.29M faults over 11 tasks, same peak RSS (723 MB); a 1M-cell epoch
+  13.9k -> 16.9k cells/s.
+"""
+
+
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the OS (glibc's `malloc_trim`; a no-op elsewhere)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict[str, str]:
+    """The TileDB config of a read task's X queries: `read_task_cpus / read_threads` compute threads each
+    (rounded up), unless the source's own config sets `sm.compute_concurrency_level`."""
+    threads = max(1, math.ceil(cfg.read_task_cpus / cfg.read_threads))
+    return {"sm.compute_concurrency_level": str(threads), **(resolved.tiledb_config or {})}
+
+
+def _take_rows(table: pa.Table, rows: np.ndarray, threads: int) -> pa.Table:
+    """`table.take(rows)`, one contiguous copy first (a take from the cache's per-shard chunks is ~2x
+    slower) and the rows split over `threads` (Arrow's take lets go of the GIL)."""
+    table = table.combine_chunks()
+    if threads <= 1 or len(rows) < 2 * threads:
+        return table.take(pa.array(rows))
+    with ThreadPoolExecutor(threads, thread_name_prefix="take") as pool:
+        parts = pool.map(lambda r: table.take(pa.array(r)), np.array_split(rows, threads))
+        return pa.concat_tables(list(parts))
+
+
+def _read_positions(
+    src: ResolvedSource,
+    ids: np.ndarray,
+    positions: np.ndarray,
+    tok: TokenizerConfig,
+    cls_id: int,
+    cache: CacheEntry | None = None,
+    readers: int = 1,
+) -> pa.Table:
+    """Token records of the cells `ids` (at `positions` of the rank order), in position order, with
+    `POS_COLUMN`; the token columns have `record_schema(src, tok, cls_id)`'s compact types. X is read on
+    `readers` threads."""
+    order = np.argsort(ids, kind="stable")
+    sorted_ids, sorted_pos = ids[order], positions[order]
+    if cache is not None:
+        table = cache.read(src, sorted_ids, tok, cls_id, readers)
+        got = table.column(keys.CELL_ID).to_numpy()
+        # Map each yielded record back to its position; a cell id appears once in an epoch.
+        pos = sorted_pos[np.searchsorted(sorted_ids, got)]
+        take = np.argsort(pos, kind="stable")
+        table, pos = _take_rows(table, take, readers), pos[take]
+        table = table.cast(record_schema(src, tok, cls_id))
+    else:  # the records come out in position order
+        table = read_token_table(
+            src,
+            sorted_ids,
+            tok,
+            cls_id,
+            order_key=sorted_pos,
+            compact=True,
+            readers=readers,
+            views=True,
+        )
+        pos = sorted_pos[np.searchsorted(sorted_ids, table.column(keys.CELL_ID).to_numpy())]
+    return table.append_column(POS_COLUMN, pa.array(pos, pa.int64()))
+
+
+@dataclass
+class RankTasks:
+    """A rank's read tasks from `start_batch` on: each one's cells and their positions, in task order."""
+
+    src: ResolvedSource
+    """The source without its joinids (each task carries its own) and with the read tasks' TileDB config."""
+    tok: TokenizerConfig
+    cls_id: int
+    cfg: StreamConfig
+    tasks: list[tuple[np.ndarray, np.ndarray]]
+    last_task: dict[int, int]
+    """Buffer -> the index of its last read task (buffers come in task order)."""
+    starts: np.ndarray
+    """`buffer_starts` of the rank's epoch."""
+    cache: CacheEntry | None
+
+    @property
+    def in_memory(self) -> int:
+        """Bytes of the records the tasks make, at most."""
+        return sum(len(ids) for ids, _ in self.tasks) * self.tok.max_seq_len * self.token_bytes
+
+    @property
+    def first_buffer_tasks(self) -> int:
+        """Read tasks of the first buffer still to read."""
+        return self.last_task[min(self.last_task)] + 1 if self.last_task else 0
+
+    @property
+    def block_schema(self) -> pa.Schema:
+        return _block_schema(record_schema(self.src, self.tok, self.cls_id, views=True))
+
+    @property
+    def token_bytes(self) -> int:
+        schema = self.block_schema
+        return sum(
+            schema.field(k).type.value_type.bit_width // 8
+            for k in TOKEN_COLUMNS + VIEW_COLUMNS
+            if k in schema.names
+        )
+
+    def read(self, t: int) -> pa.Table:
+        """Task `t`'s records in position order, tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`."""
+        ids, positions = self.tasks[t]
+        table = _read_positions(
+            self.src, ids, positions, self.tok, self.cls_id, self.cache, self.cfg.read_threads
+        )
+        n = table.num_rows
+        table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
+        return table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
+
+
+def rank_tasks(
+    resolved: ResolvedSource,
+    tok: TokenizerConfig,
+    cls_id: int,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    start_batch: int,
+    cfg: StreamConfig,
+) -> RankTasks:
+    cells, pos, all_tasks = rank_plan(
+        resolved.joinids,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        batch_size=batch_size,
+        cfg=cfg,
+    )
+    n_batches = len(cells) // batch_size
+    if not 0 <= start_batch <= n_batches:
+        raise ValueError(
+            f"start_batch={start_batch} is outside this epoch's {n_batches} batches per rank; the "
+            "checkpoint's data position does not match this data selection (same filter, seed, "
+            "world size and batch size?)"
+        )
+    first = start_batch * batch_size
+    src = dataclasses.replace(
+        resolved,
+        joinids=np.zeros(0, dtype=np.int64),
+        tiledb_config=read_task_tiledb_config(resolved, cfg),
+    )
+    cache = None
+    if cfg.token_cache.dir is not None:
+        if tok.thinned_view > 0:
+            raise ValueError(
+                "data.stream.token_cache.dir is set, but the cache holds token records and "
+                "tokenizer.thinned_view needs each cell's counts every epoch: unset one of them"
+            )
+        cache = CacheEntry.open(resolved, tok, cls_id, cfg.token_cache)
+    tasks = []
+    last_task: dict[int, int] = {}
+    starts = buffer_starts(len(cells), cfg)
+    for lo, hi in all_tasks:
+        keep = pos[lo:hi] >= first  # resuming: cells before `first` were consumed
+        if keep.any():
+            last_task[int(np.searchsorted(starts, pos[lo], "right")) - 1] = len(tasks)
+            tasks.append((cells[lo:hi][keep].copy(), pos[lo:hi][keep].copy()))
+    plan = RankTasks(src, tok, cls_id, cfg, tasks, last_task, starts, cache)
+    # The plan's arrays (several int64 per cell of the rank) are garbage now; only `tasks` is kept. Give
+    # the freed heap back: without this a 1M-cell rank kept ~30 MB more than a 100k-cell one.
+    del cells, pos, all_tasks
+    _trim_heap()
+    return plan
+
+
+def tasks_dataset(plan: RankTasks, rank: int, skip: int = 0):
+    """The Ray Dataset of `plan`'s read tasks from task `skip` on (one block per task unless Ray Data
+    splits it, in task order)."""
+    import ray.data
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    cfg, tok = plan.cfg, plan.tok
+    block_schema, token_bytes = plan.block_schema, plan.token_bytes
+    todo = range(skip, len(plan.tasks))
+
+    class _RankSource(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return plan.in_memory
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            def make(t: int) -> ReadTask:
+                def read() -> Iterator[pa.Table]:
+                    yield plan.read(t)
+
+                meta = BlockMetadata(
+                    num_rows=None,
+                    size_bytes=len(plan.tasks[t][0]) * tok.max_seq_len * token_bytes,
+                    exec_stats=None,
+                    input_files=None,
+                )
+                return ReadTask(
+                    read, meta, schema=block_schema, per_task_row_limit=per_task_row_limit
+                )
+
+            return [make(t) for t in todo]
+
+        def get_name(self) -> str:
+            return f"SomaTokensRank{rank}"
+
+    ds = ray.data.read_datasource(
+        _RankSource(),
+        concurrency=cfg.prefetch,
+        num_cpus=cfg.read_task_cpus,
+        runtime_env={"env_vars": READ_TASK_ENV},
+        override_num_blocks=max(1, len(todo)),
+    )
+    ds.context.execution_options.preserve_order = True
+    # Read ahead by about one buffer: finished blocks wait in the object store until the batcher takes them,
+    # and with a trainer slower than the readers Ray Data's default budget (a share of the whole object
+    # store) let ~15 blocks pile up. The blocks the batcher holds are no longer Ray Data's, so this bounds
+    # only what waits; Ray Data still runs one task when the budget is spent.
+    limits = ds.context.execution_options.resource_limits
+    ds.context.execution_options.resource_limits = limits.copy(
+        object_store_memory=(cfg.buffer_size + cfg.prefetch * cfg.task_cells)
+        * tok.max_seq_len
+        * token_bytes
+    )
+    return ds
+
+
+def gather_blocks(plan: RankTasks, rank: int, n_local: int) -> Iterator[pa.Table]:
+    """Every read task's block of `plan`, in task order. The first `n_local` are read here, in this
+    process, while Ray Data starts reading the rest on a thread: the first batch does not wait for a read
+    worker process to start (about 2 s), and that start overlaps the local reads."""
+    ray_iter = None
+    if n_local < len(plan.tasks):
+        # No prefetch: Ray Data would fetch blocks through a prefetcher actor (one more process mapping
+        # every block) and format them in a thread pool, while the batcher already takes blocks as soon as
+        # they are done (they wait in the object store, bounded by the read-ahead cap). 1M-cell epoch, one
+        # node: peak PSS 2,439 / 2,452 -> 2,276 / 2,318 MB, RSS 3,995 / 4,074 -> 3,535 / 3,549 MB, same
+        # cells/s. A block read on another node is pulled when the batcher reaches it.
+        ds = tasks_dataset(plan, rank, skip=n_local)
+        ray_iter = iter(
+            ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=0)
+        )
+    first: dict = {}
+
+    def start() -> None:
+        try:
+            first["block"] = next(ray_iter)
+        except StopIteration:
+            pass
+        except BaseException as e:  # re-raised on the consuming thread
+            first["error"] = e
+
+    starter = None
+    if ray_iter is not None and n_local:
+        starter = threading.Thread(target=start, name=f"stream-start-rank{rank}", daemon=True)
+        starter.start()
+    try:
+        for t in range(n_local):
+            yield plan.read(t)
+        if starter is not None:
+            starter.join()
+            if "error" in first:
+                raise first["error"]
+            if "block" in first:
+                yield first["block"]
+        if ray_iter is not None:
+            yield from ray_iter
+    finally:
+        if starter is not None:
+            starter.join()
+        close = getattr(ray_iter, "close", None)
+        if close is not None:
+            close()  # stops the read tasks still in flight
