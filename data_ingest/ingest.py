@@ -24,7 +24,12 @@ import scipy.sparse as sp
 
 from data_ingest import keys
 from data_ingest.atomic import file_sha256
-from data_ingest.soma_store import read_h5ad_checked, validate_anndata
+from data_ingest.soma_store import (
+    read_h5ad_checked,
+    to_census_layout,
+    validate_anndata,
+    write_experiment,
+)
 from data_ingest.vocab import GeneVocab, write_text_atomic
 
 LOG_SUFFIX = ".ingest_log.json"
@@ -124,8 +129,6 @@ def _create_experiment(uri: str, first: Path, dataset_id: str, layer: str) -> In
 
     Written whole under a temporary path and renamed into place; the file is then recorded in the ingest log
     like any other, so `ingest_h5ads` skips it and appends the rest."""
-    from data_ingest.soma_store import to_census_layout, write_experiment
-
     adata = read_h5ad_checked(first)
     check_counts(adata, str(first))
     cell_type = keys.OBS_CELL_TYPE if keys.OBS_CELL_TYPE in adata.obs else None

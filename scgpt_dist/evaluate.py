@@ -268,7 +268,7 @@ def heldout_tables(cfg, source, vocab, n_cells: int, seed: int, multiple_of: int
     """(fixed sample of at most `n_cells` held-out records with their GEP masks, a sample of
     `cfg.eval.baseline_cells` training records for the baselines, the resolved held-out source). The
     held-out sample is cut to a multiple of `multiple_of` cells."""
-    from data_ingest.datasource import read_token_table
+    from data_ingest.datasource import read_token_table  # Ray Data: only held-out sampling needs it
     from data_ingest.source import HOLDOUT, TRAIN
 
     tok = cfg.data.tokenizer

@@ -42,6 +42,7 @@ from scgpt_dist.config import (
     saved_config,
     to_dict,
 )
+from scgpt_dist.model.transformer import build_model
 
 log = logging.getLogger(__name__)
 
@@ -228,8 +229,6 @@ def import_reference(ref_dir: str | Path, out_dir: str | Path, drop_unknown: boo
     left out); every parameter of our model must come from the checkpoint.
     """
     from safetensors.torch import save_file
-
-    from scgpt_dist.model.transformer import build_model
 
     ref_dir = Path(ref_dir)
     for name in (REF_WEIGHTS, REF_ARGS, REF_VOCAB):

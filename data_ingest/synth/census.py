@@ -14,6 +14,10 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
+from data_ingest import keys
+from data_ingest.atomic import atomic_directory, write_text_atomic
+from data_ingest.progress import progress as progress_bar
+
 TISSUES = (
     "blood", "lung", "brain", "liver", "kidney", "heart", "intestine", "skin", "breast", "spleen",
     "lymph node", "bone marrow", "pancreas", "eye", "muscle", "adipose tissue",
@@ -262,10 +266,6 @@ def write_synthetic_census(
     Written under a temporary sibling and renamed into place; memory is bounded by `cfg.block_cells`.
     """
     import tiledbsoma
-
-    from data_ingest import keys
-    from data_ingest.atomic import atomic_directory, write_text_atomic
-    from data_ingest.progress import progress as progress_bar
 
     uri = Path(uri).resolve()
     if uri.exists() and not overwrite:

@@ -22,6 +22,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from data_ingest import keys
+from data_ingest.soma_store import to_census_layout, write_experiment
 
 
 @dataclass
@@ -134,8 +135,6 @@ def simulate(cfg: SplatConfig) -> ad.AnnData:
 
 def write_splat_experiment(uri: str | Path, cfg: SplatConfig, overwrite: bool = False) -> Path:
     """Simulate and write one census-layout SOMA experiment (one dataset per batch)."""
-    from data_ingest.soma_store import to_census_layout, write_experiment
-
     adata = simulate(cfg)
     parts = []
     for name in pd.unique(adata.obs[keys.OBS_DATASET]):

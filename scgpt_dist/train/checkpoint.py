@@ -29,6 +29,7 @@ from data_ingest import keys
 from data_ingest.atomic import atomic_directory, file_sha256
 from data_ingest.vocab import GeneVocab, write_text_atomic
 from scgpt_dist.config import ExperimentConfig, saved_config
+from scgpt_dist.model.transformer import build_model
 from scgpt_dist.train.storage import Store, local_copy, resolve
 
 log = logging.getLogger(__name__)
@@ -229,8 +230,6 @@ class LoadedModel:
 def load_consolidated(model_dir: str | Path, device: str = "cpu") -> LoadedModel:
     """Load a consolidated model directory (safetensors only; nothing is unpickled)."""
     from safetensors.torch import load_file
-
-    from scgpt_dist.model.transformer import build_model
 
     model_dir = Path(model_dir)
     for name in (keys.MODEL_FILE, keys.CONFIG_FILE, keys.VOCAB_FILE):

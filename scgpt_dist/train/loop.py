@@ -110,7 +110,7 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
 
 def train_loop_per_worker(loop_config: dict) -> None:
     """Runs on every Ray Train worker."""
-    from scgpt_dist.train.module import TrainModule
+    from scgpt_dist.train.module import TrainModule  # DeepSpeed: imported in the workers only
 
     cfg: ExperimentConfig = from_dict(ExperimentConfig, loop_config["config"])
     vocab = GeneVocab(loop_config["vocab"])

@@ -21,6 +21,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_ingest import keys
+from data_ingest.atomic import atomic_directory
 from data_ingest.ingest import read_log
 
 log = logging.getLogger(__name__)
@@ -160,8 +162,6 @@ def census_datasets(version: str) -> set[str]:
     """Dataset ids of a census release (`census_info/datasets`)."""
     import cellxgene_census
 
-    from data_ingest import keys
-
     with cellxgene_census.open_soma(census_version=version) as census:
         table = census[keys.CENSUS_INFO][keys.CENSUS_DATASETS].read(column_names=["dataset_id"])
         return set(table.concat()["dataset_id"].to_pylist())
@@ -284,9 +284,6 @@ def download_model(version, dst: str | Path, tracking_uri: str) -> Path:
     import shutil
 
     import mlflow.artifacts
-
-    from data_ingest import keys
-    from data_ingest.atomic import atomic_directory
 
     dst = Path(dst)
     if (dst / keys.MODEL_FILE).is_file():

@@ -29,6 +29,7 @@ import scipy.sparse as sp
 import torch
 
 from data_ingest.tokenize import TokenizerConfig
+from scgpt_dist.inference import tokenize_anndata
 from scgpt_dist.model.collate import Batch, collate
 from scgpt_dist.preprocess import log_normalize
 from scgpt_dist.train.checkpoint import LoadedModel
@@ -200,8 +201,6 @@ def attention_scores(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric mean attention among `genes` over the cells of `adata` (G, G), and in how many (cell, pass)
     contexts each gene pair met (G, G). Pairs that never met get the mean score of those that did."""
-    from scgpt_dist.inference import tokenize_anndata
-
     model = loaded.model.eval()
     _attention_module(model, cfg.attention_layer)  # validates the layer index early
     ids = loaded.vocab.lookup(genes)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from data_ingest import keys
+from data_ingest.synth.census import GROUND_TRUTH_SUFFIX
 
 # Fields of the ground-truth JSON a synthetic census writes next to itself (`CensusTruth.to_json`).
 TRUTH_EDGES = "coexpression_edges"
@@ -84,8 +85,6 @@ class PlantedNetwork:
 def find_truth(data: str | Path) -> Path:
     """The ground truth JSON next to a synthetic census (`<census>.ground_truth.json`), given the census
     collection or its `census_data/<organism>` experiment."""
-    from data_ingest.synth.census import GROUND_TRUTH_SUFFIX
-
     path = Path(data).resolve()
     candidates = [path]
     if path.parent.name == keys.CENSUS_DATA:
