@@ -16,15 +16,11 @@ containers, and anything else is refused.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import pickle
 import re
 import shutil
-import sys
-import types
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +38,7 @@ from scgpt_dist.config import (
     saved_config,
     to_dict,
 )
+from scgpt_dist.model.reference import arg_of
 from scgpt_dist.model.transformer import build_model
 
 log = logging.getLogger(__name__)
@@ -112,13 +109,6 @@ def ours_to_reference(
     return out
 
 
-def _get(args: dict[str, Any], *names: str, default: Any = None) -> Any:
-    for name in names:
-        if name in args and args[name] is not None:
-            return args[name]
-    return default
-
-
 def model_config_from_reference(
     args: dict[str, Any], state: dict[str, torch.Tensor]
 ) -> ModelConfig:
@@ -130,7 +120,7 @@ def model_config_from_reference(
             "scGPT TransformerModel checkpoint"
         )
     d_model = state["encoder.embedding.weight"].shape[1]
-    n_heads = _get(args, "nheads", "nhead", "n_heads")
+    n_heads = arg_of(args, "nheads", "nhead", "n_heads")
     if n_heads is None:
         raise InterchangeError(
             "args.json lacks `nheads`; the number of attention heads cannot be read from the weights"
@@ -141,7 +131,7 @@ def model_config_from_reference(
         style = "category"
     else:
         style = "scaling"
-    n_bins = int(_get(args, "n_bins", default=51))
+    n_bins = int(arg_of(args, "n_bins", default=51))
     if style == "category" and state["value_encoder.embedding.weight"].shape[0] != n_bins + 2:
         raise InterchangeError(
             f"category value embedding has {state['value_encoder.embedding.weight'].shape[0]} rows; "
@@ -173,10 +163,10 @@ def model_config_from_reference(
         n_heads=int(n_heads),
         n_layers=n_layers,
         d_hid=state["transformer_encoder.layers.0.linear1.weight"].shape[0],
-        dropout=float(_get(args, "dropout", default=0.2)),
+        dropout=float(arg_of(args, "dropout", default=0.2)),
         n_bins=n_bins,
         input_emb_style=style,
-        cell_emb_style=str(_get(args, "cell_emb_style", default="cls")),
+        cell_emb_style=str(arg_of(args, "cell_emb_style", default="cls")),
         use_batch_labels=use_batch,
         n_batches=n_batches,
         domain_spec_batchnorm=bn_style,
@@ -196,18 +186,18 @@ def experiment_config_from_reference(args: dict[str, Any], model: ModelConfig) -
     # The reference tokenizes a random subset of a cell's genes and breaks ties in binning at random.
     cfg.data.tokenizer.gene_selection = "random"
     cfg.data.tokenizer.tie_break = "random"
-    if _get(args, "max_seq_len") is not None:
+    if arg_of(args, "max_seq_len") is not None:
         cfg.data.tokenizer.max_seq_len = int(args["max_seq_len"])
-    mask_ratio = _get(args, "mask_ratio")
+    mask_ratio = arg_of(args, "mask_ratio")
     obj = ObjectiveConfig(gepc=1.0 if model.do_mvc else 0.0)
     if isinstance(mask_ratio, list):
         obj.mask_ratios = [float(r) for r in mask_ratio]
     elif mask_ratio is not None:
         obj.mask_ratio = float(mask_ratio)
-    obj.generative = bool(_get(args, "USE_GENERATIVE_TRAINING", default=False))
-    obj.ecs_threshold = float(_get(args, "ecs_thres", "ecs_threshold", default=obj.ecs_threshold))
+    obj.generative = bool(arg_of(args, "USE_GENERATIVE_TRAINING", default=False))
+    obj.ecs_threshold = float(arg_of(args, "ecs_thres", "ecs_threshold", default=obj.ecs_threshold))
     cfg.objectives = obj
-    if _get(args, "lr") is not None:
+    if arg_of(args, "lr") is not None:
         cfg.train.lr = float(args["lr"])
     return cfg
 
@@ -360,72 +350,3 @@ def export_reference(model_dir: str | Path, out_dir: str | Path, style: str = "f
 
 
 # ----------------------------------------------------------------------------------------------- reference
-
-
-REFERENCE_PACKAGE = "scgpt"
-_REF_ALIAS = "_scgpt_reference"
-
-
-def load_reference_module() -> types.ModuleType:
-    """The reference `scgpt/model/model.py` as a module, without importing `scgpt/__init__.py` (whose
-    dependencies do not install). Raises ImportError when the package is not installed."""
-    name = f"{_REF_ALIAS}.model.model"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(REFERENCE_PACKAGE)  # does not run the package's __init__
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the reference scGPT is not installed; `pip install --no-deps scgpt==0.2.4` (make install does)"
-        )
-    root = Path(next(iter(spec.submodule_search_locations)))
-    for pkg, path in ((_REF_ALIAS, root), (f"{_REF_ALIAS}.model", root / "model")):
-        if pkg not in sys.modules:
-            stub = types.ModuleType(pkg)
-            stub.__path__ = [str(path)]
-            sys.modules[pkg] = stub
-    mod_spec = importlib.util.spec_from_file_location(name, root / "model" / "model.py")
-    module = importlib.util.module_from_spec(mod_spec)
-    sys.modules[name] = module
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flash_attn is not installed")
-        mod_spec.loader.exec_module(module)
-    return module
-
-
-def build_reference_model(args: dict[str, Any], vocab: GeneVocab) -> torch.nn.Module:
-    """A reference `TransformerModel` built from `args.json` (on CPU: nn.TransformerEncoder)."""
-    ref = load_reference_module()
-    style = _get(args, "input_emb_style", default="continuous")
-    n_bins = int(_get(args, "n_bins", default=51))
-    bn = _get(args, "domain_spec_batchnorm", "DSBN", default=False)
-    return ref.TransformerModel(
-        ntoken=len(vocab),
-        d_model=int(_get(args, "embsize", "d_model")),
-        nhead=int(_get(args, "nheads", "nhead")),
-        d_hid=int(args["d_hid"]),
-        nlayers=int(_get(args, "nlayers", "n_layers")),
-        nlayers_cls=int(_get(args, "n_layers_cls", default=3)),
-        n_cls=int(_get(args, "n_cls", default=1)),
-        vocab=vocab.to_dict(),
-        dropout=float(_get(args, "dropout", default=0.2)),
-        pad_token=_get(args, "pad_token", default=keys.PAD_TOKEN),
-        pad_value=int(_get(args, "pad_value", default=keys.PAD_VALUE)),
-        do_mvc=bool(_get(args, "MVC", "do_mvc", default=False)),
-        do_dab=bool(_get(args, "do_dab", default=False)),
-        use_batch_labels=bool(_get(args, "use_batch_labels", default=False)),
-        num_batch_labels=_get(args, "num_batch_labels"),
-        domain_spec_batchnorm=bn,
-        input_emb_style=style,
-        n_input_bins=n_bins + 2 if style == "category" else None,
-        cell_emb_style=_get(args, "cell_emb_style", default="cls"),
-        explicit_zero_prob=bool(_get(args, "explicit_zero_prob", default=False)),
-        use_fast_transformer=False,
-    )
-
-
-def reference_values(values: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """Our value codes as the reference model expects them (category style: pad n_bins, mask n_bins+1)."""
-    if cfg.input_emb_style != "category":
-        return values
-    out = values.masked_fill(values == keys.PAD_VALUE, cfg.n_bins)
-    return out.masked_fill(values == keys.MASK_VALUE, cfg.n_bins + 1)

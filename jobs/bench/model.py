@@ -31,7 +31,9 @@ from data_ingest import keys
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.model.attention import BACKENDS, WORKSPACE
 from scgpt_dist.model.config import ModelConfig
+from scgpt_dist.model.reference import build_reference_model, load_reference_module
 from scgpt_dist.model.sizes import SIZES
+from scgpt_dist.model.transformer import build_model
 
 
 def _shape(size: dict[str, int]) -> dict[str, int]:
@@ -172,9 +174,6 @@ def _measure(
 
 
 def bench(args: argparse.Namespace) -> list[Result]:
-    from scgpt_dist.interchange import build_reference_model
-    from scgpt_dist.model.transformer import build_model
-
     device = args.device
     dtype = {"bf16": torch.bfloat16, "fp32": None}[args.precision]
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(N_VOCAB_GENES - 3)])
@@ -302,9 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        import scgpt_dist.interchange as ic
-
-        ic.load_reference_module()
+        load_reference_module()
     except ImportError as err:
         raise ValueError(f"{err}") from err
     print(

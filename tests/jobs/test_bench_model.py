@@ -3,12 +3,12 @@
 import pytest
 
 from jobs.bench import model as bench_model
-from scgpt_dist import interchange
+from scgpt_dist.model import reference
 
 
 def test_bench_model_tiny(capsys):
     try:
-        interchange.load_reference_module()
+        reference.load_reference_module()
     except ImportError:
         pytest.skip("reference scGPT not installed (make install adds it)")
     argv = "--layers 1 --d-model 16 --heads 2 --d-hid 16 --genes 24 --batch 2 --steps 1 --warmup 1"
@@ -27,7 +27,7 @@ def test_bench_model_tiny(capsys):
 def test_bench_model_gpu_mode_dry_run_on_cpu(capsys):
     """The GPU mode's path (whole-human preset, flash backend, MFU column) at a tiny size in fp32 on CPU."""
     try:
-        interchange.load_reference_module()
+        reference.load_reference_module()
     except ImportError:
         pytest.skip("reference scGPT not installed (make install adds it)")
     argv = (

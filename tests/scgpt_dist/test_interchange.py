@@ -14,16 +14,16 @@ from data_ingest.vocab import GeneVocab
 from scgpt_dist import interchange
 from scgpt_dist.interchange import (
     InterchangeError,
-    build_reference_model,
     export_reference,
     import_reference,
     load_reference_state,
-    reference_values,
 )
+from scgpt_dist.model import reference
+from scgpt_dist.model.reference import build_reference_model, reference_values
 from scgpt_dist.train.checkpoint import load_consolidated
 
 try:
-    interchange.load_reference_module()
+    reference.load_reference_module()
     HAVE_REF = True
 except ImportError:
     HAVE_REF = False

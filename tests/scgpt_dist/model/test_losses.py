@@ -90,16 +90,16 @@ def test_cce_by_hand():
 
 def test_ecs_and_cce_match_reference_model():
     from data_ingest.vocab import GeneVocab
-    from scgpt_dist import interchange
+    from scgpt_dist.model import reference
 
     try:
-        interchange.load_reference_module()
+        reference.load_reference_module()
     except ImportError:
         pytest.skip("reference scGPT not installed")
     vocab = GeneVocab.from_genes([f"G{i}" for i in range(20)])
     args = {"embsize": 16, "nheads": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0, "n_bins": 51}
     torch.manual_seed(0)
-    ref = interchange.build_reference_model(args, vocab).eval()
+    ref = reference.build_reference_model(args, vocab).eval()
     genes = torch.randint(3, 23, (5, 7))
     values = torch.randint(0, 51, (5, 7)).float()
     padding = torch.zeros(5, 7, dtype=torch.bool)

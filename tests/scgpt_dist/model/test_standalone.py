@@ -41,6 +41,18 @@ loss, parts = total_loss(out, values, mask, ObjectiveConfig())
 loss.backward()
 assert set(parts) == {{"gep", "gepc"}} and torch.isfinite(loss)
 print("standalone ok", out["cell_emb"].shape)
+
+# The benchmark's reference side too, when the reference scGPT's files are installed.
+from data_ingest.vocab import GeneVocab
+from scgpt_dist.model.reference import build_reference_model, load_reference_module
+try:
+    load_reference_module()
+except ImportError:
+    print("no reference scGPT")
+else:
+    args = {{"embsize": 16, "nheads": 2, "d_hid": 16, "nlayers": 1, "dropout": 0.0, "MVC": True}}
+    ref = build_reference_model(args, GeneVocab.from_genes([f"G{{i}}" for i in range(37)]))
+    print("reference ok", sum(p.numel() for p in ref.parameters()) > 0)
 """
 
 
@@ -50,3 +62,4 @@ def test_model_package_imports_and_trains_with_torch_alone():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "standalone ok torch.Size([4, 16])" in done.stdout
+    assert "reference ok True" in done.stdout or "no reference scGPT" in done.stdout
