@@ -71,6 +71,27 @@ class IntegrationConfig(TaskConfig):
     no_umap: bool = arg(False, "skip the UMAP figures")
 
 
+def baseline_config(cfg: IntegrationConfig) -> ig.BaselineConfig:
+    return ig.BaselineConfig(
+        n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, scvi_epochs=cfg.scvi_epochs, seed=cfg.seed
+    )
+
+
+def embedding_timer():
+    """(embeddings, seconds, timed): `timed(method, fn)` stores `fn()`, a method's cell embedding (N, d),
+    and the seconds it took, under `method`."""
+    embeddings: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+
+    def timed(method: str, fn) -> None:
+        t0 = time.perf_counter()
+        embeddings[method] = fn()
+        seconds[method] = time.perf_counter() - t0
+        log.info("%s embedding %s in %.1fs", method, embeddings[method].shape, seconds[method])
+
+    return embeddings, seconds, timed
+
+
 def batch_key_of(obs, requested: str | None) -> str:
     """The obs column holding each cell's batch."""
     if requested:
@@ -200,17 +221,8 @@ def run(cfg: IntegrationConfig, ctx) -> dict:
     batch_names, batch_codes = np.unique(
         adata.obs[batch_key].astype(str).to_numpy(), return_inverse=True
     )
-    base_cfg = ig.BaselineConfig(
-        n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, scvi_epochs=cfg.scvi_epochs, seed=cfg.seed
-    )
-    embeddings: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
-
-    def timed(method: str, fn):
-        t0 = time.perf_counter()
-        embeddings[method] = fn()
-        seconds[method] = time.perf_counter() - t0
-        log.info("%s embedding %s in %.1fs", method, embeddings[method].shape, seconds[method])
+    base_cfg = baseline_config(cfg)
+    embeddings, seconds, timed = embedding_timer()
 
     history = []
     if cfg.checkpoint:

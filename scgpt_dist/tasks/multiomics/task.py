@@ -150,18 +150,9 @@ def run(cfg: MultiomicsConfig, ctx: TaskContext) -> dict:
     batch_names, batch_codes = np.unique(
         adata.obs[batch_key].astype(str).to_numpy(), return_inverse=True
     )
-    base_cfg = ig.BaselineConfig(
-        n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, scvi_epochs=cfg.scvi_epochs, seed=cfg.seed
-    )
+    base_cfg = integ.baseline_config(cfg)
     P = prot.X.toarray() if hasattr(prot.X, "toarray") else np.asarray(prot.X)
-    embeddings: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
-
-    def timed(method: str, fn):
-        t0 = time.perf_counter()
-        embeddings[method] = fn()
-        seconds[method] = time.perf_counter() - t0
-        log.info("%s embedding %s in %.1fs", method, embeddings[method].shape, seconds[method])
+    embeddings, seconds, timed = integ.embedding_timer()
 
     history: dict[str, list[dict]] = {}
     tok_note = ""
