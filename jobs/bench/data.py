@@ -292,6 +292,8 @@ def _worker(a: argparse.Namespace) -> int:
     out["peak_rss_mb"] = mem.peak_rss / 2**20
     out["peak_pss_mb"] = mem.peak_pss / 2**20
     out["pss_samples"] = mem.pss_samples
+    out["consumer_shmem_mb"] = mem.peak_own_shmem / 2**20  # object-store pages the reader mapped
+    out["consumer_anon_mb"] = mem.peak_own_anon / 2**20  # its own heap
     print("RESULT " + json.dumps(out), flush=True)
     if a.worker.startswith("ours"):
         import ray

@@ -25,6 +25,16 @@ def _tree_memory(proc, pss: bool) -> tuple[int, int]:
     return rss_sum, pss_sum
 
 
+def _own_rss_parts() -> tuple[int, int]:
+    """(RssShmem, RssAnon) of this process in bytes, from /proc/self/status; (0, 0) elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return tuple(int(fields[k].split()[0]) * 1024 for k in ("RssShmem", "RssAnon"))
+    except (OSError, KeyError, ValueError):
+        return 0, 0
+
+
 class PeakMemory:
     """Peak summed RSS (every `every_s`) and PSS of this process tree.
 
@@ -47,10 +57,18 @@ class PeakMemory:
             near,
         )
         self.peak_rss = self.peak_pss = self.pss_samples = 0
+        self.peak_own_shmem = self.peak_own_anon = 0
+        """Peaks of this (the consuming) process's own RSS parts, bytes: pages of shared memory it has mapped
+        and touched (Ray's object store) and its private heap (`RssShmem` / `RssAnon`); Linux only."""
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self, pss: bool) -> int:
+        shmem, anon = _own_rss_parts()
+        self.peak_own_shmem, self.peak_own_anon = (
+            max(self.peak_own_shmem, shmem),
+            max(self.peak_own_anon, anon),
+        )
         rss, p = _tree_memory(self.proc, pss)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
         self.pss_samples += pss
