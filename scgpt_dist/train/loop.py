@@ -1,8 +1,8 @@
 """The training loop on every Ray Train worker: counters, the step loop over the rank's stream, logging
 windows, evaluation, checkpoints and stop requests. `TrainModule` (train/module.py) owns the model and the
-step; the evaluator (train/evaluator.py) and the checkpointer (train/callbacks.py) are collectives the loop calls itself, and the
-callbacks (`CallbackList`: MLflow, the progress line, system metrics) hear about logs, evaluations and
-checkpoints in order."""
+step; the evaluator (train/evaluator.py) and the checkpointer (train/callbacks.py) are collectives the loop
+calls itself, and the callbacks (`CallbackList`: MLflow, the progress line, system metrics) hear about logs,
+evaluations and checkpoints in order."""
 
 from __future__ import annotations
 
