@@ -1,4 +1,4 @@
-"""A Parquet cache of token records, so repeated epochs read tokens instead of re-reading and re-tokenizing X.
+"""An Arrow cache of token records, so repeated epochs read tokens instead of re-reading and re-tokenizing X.
 
 Tokenization is a pure function of a cell (its counts, batch, label) and the tokenizer settings: every random
 choice is hashed from `(seed, cell_id, gene)` (see `data_ingest.tokenize`). So records can be stored per cell
@@ -7,15 +7,17 @@ and served to any epoch's shuffled read tasks unchanged.
 Layout: `<dir>/<key>/` is one cache entry; `key` hashes everything the records depend on (`cache_key`): the
 experiment URI (a pinned census release has its own URI), measurement and layer, the vocabulary mapping of
 the experiment's genes, `<cls>`, the batch / label columns and categories (these come from the obs filter),
-the tokenizer config and the shard size. Change any of them and the entry is a different directory; old
+the tokenizer config and the shard layout. Change any of them and the entry is a different directory; old
 entries are never read again (delete them by hand to reclaim disk). `key.json` records the key's inputs.
 
-Inside an entry, `shard_<k>.parquet` holds the records of every cell with soma_joinid in
+Inside an entry, `shard_<k>.arrow` (an Arrow IPC file) holds the records of every cell with soma_joinid in
 `[k * shard_cells, (k + 1) * shard_cells)` (all cells, not only the selected ones, so a shard serves any
-selection with the same categories), sorted by cell_id, in row groups of `row_group_cells` so a read task
-decodes only the row groups holding its cells. A shard is built the first time a read task needs one of its
-cells (contiguous X rows, the cheapest read), written under a temporary name and renamed, so a reader never
-sees half a shard and two tasks building the same shard at once are harmless.
+selection with the same categories), sorted by cell_id, with the stream's compact token types, in record
+batches of `record_batch_cells`; the file's schema metadata lists each batch's first cell_id, so a read
+task opens the file memory-mapped and decodes only the batches holding its cells (with `compression:
+none` it decodes nothing: the records are used where they lie). A shard is built the first time a read task
+needs one of its cells (contiguous X rows, the cheapest read), written under a temporary name and renamed,
+so a reader never sees half a shard and two tasks building the same shard at once are harmless.
 """
 
 from __future__ import annotations
@@ -33,16 +35,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from data_ingest import keys
 from data_ingest.atomic import write_text_atomic
-from data_ingest.source import ResolvedSource
-from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
+from data_ingest.datasource import read_token_table, record_schema
+from data_ingest.source import ResolvedSource, open_experiment
+from data_ingest.tokenize import TokenizerConfig
 
-CACHE_FORMAT = 1
-"""Bump when the shard layout or record schema changes: old entries then get a different key."""
+CACHE_FORMAT = 2
+"""Bump when the shard layout or record schema changes: old entries then get a different key (format 1 was
+Parquet shards)."""
 KEY_FILE = "key.json"
+COMPRESSIONS = ("lz4", "zstd", "none")
+_FIRST_IDS = b"scgpt.batch_first_cell_ids"
+"""Shard schema metadata: the first cell_id of each record batch (int64 bytes)."""
 
 
 @dataclass
@@ -53,17 +59,23 @@ class TokenCacheConfig:
     """Cache root directory; None disables the cache. Entries live in `<dir>/<key>/`."""
     shard_cells: int = 2048
     """Consecutive soma_joinids per shard file (built as one contiguous X read, one row of X's tiles)."""
-    row_group_cells: int = 256
-    """Records per Parquet row group: the unit a read task decodes. With the stream's default `chunk_size`
-    (256) a chunk is one row group; a smaller chunk decodes whole row groups to use part of them."""
+    record_batch_cells: int = 256
+    """Records per Arrow record batch: the unit a read task decodes (with compression). With the stream's
+    default `chunk_size` (256) a chunk is one batch; a smaller chunk decodes whole batches to use part of
+    them."""
     compression: str = "lz4"
-    """Parquet compression codec of the shard files (`none`, `lz4`, `zstd`, ...)."""
+    """Compression of the shard files' record batches: `lz4` (LZ4 frame), `zstd` or `none` (uncompressed:
+    read in place from the memory-mapped file; about 3 bytes per token on disk)."""
 
     def __post_init__(self) -> None:
-        if self.shard_cells < 1 or self.row_group_cells < 1:
+        if self.shard_cells < 1 or self.record_batch_cells < 1:
             raise ValueError(
-                f"token cache shard_cells={self.shard_cells}, row_group_cells={self.row_group_cells}: "
-                "both must be >= 1"
+                f"token cache shard_cells={self.shard_cells}, record_batch_cells="
+                f"{self.record_batch_cells}: both must be >= 1"
+            )
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                f"token cache compression={self.compression!r}; use one of {', '.join(COMPRESSIONS)}"
             )
 
 
@@ -88,7 +100,7 @@ def cache_key(
         "label_categories": list(src.label_categories),
         "tokenizer": dataclasses.asdict(tok),
         "shard_cells": cfg.shard_cells,
-        "row_group_cells": cfg.row_group_cells,
+        "record_batch_cells": cfg.record_batch_cells,
     }
     blob = json.dumps(material, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:20], material
@@ -116,11 +128,11 @@ class CacheEntry:
         return cls(str(path), cfg)
 
     def shard_path(self, shard: int) -> Path:
-        return Path(self.path) / f"shard_{shard:08d}.parquet"
+        return Path(self.path) / f"shard_{shard:08d}.arrow"
 
     def shards(self) -> list[int]:
         """Shards written so far."""
-        return sorted(int(p.stem.split("_")[1]) for p in Path(self.path).glob("shard_*.parquet"))
+        return sorted(int(p.stem.split("_")[1]) for p in Path(self.path).glob("shard_*.arrow"))
 
     def read(
         self,
@@ -129,47 +141,52 @@ class CacheEntry:
         tok: TokenizerConfig,
         cls_id: int,
         readers: int = 1,
-    ):
-        """Token records of the cells `joinids` (sorted), in that order, skipped cells absent: the same
-        table `read_token_table` returns. Builds the shards it needs that are missing. Shards are read (and
-        built) `readers` at once on threads: Parquet decoding, X reads and tokenizing release the GIL."""
+    ) -> pa.Table:
+        """Token records of the cells `joinids` (sorted), in that order, skipped cells absent: the table
+        `read_token_table(..., compact=True)` returns. Builds the shards it needs that are missing. Shards
+        are read (and built) `readers` at once on threads: decompression, X reads and tokenizing release
+        the GIL."""
         joinids = np.asarray(joinids, np.int64)
         shard_of = joinids // self.cfg.shard_cells
+        shards, first = np.unique(shard_of, return_index=True)
+        bounds = [*first.tolist(), len(joinids)]
 
-        def part(shard: int) -> pa.Table:
-            path = self.shard_path(shard)
+        def part(i: int) -> pa.Table:
+            path = self.shard_path(int(shards[i]))
             if not path.exists():
-                self._build(src, shard, tok, cls_id)
-            return self._read_rows(path, joinids[shard_of == shard])
+                self._build(src, int(shards[i]), tok, cls_id)
+            return self._read_rows(path, joinids[bounds[i] : bounds[i + 1]])
 
+        schema = record_schema(src, tok, cls_id)
         with ThreadPoolExecutor(max(1, readers), thread_name_prefix="token-cache") as pool:
-            parts = list(pool.map(part, [int(s) for s in np.unique(shard_of)]))
+            parts = [p for p in pool.map(part, range(len(shards))) if p.num_rows]
         if not parts:
-            return RECORD_SCHEMA.empty_table()
+            return schema.empty_table()
         return parts[0] if len(parts) == 1 else pa.concat_tables(parts)
 
-    def _read_rows(self, path: Path, ids: np.ndarray) -> pa.Table:
-        f = pq.ParquetFile(path)
-        stored = f.read(columns=[keys.CELL_ID]).column(0).to_numpy()  # sorted
-        if not len(stored):
-            return RECORD_SCHEMA.empty_table()
-        rows = np.searchsorted(stored, ids)
-        rows = rows[(rows < len(stored)) & (stored[np.minimum(rows, len(stored) - 1)] == ids)]
-        if not len(rows):
-            return RECORD_SCHEMA.empty_table()
-        per_group = self.cfg.row_group_cells
-        groups = np.unique(rows // per_group)
-        table = f.read_row_groups(groups.tolist(), columns=RECORD_SCHEMA.names)
-        # Row r of the shard is row (r - start of its group) + rows before that group in `table`.
-        before = np.zeros(groups.max() + 1, np.int64)
-        before[groups] = np.arange(len(groups)) * per_group
-        local = before[rows // per_group] + rows % per_group
-        return table.take(pa.array(local)).cast(RECORD_SCHEMA)
+    @staticmethod
+    def _read_rows(path: Path, ids: np.ndarray) -> pa.Table:
+        """The records of the cells `ids` (sorted) stored in shard file `path`."""
+        reader = pa.ipc.open_file(pa.memory_map(str(path)))
+        first = np.frombuffer(reader.schema.metadata[_FIRST_IDS], np.int64)
+        schema = reader.schema.remove_metadata()
+        if not len(first):
+            return schema.empty_table()
+        batch_of = np.searchsorted(first, ids, "right") - 1
+        parts = []
+        for b in np.unique(batch_of[batch_of >= 0]).tolist():
+            batch = reader.get_batch(b)
+            stored = batch.column(keys.CELL_ID).to_numpy()
+            want = ids[batch_of == b]
+            rows = np.searchsorted(stored, want)
+            rows = rows[(rows < len(stored)) & (stored[np.minimum(rows, len(stored) - 1)] == want)]
+            if len(rows) == len(stored):
+                parts.append(batch)
+            elif len(rows):
+                parts.append(batch.take(pa.array(rows)))
+        return pa.Table.from_batches(parts, schema=schema)
 
     def _build(self, src: ResolvedSource, shard: int, tok: TokenizerConfig, cls_id: int) -> None:
-        from data_ingest.datasource import read_token_table
-        from data_ingest.source import open_experiment
-
         lo = shard * self.cfg.shard_cells
         hi = lo + self.cfg.shard_cells - 1
         with open_experiment(src.soma_uri, src.tiledb_config) as exp:
@@ -179,19 +196,23 @@ class CacheEntry:
                 .column(0)
                 .to_numpy()
             )
-        table = read_token_table(src, np.sort(present), tok, cls_id)
-        order = pc.sort_indices(table, [(keys.CELL_ID, "ascending")])
-        table = table.take(order)
+        table = read_token_table(src, np.sort(present), tok, cls_id, compact=True)
+        table = table.take(pc.sort_indices(table, [(keys.CELL_ID, "ascending")])).combine_chunks()
+        batches = table.to_batches(max_chunksize=self.cfg.record_batch_cells)
+        first = np.array(
+            [b.column(keys.CELL_ID)[0].as_py() for b in batches if b.num_rows], np.int64
+        )
+        schema = table.schema.with_metadata({_FIRST_IDS: first.tobytes()})
+        codec = None if self.cfg.compression == "none" else self.cfg.compression
         path = self.shard_path(shard)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{uuid.uuid4().hex[:6]}.")
         os.close(fd)
         try:
-            pq.write_table(
-                table,
-                tmp,
-                row_group_size=self.cfg.row_group_cells,
-                compression=self.cfg.compression,
-            )
+            options = pa.ipc.IpcWriteOptions(compression=codec)
+            with pa.ipc.new_file(tmp, schema, options=options) as writer:
+                for batch in batches:
+                    if batch.num_rows:
+                        writer.write_batch(batch)
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)

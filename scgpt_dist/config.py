@@ -6,6 +6,7 @@ that name the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -217,6 +218,12 @@ class RayConfig:
     """Ray cluster address; None uses $RAY_ADDRESS (as under `ray job submit`) or starts a local one."""
     num_cpus: int | None = None
     """Logical CPUs of a local cluster; None = cores + workers, so read tasks never starve."""
+    object_store_mb: int | None = None
+    """Object store of a local cluster, MB; None = Ray's default (30% of RAM). Each rank's stream keeps at
+    most about a buffer and its running read tasks' records there (`(data.stream.buffer_size + prefetch x
+    task_cells) x max_seq_len x 3` bytes: 506 MiB at the defaults and 1,200 tokens); pages of the store
+    once touched stay resident (shared memory) until Ray stops. On a cluster set it with `ray start
+    --object-store-memory`."""
     resource_check: str = "auto"
     """Before training, compare what the run needs (workers x `train.cpus_per_worker` + one read task of
     `data.stream.read_task_cpus`; GPUs) with the cluster's resources: `error` stops with one line giving the
@@ -410,9 +417,20 @@ RETIRED_SECTIONS = ("repretrain",)
 settings now); `saved_config` skips them so older model directories and checkpoints still load."""
 
 
+RENAMED_KEYS = {("data", "stream", "token_cache", "row_group_cells"): "record_batch_cells"}
+"""Keys a saved config.yaml may carry under an older name (the token cache's Parquet row groups became Arrow
+record batches); `saved_config` reads them under the new one."""
+
+
 def saved_config(data: dict[str, Any] | None) -> ExperimentConfig:
     """The ExperimentConfig of a model directory's or checkpoint's config.yaml (parsed)."""
-    kept = {k: v for k, v in (data or {}).items() if k not in RETIRED_SECTIONS}
+    kept = copy.deepcopy({k: v for k, v in (data or {}).items() if k not in RETIRED_SECTIONS})
+    for (*path, old), new in RENAMED_KEYS.items():
+        section = kept
+        for name in path:
+            section = section.get(name) if isinstance(section, dict) else None
+        if isinstance(section, dict) and old in section:
+            section.setdefault(new, section.pop(old))
     return from_dict(ExperimentConfig, kept)
 
 

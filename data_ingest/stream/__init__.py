@@ -22,8 +22,8 @@ an uninterrupted iteration yields after its first `k`.
 
 Read tasks tokenize (binning, gene selection); the training worker only gathers and slices Arrow tables, and
 reads the first buffer itself while Ray Data starts its read workers (`local_first_buffer`).
-At most `prefetch` read tasks run at once. With `token_cache.dir` set, read tasks take token records from a
-Parquet cache (`data_ingest.cache`), building its shards on first use: same batches, and later epochs skip X
+At most `prefetch` read tasks run at once. With `token_cache.dir` set, read tasks take token records from an
+Arrow cache (`data_ingest.cache`), building its shards on first use: same batches, and later epochs skip X
 reads and tokenization.
 
 Modules: `config` (`StreamConfig`, `StreamStats`), `plan` (steps 1-3: the per-rank orders and read tasks),

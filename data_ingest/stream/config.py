@@ -59,7 +59,7 @@ class StreamConfig:
     """Read the first buffer of an epoch (or of a resume) in the consuming process instead of a Ray Data read
     task, while Ray Data starts: the first batch does not wait for a read worker process to start."""
     token_cache: TokenCacheConfig = field(default_factory=TokenCacheConfig)
-    """Parquet cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
+    """Arrow cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 
     def __post_init__(self) -> None:
         sizes = (

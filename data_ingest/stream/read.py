@@ -4,10 +4,10 @@ the read workers' memory settings, and the blocks the batcher gathers."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +19,7 @@ from data_ingest.datasource import read_token_table, record_schema
 from data_ingest.source import ResolvedSource
 from data_ingest.stream.config import StreamConfig
 from data_ingest.stream.plan import buffer_starts, rank_plan
+from data_ingest.take import take_records
 from data_ingest.tokenize import (
     TOKEN_COLUMNS,
     VIEW_COLUMNS,
@@ -83,17 +84,6 @@ def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict
     return {"sm.compute_concurrency_level": str(threads), **(resolved.tiledb_config or {})}
 
 
-def _take_rows(table: pa.Table, rows: np.ndarray, threads: int) -> pa.Table:
-    """`table.take(rows)`, one contiguous copy first (a take from the cache's per-shard chunks is ~2x
-    slower) and the rows split over `threads` (Arrow's take lets go of the GIL)."""
-    table = table.combine_chunks()
-    if threads <= 1 or len(rows) < 2 * threads:
-        return table.take(pa.array(rows))
-    with ThreadPoolExecutor(threads, thread_name_prefix="take") as pool:
-        parts = pool.map(lambda r: table.take(pa.array(r)), np.array_split(rows, threads))
-        return pa.concat_tables(list(parts))
-
-
 def _read_positions(
     src: ResolvedSource,
     ids: np.ndarray,
@@ -114,8 +104,7 @@ def _read_positions(
         # Map each yielded record back to its position; a cell id appears once in an epoch.
         pos = sorted_pos[np.searchsorted(sorted_ids, got)]
         take = np.argsort(pos, kind="stable")
-        table, pos = _take_rows(table, take, readers), pos[take]
-        table = table.cast(record_schema(src, tok, cls_id))
+        table, pos = take_records(table, take, readers), pos[take]
     else:  # the records come out in position order
         table = read_token_table(
             src,
@@ -172,13 +161,42 @@ class RankTasks:
 
     def read(self, t: int) -> pa.Table:
         """Task `t`'s records in position order, tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`."""
+        return self.reader(t)()
+
+    def reader(self, t: int) -> functools.partial:
+        """A function reading task `t` (`read`) that carries that task's cells only. Ray ships each read
+        task's function to its worker through the object store: one closing over the whole plan (every
+        task's cells, 16 bytes per cell of the rank) made each of a 1M-cell epoch's 62 tasks 15 MiB, so
+        the functions alone took ~1 GB of the store (quadratic in the epoch's length) and with a 768 MB
+        store Ray spilled 841 MiB of them to disk."""
         ids, positions = self.tasks[t]
-        table = _read_positions(
-            self.src, ids, positions, self.tok, self.cls_id, self.cache, self.cfg.read_threads
+        return functools.partial(
+            _read_task,
+            self.src,
+            self.tok,
+            self.cls_id,
+            self.cache,
+            self.cfg.read_threads,
+            t,
+            ids,
+            positions,
         )
-        n = table.num_rows
-        table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
-        return table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
+
+
+def _read_task(
+    src: ResolvedSource,
+    tok: TokenizerConfig,
+    cls_id: int,
+    cache: CacheEntry | None,
+    readers: int,
+    t: int,
+    ids: np.ndarray,
+    positions: np.ndarray,
+) -> pa.Table:
+    table = _read_positions(src, ids, positions, tok, cls_id, cache, readers)
+    n = table.num_rows
+    table = table.append_column(TASK_COLUMN, pa.array(np.full(n, t, np.int32)))
+    return table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
 
 
 def rank_tasks(
@@ -257,8 +275,10 @@ def tasks_dataset(plan: RankTasks, rank: int, skip: int = 0):
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             def make(t: int) -> ReadTask:
+                task = plan.reader(t)  # not `plan`: each task's function carries its own cells only
+
                 def read() -> Iterator[pa.Table]:
-                    yield plan.read(t)
+                    yield task()
 
                 meta = BlockMetadata(
                     num_rows=None,

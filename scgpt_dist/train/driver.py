@@ -58,11 +58,11 @@ def init_ray(cfg: ExperimentConfig) -> bool:
         ray.init(address=address, log_to_driver=True)
         return True
     num_cpus = cfg.ray.num_cpus or (os.cpu_count() or 1) + cfg.train.num_workers
-    start_local_ray(num_cpus)
+    start_local_ray(num_cpus, cfg.ray.object_store_mb)
     return False
 
 
-def start_local_ray(num_cpus: int) -> None:
+def start_local_ray(num_cpus: int, object_store_mb: int | None = None) -> None:
     """A single-node Ray instance on loopback, with the dashboard (the state API) on 127.0.0.1.
 
     Ray Train's placement-group cleaner asks the state API every few seconds whether the train controller is
@@ -73,6 +73,7 @@ def start_local_ray(num_cpus: int) -> None:
     ray.init(
         address="local",
         num_cpus=num_cpus,
+        object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         log_to_driver=True,

@@ -1,4 +1,4 @@
-"""The Parquet token cache: the same batches as reading SOMA, served without SOMA on the second epoch, and a
+"""The Arrow token cache: the same batches as reading SOMA, served without SOMA on the second epoch, and a
 new entry (never the stale one) when the tokenizer config changes."""
 
 import json
@@ -26,7 +26,7 @@ def soma_copy(demo_soma, tmp_path) -> Path:
 
 def _stream(src, vocab, tok, epoch, cache_dir=None):
     cache = TokenCacheConfig(
-        dir=None if cache_dir is None else str(cache_dir), shard_cells=64, row_group_cells=16
+        dir=None if cache_dir is None else str(cache_dir), shard_cells=64, record_batch_cells=16
     )
     cfg = StreamConfig(chunk_size=16, buffer_size=128, prefetch=2, token_cache=cache)
     return list(
@@ -61,7 +61,7 @@ def test_cache_hits_on_second_epoch_and_invalidates(ray_local, soma_copy, tmp_pa
     first = _stream(res, vocab, tok, 0, cache_dir)
     assert _same(first, plain[0])
     (entry,) = [p for p in cache_dir.iterdir() if p.is_dir()]
-    shards = sorted(entry.glob("shard_*.parquet"))
+    shards = sorted(entry.glob("shard_*.arrow"))
     n_cells = int(res.joinids.max()) + 1
     assert len(shards) == -(-n_cells // 64)  # every shard of the experiment was needed
     stamps = {p: p.stat().st_mtime_ns for p in shards}
@@ -74,7 +74,7 @@ def test_cache_hits_on_second_epoch_and_invalidates(ray_local, soma_copy, tmp_pa
     try:
         second = _stream(res, vocab, tok, 1, cache_dir)
         assert _same(second, plain[1])
-        assert {p: p.stat().st_mtime_ns for p in entry.glob("shard_*.parquet")} == stamps
+        assert {p: p.stat().st_mtime_ns for p in entry.glob("shard_*.arrow")} == stamps
         # Another tokenizer config is another entry: the stale records are not used (nothing to read).
         other = TokenizerConfig(max_seq_len=24)
         with pytest.raises(Exception, match="cannot open a SOMA experiment"):
@@ -85,7 +85,7 @@ def test_cache_hits_on_second_epoch_and_invalidates(ray_local, soma_copy, tmp_pa
     assert _same(rebuilt, _stream(res, vocab, other, 1))
     assert max(len(g) for b in rebuilt for g in b[keys.GENES].to_pylist()) == 24
     assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2
-    assert {p: p.stat().st_mtime_ns for p in entry.glob("shard_*.parquet")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in entry.glob("shard_*.arrow")} == stamps
 
 
 def test_key_covers_what_records_depend_on(demo_soma):
@@ -129,11 +129,11 @@ def test_entry_reads_equal_direct_reads(demo_soma, tmp_path):
     vocab = GeneVocab.from_genes(src.gene_names())
     res = src.resolve(vocab, TRAIN)
     tok = TokenizerConfig(max_seq_len=40, min_genes=300)  # some cells skipped
-    cfg = TokenCacheConfig(dir=str(tmp_path), shard_cells=50, row_group_cells=8)
+    cfg = TokenCacheConfig(dir=str(tmp_path), shard_cells=50, record_batch_cells=8)
     entry = CacheEntry.open(res, tok, vocab.cls_id, cfg)
     rng = np.random.default_rng(0)
     for n in (1, 37, 300):
         ids = np.sort(rng.choice(res.joinids, n, replace=False))
-        direct = read_token_table(res, ids, tok, vocab.cls_id)
+        direct = read_token_table(res, ids, tok, vocab.cls_id, compact=True)
         assert entry.read(res, ids, tok, vocab.cls_id).equals(direct)
     assert 0 < len(entry.shards()) <= -(-(int(res.joinids.max()) + 1) // 50)

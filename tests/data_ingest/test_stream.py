@@ -4,6 +4,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from ray import cloudpickle
 
 from data_ingest import keys
 from data_ingest.source import TRAIN, SomaCellSource, SourceConfig
@@ -20,6 +21,7 @@ from data_ingest.stream import (
     read_task_tiledb_config,
     read_tasks,
 )
+from data_ingest.stream.read import rank_tasks
 from data_ingest.tokenize import RECORD_SCHEMA, TokenizerConfig
 from data_ingest.vocab import GeneVocab
 
@@ -190,6 +192,28 @@ def test_read_ahead_is_capped_at_a_buffer_and_the_tasks_in_flight(ray_local, res
     # Compact records: uint16 gene ids + int8 bins = 3 bytes per token.
     want = (CFG.buffer_size + CFG.prefetch * CFG.task_cells) * 32 * 3
     assert ds.context.execution_options.resource_limits.object_store_memory == want
+
+
+def test_a_read_task_ships_its_own_cells_only(resolved):
+    res, vocab = resolved
+    plan = rank_tasks(
+        res,
+        TokenizerConfig(max_seq_len=32),
+        vocab.cls_id,
+        seed=0,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        batch_size=BATCH,
+        start_batch=0,
+        cfg=CFG,
+    )
+    assert len(plan.tasks) > 4
+    alone = dataclasses.replace(plan, tasks=plan.tasks[:1])
+    # Ray serializes each read task's function into the object store: its size must not grow with the
+    # rest of the epoch (a function closing over the whole plan made every task carry every task's cells).
+    assert len(cloudpickle.dumps(plan.reader(0))) == len(cloudpickle.dumps(alone.reader(0)))
+    assert plan.reader(2)().equals(plan.read(2))
 
 
 def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(resolved):

@@ -46,6 +46,16 @@ def test_a_saved_config_from_before_the_job_sections_moved_out_still_loads():
         load_config(None, ["repretrain.alias=x"])  # a new experiment config has no such section
 
 
+def test_a_saved_config_with_the_parquet_cache_key_still_loads():
+    saved = to_dict(load_config(None))
+    cache = saved["data"]["stream"]["token_cache"]
+    cache["row_group_cells"] = (
+        cache.pop("record_batch_cells") // 2
+    )  # written before the Arrow cache
+    assert saved_config(saved).data.stream.token_cache.record_batch_cells == 128
+    assert "row_group_cells" in cache  # the parsed dict is left as it was
+
+
 def test_overrides_and_types():
     cfg = load_config(
         None,
