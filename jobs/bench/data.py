@@ -9,7 +9,7 @@ processes such as Ray's object store once per process; see `jobs.bench.memory.Pe
 - `soma-ml`: TileDB-SOMA-ML `ExperimentDataset` (dense X batches, its default shuffle) through
   `experiment_dataloader`.
 - `ours`: `data_ingest.stream.rank_batches` (Ray Data read tasks, scatter-gather shuffle, tokenization).
-- `ours-cached` (not by default): the same stream's epoch 1 served from its Parquet token cache, filled by a
+- `ours-cached` (not by default): the same stream's epoch 1 served from its Arrow token cache, filled by a
   whole epoch 0 (reported as `fill s`).
 
 Shuffle quality is the mean number of distinct datasets in a batch and the mean total-variation distance
@@ -292,6 +292,7 @@ def _worker(a: argparse.Namespace) -> int:
     out["peak_rss_mb"] = mem.peak_rss / 2**20
     out["peak_pss_mb"] = mem.peak_pss / 2**20
     out["pss_samples"] = mem.pss_samples
+    out["pss_by_process_mb"] = {k: v / 2**20 for k, v in sorted(mem.peak_pss_by_name.items())}
     out["consumer_shmem_mb"] = mem.peak_own_shmem / 2**20  # object-store pages the reader mapped
     out["consumer_anon_mb"] = mem.peak_own_anon / 2**20  # its own heap
     print("RESULT " + json.dumps(out), flush=True)

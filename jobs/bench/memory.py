@@ -4,24 +4,46 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 
-def _tree_memory(proc, pss: bool) -> tuple[int, int]:
+def _process_name(p) -> str:
+    """A short name for a process of the tree: Ray's processes by role (`ray::ReadSomaTokens...`, raylet,
+    gcs_server), others by executable."""
+    cmd = p.cmdline()
+    if not cmd:
+        return p.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    return next(
+        (Path(c).name for c in cmd if "raylet" in c or "gcs_server" in c), Path(cmd[0]).name
+    )
+
+
+def _tree_memory(proc, pss: bool, by_name: dict[str, int] | None = None) -> tuple[int, int]:
     """(summed RSS, summed PSS or 0) of `proc` and its descendants. RSS counts a shared page (Ray's object
     store, mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS
-    sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often."""
+    sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often.
+    With `by_name`, the PSS of each sample is also summed per process name into `by_name` (its peak kept)."""
     import psutil
 
     rss_sum = pss_sum = 0
+    now: dict[str, int] = {}
     for p in [proc, *proc.children(recursive=True)]:
         try:
             if pss:
                 info = p.memory_full_info()
                 rss_sum, pss_sum = rss_sum + info.rss, pss_sum + info.pss
+                if by_name is not None:
+                    name = "bench (consumer)" if p.pid == proc.pid else _process_name(p)
+                    now[name] = now.get(name, 0) + info.pss
             else:
                 rss_sum += p.memory_info().rss
         except psutil.Error:
             pass
+    if by_name is not None:
+        for name, v in now.items():
+            by_name[name] = max(by_name.get(name, 0), v)
     return rss_sum, pss_sum
 
 
@@ -58,6 +80,8 @@ class PeakMemory:
         )
         self.peak_rss = self.peak_pss = self.pss_samples = 0
         self.peak_own_shmem = self.peak_own_anon = 0
+        self.peak_pss_by_name: dict[str, int] = {}
+        """Peak PSS (bytes) of each kind of process in the tree (`_process_name`), over the PSS samples."""
         """Peaks of this (the consuming) process's own RSS parts, bytes: pages of shared memory it has mapped
         and touched (Ray's object store) and its private heap (`RssShmem` / `RssAnon`); Linux only."""
         self._stop = False
@@ -69,7 +93,7 @@ class PeakMemory:
             max(self.peak_own_shmem, shmem),
             max(self.peak_own_anon, anon),
         )
-        rss, p = _tree_memory(self.proc, pss)
+        rss, p = _tree_memory(self.proc, pss, self.peak_pss_by_name)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
         self.pss_samples += pss
         return rss
