@@ -422,16 +422,30 @@ RENAMED_KEYS = {("data", "stream", "token_cache", "row_group_cells"): "record_ba
 record batches); `saved_config` reads them under the new one."""
 
 
+EARLIER_DEFAULTS = {("data", "stream", "chunk_order"): "random"}
+"""Settings added with a new default that changes what a run does, and the behaviour a saved config.yaml
+written before them had: `saved_config` fills them in, so a checkpoint resumes the epoch order it started
+(its chunks were in a uniform random order before the stratified one)."""
+
+
 def saved_config(data: dict[str, Any] | None) -> ExperimentConfig:
     """The ExperimentConfig of a model directory's or checkpoint's config.yaml (parsed)."""
     kept = copy.deepcopy({k: v for k, v in (data or {}).items() if k not in RETIRED_SECTIONS})
     for (*path, old), new in RENAMED_KEYS.items():
-        section = kept
-        for name in path:
-            section = section.get(name) if isinstance(section, dict) else None
-        if isinstance(section, dict) and old in section:
+        section = _section(kept, path)
+        if section is not None and old in section:
             section.setdefault(new, section.pop(old))
+    for (*path, name), value in EARLIER_DEFAULTS.items():
+        section = _section(kept, path)
+        if section is not None:
+            section.setdefault(name, value)
     return from_dict(ExperimentConfig, kept)
+
+
+def _section(data: dict, path: list[str]) -> dict | None:
+    for name in path:
+        data = data.get(name) if isinstance(data, dict) else None
+    return data if isinstance(data, dict) else None
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

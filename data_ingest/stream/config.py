@@ -8,25 +8,33 @@ from dataclasses import dataclass, field
 
 from data_ingest.cache import TokenCacheConfig
 
+CHUNK_ORDERS = ("stratified", "random")
+
 
 @dataclass
 class StreamConfig:
     """How a rank's epoch is cut, shuffled and prefetched."""
 
-    chunk_size: int = 256
+    chunk_size: int = 512
     """soma_joinid block moved together by the global shuffle (chunks start at its multiples; a divisor of
     X's 2,048-row tile extent keeps a chunk inside one row of tiles). The census stores rows grouped by
     dataset, so a chunk is (nearly always) one dataset and a batch mixes at most as many datasets as its
     buffer has chunks. Smaller chunks mix better and read slower: TileDB decodes whole data tiles (2^16
     values, a few hundred cells of one 2,048-gene column tile), so a chunk also decodes the cells around it.
-    500k cells x 3,000 genes, census X schema, one thread: 41k cells/s in 2,048-cell chunks, 33k in 512,
-    26k in 256, 19k in 128. See the README's loader table for the trade-off with `buffer_size`."""
+    500k cells x 3,000 genes, census X schema, one read task in-process (two X threads and the tokenizer):
+    24k cells/s in 256-cell chunks, 30k in 512, 35k in 1,024, 37k in 2,048. See the README's loader table
+    for the trade-off with `buffer_size`."""
     buffer_size: int = 131072
     """Cells shuffled together (after the first buffer): a batch draws from about `buffer_size / chunk_size`
-    chunks. 256 / 131,072 (512 chunks) gives 96% of a uniform shuffle's distinct datasets per 64-cell batch
-    on 500k cells in 80 datasets; 2,048 / 65,536 (32 chunks) gives 60%. The iterator holds one buffer of
-    compact token records (about `buffer_size x max_seq_len x 3` bytes at most) and Ray Data reads about
-    one buffer ahead."""
+    chunks. With the stratified chunk order, 512 / 131,072 (256 chunks) gives 97-98% of a uniform shuffle's
+    distinct datasets per 64-cell batch (500k cells in 80 datasets, 1M in 160; 95-96% with 4 ranks), 1,024 /
+    131,072 92-96%, 2,048 / 65,536 70-78%. The iterator holds one buffer of compact token records (about
+    `buffer_size x max_seq_len x 3` bytes at most) and Ray Data reads about one buffer ahead."""
+    chunk_order: str = "stratified"
+    """How the epoch orders its chunks: `stratified` (each buffer's chunks evenly spread over the selection,
+    so over the census's datasets: `plan.chunk_permutation`) or `random` (a uniform permutation of chunks,
+    the order before stratification: 512 / 131,072 then gives 91-94%). Both give every rank its share of
+    every epoch, once per cell."""
     task_cells: int = 16384
     """Cells per read task (whole chunks where possible): the unit of parallel reading and tokenizing. Each
     task costs a fixed ~0.2 s (dispatch, opening the experiment, handing its block to the object store):
@@ -75,6 +83,10 @@ class StreamConfig:
                 f"task_cells={self.task_cells}, prefetch={self.prefetch}, "
                 f"read_threads={self.read_threads}, first_buffer={self.first_buffer}: all must be "
                 ">= 1 (first_buffer >= 0)"
+            )
+        if self.chunk_order not in CHUNK_ORDERS:
+            raise ValueError(
+                f"stream chunk_order={self.chunk_order!r}; use one of {', '.join(CHUNK_ORDERS)}"
             )
         if self.buffer_size < 2 * self.chunk_size:
             raise ValueError(

@@ -40,6 +40,7 @@ from data_ingest import keys
 from data_ingest.cache import TokenCacheConfig
 from data_ingest.source import ALL, SomaCellSource, SourceConfig
 from data_ingest.stream import StreamConfig, StreamStats, rank_batches
+from data_ingest.stream.config import CHUNK_ORDERS
 from data_ingest.synth.census import CensusSynthConfig, experiment_uri, write_synthetic_census
 from data_ingest.tokenize import TokenizerConfig
 from data_ingest.vocab import GeneVocab
@@ -138,6 +139,7 @@ def run_ours(
     cpus: int,
     max_batches: int,
     chunk_size: int = 0,
+    chunk_order: str = "",
     buffer_size: int = 0,
     cache_dir: str | None = None,
     object_store_mb: int = 0,
@@ -174,6 +176,7 @@ def run_ours(
         read_threads=read_threads or max(1, cpus // prefetch),
     )
     cfg.chunk_size = chunk_size or cfg.chunk_size
+    cfg.chunk_order = chunk_order or cfg.chunk_order
     cfg.buffer_size = buffer_size or cfg.buffer_size
     cfg.task_cells = task_cells or cfg.task_cells
     if first_buffer >= 0:
@@ -241,18 +244,26 @@ def ideal_mixing(exp_uri: str, n_cells: int, batch_size: int, seed: int = 0) -> 
     return _distinct(batches), _tv(batches)
 
 
-def _reader_spec(reader: str) -> tuple[str, int, int]:
-    """(reader, chunk_size, buffer_size) of a `--readers` entry: `ours` / `ours-cached` may name their own
-    chunk and buffer as `ours:CHUNK:BUFFER` (0 for the --chunk-size / --buffer-size value), so several
-    shuffle settings run side by side in one benchmark."""
-    name, *sizes = reader.split(":")
-    if name not in READERS or (sizes and (not name.startswith("ours") or len(sizes) != 2)):
+def _reader_spec(reader: str) -> tuple[str, int, int, str]:
+    """(reader, chunk_size, buffer_size, chunk_order) of a `--readers` entry: `ours` / `ours-cached` may name
+    their own chunk and buffer as `ours:CHUNK:BUFFER` (0 for the --chunk-size / --buffer-size value), and
+    the chunk order as `ours:CHUNK:BUFFER:ORDER` (`stratified` or `random`; default the --chunk-order
+    value), so several shuffle settings run side by side in one benchmark."""
+    name, *rest = reader.split(":")
+    if name not in READERS or (
+        rest
+        and (
+            not name.startswith("ours")
+            or len(rest) not in (2, 3)
+            or (len(rest) == 3 and rest[2] not in CHUNK_ORDERS)
+        )
+    ):
         raise ValueError(
             f"unknown reader {reader!r}: use one of {', '.join(READERS)}, or ours:CHUNK:BUFFER / "
-            "ours-cached:CHUNK:BUFFER (e.g. ours:2048:65536)"
+            "ours-cached:CHUNK:BUFFER, optionally :stratified or :random (e.g. ours:256:131072:random)"
         )
-    chunk, buffer = (int(x) for x in sizes) if sizes else (0, 0)
-    return name, chunk, buffer
+    chunk, buffer = (int(x) for x in rest[:2]) if rest else (0, 0)
+    return name, chunk, buffer, rest[2] if len(rest) == 3 else ""
 
 
 def _worker(a: argparse.Namespace) -> int:
@@ -275,6 +286,7 @@ def _worker(a: argparse.Namespace) -> int:
                     a.cpus,
                     a.max_batches,
                     a.chunk_size,
+                    a.chunk_order,
                     a.buffer_size,
                     cache,
                     a.object_store_mb,
@@ -349,7 +361,19 @@ def main(argv: list[str]) -> int:
         "--chunk-size", type=int, default=0, help="our stream's chunk (0 = StreamConfig default)"
     )
     p.add_argument(
+        "--chunk-order",
+        choices=CHUNK_ORDERS,
+        default=StreamConfig.chunk_order,
+        help="our stream's chunk order",
+    )
+    p.add_argument(
         "--buffer-size", type=int, default=0, help="our stream's buffer (0 = StreamConfig default)"
+    )
+    p.add_argument(
+        "--chunk-order",
+        choices=CHUNK_ORDERS,
+        default=StreamConfig.chunk_order,
+        help="our stream's chunk order (StreamConfig.chunk_order)",
     )
     p.add_argument(
         "--first-buffer",
@@ -369,7 +393,7 @@ def main(argv: list[str]) -> int:
         "--readers",
         default="raw,soma-ml,ours",
         help=f"comma-separated, from {', '.join(READERS)}, or ours:CHUNK:BUFFER for our stream with "
-        "another chunk and buffer size (ours-cached: epoch 1 from a token cache "
+        "another chunk and buffer size, ours:CHUNK:BUFFER:random with the uniform chunk order (ours-cached: epoch 1 from a token cache "
         "filled by a whole epoch 0 in a temporary directory)",
     )
     p.add_argument("--json-out", default=None)
@@ -397,12 +421,13 @@ def main(argv: list[str]) -> int:
     for reader in a.readers.split(","):
         _reader_spec(reader)  # a typo fails now, not after the first readers ran
     for reader in a.readers.split(","):
-        base, chunk, buffer = _reader_spec(reader)
+        base, chunk, buffer, order = _reader_spec(reader)
         cmd = [sys.executable, "-m", "jobs.bench", "data", "--worker", base, "--exp", exp]
         cmd += ["--cells-read", str(n), "--batch-size", str(a.batch_size)]
         cmd += ["--max-seq-len", str(a.max_seq_len), "--cpus", str(a.cpus)]
         cmd += ["--max-batches", str(a.max_batches)]
         cmd += ["--chunk-size", str(chunk or a.chunk_size)]
+        cmd += ["--chunk-order", order or a.chunk_order]
         cmd += ["--buffer-size", str(buffer or a.buffer_size)]
         cmd += ["--object-store-mb", str(a.object_store_mb), "--prefetch", str(a.prefetch)]
         cmd += ["--task-cells", str(a.task_cells), "--read-threads", str(a.read_threads)]

@@ -56,6 +56,14 @@ def test_a_saved_config_with_the_parquet_cache_key_still_loads():
     assert "row_group_cells" in cache  # the parsed dict is left as it was
 
 
+def test_a_saved_config_from_before_the_stratified_order_resumes_the_random_one():
+    saved = to_dict(load_config(None))
+    assert saved["data"]["stream"].pop("chunk_order") == "stratified"  # the default now
+    assert saved_config(saved).data.stream.chunk_order == "random"
+    saved["data"]["stream"]["chunk_order"] = "stratified"
+    assert saved_config(saved).data.stream.chunk_order == "stratified"
+
+
 def test_overrides_and_types():
     cfg = load_config(
         None,
