@@ -361,12 +361,6 @@ def main(argv: list[str]) -> int:
         "--chunk-size", type=int, default=0, help="our stream's chunk (0 = StreamConfig default)"
     )
     p.add_argument(
-        "--chunk-order",
-        choices=CHUNK_ORDERS,
-        default=StreamConfig.chunk_order,
-        help="our stream's chunk order",
-    )
-    p.add_argument(
         "--buffer-size", type=int, default=0, help="our stream's buffer (0 = StreamConfig default)"
     )
     p.add_argument(

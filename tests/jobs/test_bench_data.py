@@ -34,3 +34,11 @@ def test_reader_specs_name_their_own_chunk_and_buffer():
     for bad in ("raw:1:2", "ours:2048", "theirs", "ours:256:131072:sorted"):
         with pytest.raises(ValueError, match="unknown reader"):
             _reader_spec(bad)
+
+
+def test_the_benchmark_command_line_parses(capsys):
+    from jobs.bench.data import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "--chunk-order" in capsys.readouterr().out
