@@ -5,7 +5,10 @@ The census stores cells grouped by dataset, so reading contiguous rows gives bat
 
 1. **Scatter.** The selected cells (sorted soma_joinids) are cut into chunks at the multiples of
    `chunk_size` (chunk k holds the selected cells with soma_joinid in `[k * chunk_size, (k + 1) * chunk_size)`,
-   so a chunk is one run of X's storage tiles), and the chunks are permuted globally.
+   so a chunk is one run of X's storage tiles), and the chunks are ordered globally: by default dealt in
+   rounds of one chunk from each of `buffer_size / chunk_size` evenly spread runs of the selection
+   (`chunk_order: stratified`, `plan.chunk_permutation`), so each buffer holds the datasets in about their
+   global proportions; or in a uniform permutation (`random`).
 2. **Split.** The concatenated order is cut into `world_size` equal, contiguous slices; rank `r` takes slice
    `r` and uses its first `batches_per_rank * batch_size` cells (the rest of the epoch's cells wait for the next
    epoch, whose order differs). Every rank does the same number of batches.

@@ -267,6 +267,7 @@ def _reader_spec(reader: str) -> tuple[str, int, int, str]:
 
 
 def _worker(a: argparse.Namespace) -> int:
+    cpu0 = time.process_time()
     with PeakMemory() as mem:
         if a.worker == "raw":
             n_raw = min(a.cells_read, a.max_batches * a.batch_size or a.cells_read)
@@ -307,6 +308,9 @@ def _worker(a: argparse.Namespace) -> int:
     out["pss_by_process_mb"] = {k: v / 2**20 for k, v in sorted(mem.peak_pss_by_name.items())}
     out["consumer_shmem_mb"] = mem.peak_own_shmem / 2**20  # object-store pages the reader mapped
     out["consumer_anon_mb"] = mem.peak_own_anon / 2**20  # its own heap
+    # CPU of the consuming process (all its threads: Ray Data's executor, the batcher, the local first
+    # buffer, the memory sampler), against `seconds` of wall time on `--cpus` cores.
+    out["consumer_cpu_s"] = time.process_time() - cpu0
     print("RESULT " + json.dumps(out), flush=True)
     if a.worker.startswith("ours"):
         import ray
