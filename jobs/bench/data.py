@@ -268,7 +268,7 @@ def _reader_spec(reader: str) -> tuple[str, int, int, str]:
 
 def _worker(a: argparse.Namespace) -> int:
     cpu0 = time.process_time()
-    with PeakMemory() as mem:
+    with PeakMemory(every_s=a.memory_every) as mem:
         if a.worker == "raw":
             n_raw = min(a.cells_read, a.max_batches * a.batch_size or a.cells_read)
             out = run_raw(a.exp, n_raw, a.batch_size)
@@ -394,6 +394,12 @@ def main(argv: list[str]) -> int:
         "another chunk and buffer size, ours:CHUNK:BUFFER:random with the uniform chunk order (ours-cached: epoch 1 from a token cache "
         "filled by a whole epoch 0 in a temporary directory)",
     )
+    p.add_argument(
+        "--memory-every",
+        type=float,
+        default=0.05,
+        help="seconds between samples of the reader's memory (RSS; PSS every 10th sample and near peaks)",
+    )
     p.add_argument("--json-out", default=None)
     p.add_argument("--worker", choices=READERS, help=argparse.SUPPRESS)
     p.add_argument("--exp", help=argparse.SUPPRESS)
@@ -429,7 +435,7 @@ def main(argv: list[str]) -> int:
         cmd += ["--buffer-size", str(buffer or a.buffer_size)]
         cmd += ["--object-store-mb", str(a.object_store_mb), "--prefetch", str(a.prefetch)]
         cmd += ["--task-cells", str(a.task_cells), "--read-threads", str(a.read_threads)]
-        cmd += ["--first-buffer", str(a.first_buffer)]
+        cmd += ["--first-buffer", str(a.first_buffer), "--memory-every", str(a.memory_every)]
         cmd += ["--no-local-first-buffer"] if a.no_local_first_buffer else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]

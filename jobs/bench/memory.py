@@ -20,8 +20,8 @@ def _process_name(p) -> str:
     )
 
 
-def _tree_memory(proc, pss: bool, by_name: dict[str, int] | None = None) -> tuple[int, int]:
-    """(summed RSS, summed PSS or 0) of `proc` and its descendants. RSS counts a shared page (Ray's object
+def _tree_memory(procs: list, pss: bool, by_name: dict[str, int] | None = None) -> tuple[int, int]:
+    """(summed RSS, summed PSS or 0) of `procs` (a process and its descendants, the first one the root). RSS counts a shared page (Ray's object
     store, mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS
     sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often.
     With `by_name`, the PSS of each sample is also summed per process name into `by_name` (its peak kept)."""
@@ -29,13 +29,13 @@ def _tree_memory(proc, pss: bool, by_name: dict[str, int] | None = None) -> tupl
 
     rss_sum = pss_sum = 0
     now: dict[str, int] = {}
-    for p in [proc, *proc.children(recursive=True)]:
+    for p in procs:
         try:
             if pss:
                 info = p.memory_full_info()
                 rss_sum, pss_sum = rss_sum + info.rss, pss_sum + info.pss
                 if by_name is not None:
-                    name = "bench (consumer)" if p.pid == proc.pid else _process_name(p)
+                    name = "bench (consumer)" if p.pid == procs[0].pid else _process_name(p)
                     now[name] = now.get(name, 0) + info.pss
             else:
                 rss_sum += p.memory_info().rss
@@ -84,6 +84,12 @@ class PeakMemory:
         """Peak PSS (bytes) of each kind of process in the tree (`_process_name`), over the PSS samples."""
         """Peaks of this (the consuming) process's own RSS parts, bytes: pages of shared memory it has mapped
         and touched (Ray's object store) and its private heap (`RssShmem` / `RssAnon`); Linux only."""
+        self.list_every = 0.5
+        """Seconds between listings of the process tree. Listing it walks all of /proc (psutil's `children`
+        reads every process's parent): every 0.05 s it cost the benchmark of our stream (the consumer, Ray's
+        ~15 processes) about 5 CPU-s per 25 s epoch, a fifth of a core taken from what it measured."""
+        self._procs: list = []
+        self._listed = -1e9
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -93,7 +99,10 @@ class PeakMemory:
             max(self.peak_own_shmem, shmem),
             max(self.peak_own_anon, anon),
         )
-        rss, p = _tree_memory(self.proc, pss, self.peak_pss_by_name)
+        now = time.monotonic()
+        if now - self._listed >= self.list_every:
+            self._procs, self._listed = [self.proc, *self.proc.children(recursive=True)], now
+        rss, p = _tree_memory(self._procs, pss, self.peak_pss_by_name)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
         self.pss_samples += pss
         return rss
