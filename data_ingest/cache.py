@@ -60,9 +60,8 @@ class TokenCacheConfig:
     shard_cells: int = 2048
     """Consecutive soma_joinids per shard file (built as one contiguous X read, one row of X's tiles)."""
     record_batch_cells: int = 256
-    """Records per Arrow record batch: the unit a read task decodes (with compression). With the stream's
-    default `chunk_size` (256) a chunk is one batch; a smaller chunk decodes whole batches to use part of
-    them."""
+    """Records per Arrow record batch: the unit a read task decodes (with compression). A stream chunk of
+    256 cells is one batch, the default 512 two; a smaller chunk decodes whole batches to use part of them."""
     compression: str = "lz4"
     """Compression of the shard files' record batches: `lz4` (LZ4 frame), `zstd` or `none` (uncompressed:
     read in place from the memory-mapped file; about 3 bytes per token on disk)."""

@@ -28,7 +28,7 @@ class StreamConfig:
     """Cells shuffled together (after the first buffer): a batch draws from about `buffer_size / chunk_size`
     chunks. With the stratified chunk order, 512 / 131,072 (256 chunks) gives 97-98% of a uniform shuffle's
     distinct datasets per 64-cell batch (500k cells in 80 datasets, 1M in 160; 95-96% with 4 ranks), 1,024 /
-    131,072 92-96%, 2,048 / 65,536 70-78%. The iterator holds one buffer of compact token records (about
+    131,072 90-96%, 2,048 / 65,536 about 70% (500k cells). The iterator holds one buffer of compact token records (about
     `buffer_size x max_seq_len x 3` bytes at most) and Ray Data reads about one buffer ahead."""
     chunk_order: str = "stratified"
     """How the epoch orders its chunks: `stratified` (each buffer's chunks evenly spread over the selection,

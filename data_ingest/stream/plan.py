@@ -47,9 +47,8 @@ def chunk_permutation(n_chunks: int, strata: int, rng: np.random.Generator) -> n
     sizes = np.diff(np.append(first, n_chunks))
     shuffled = np.lexsort((rng.random(n_chunks), run))  # each run's chunks in a random order
     turn = np.empty(n_chunks, np.int64)
-    turn[shuffled] = np.arange(n_chunks) - np.repeat(
-        first, sizes
-    )  # round in which a chunk is dealt
+    # The round in which each chunk is dealt: its place in its run's random order.
+    turn[shuffled] = np.arange(n_chunks) - np.repeat(first, sizes)
     return np.argsort(turn + rng.random(n_chunks), kind="stable")
 
 

@@ -309,7 +309,7 @@ def _worker(a: argparse.Namespace) -> int:
     out["consumer_shmem_mb"] = mem.peak_own_shmem / 2**20  # object-store pages the reader mapped
     out["consumer_anon_mb"] = mem.peak_own_anon / 2**20  # its own heap
     # CPU of the consuming process (all its threads: Ray Data's executor, the batcher, the local first
-    # buffer, the memory sampler), against `seconds` of wall time on `--cpus` cores.
+    # buffer, the memory sampler; ours-cached: both epochs), against `seconds` of wall time on `--cpus` cores.
     out["consumer_cpu_s"] = time.process_time() - cpu0
     print("RESULT " + json.dumps(out), flush=True)
     if a.worker.startswith("ours"):
@@ -391,8 +391,8 @@ def main(argv: list[str]) -> int:
         "--readers",
         default="raw,soma-ml,ours",
         help=f"comma-separated, from {', '.join(READERS)}, or ours:CHUNK:BUFFER for our stream with "
-        "another chunk and buffer size, ours:CHUNK:BUFFER:random with the uniform chunk order (ours-cached: epoch 1 from a token cache "
-        "filled by a whole epoch 0 in a temporary directory)",
+        "another chunk and buffer size, ours:CHUNK:BUFFER:random with the uniform chunk order "
+        "(ours-cached: epoch 1 from a token cache filled by a whole epoch 0 in a temporary directory)",
     )
     p.add_argument(
         "--memory-every",

@@ -21,9 +21,9 @@ def _process_name(p) -> str:
 
 
 def _tree_memory(procs: list, pss: bool, by_name: dict[str, int] | None = None) -> tuple[int, int]:
-    """(summed RSS, summed PSS or 0) of `procs` (a process and its descendants, the first one the root). RSS counts a shared page (Ray's object
-    store, mapped by the driver, raylet and workers) once per process; PSS splits it among them, so the PSS
-    sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often.
+    """(summed RSS, summed PSS or 0) of `procs` (a process, first, and its descendants). RSS counts a shared
+    page (Ray's object store, mapped by the driver, raylet and workers) once per process; PSS splits it among
+    them, so the PSS sum is the tree's physical memory. PSS reads /proc/<pid>/smaps_rollup: costly, so sampled less often.
     With `by_name`, the PSS of each sample is also summed per process name into `by_name` (its peak kept)."""
     import psutil
 
@@ -80,16 +80,10 @@ class PeakMemory:
         )
         self.peak_rss = self.peak_pss = self.pss_samples = 0
         self.peak_own_shmem = self.peak_own_anon = 0
-        self.peak_pss_by_name: dict[str, int] = {}
-        """Peak PSS (bytes) of each kind of process in the tree (`_process_name`), over the PSS samples."""
         """Peaks of this (the consuming) process's own RSS parts, bytes: pages of shared memory it has mapped
         and touched (Ray's object store) and its private heap (`RssShmem` / `RssAnon`); Linux only."""
-        self.list_every = 0.5
-        """Seconds between listings of the process tree. Listing it walks all of /proc (psutil's `children`
-        reads every process's parent): every 0.05 s it cost the benchmark of our stream (the consumer, Ray's
-        ~15 processes) about 5 CPU-s per 25 s epoch, a fifth of a core taken from what it measured."""
-        self._procs: list = []
-        self._listed = -1e9
+        self.peak_pss_by_name: dict[str, int] = {}
+        """Peak PSS (bytes) of each kind of process in the tree (`_process_name`), over the PSS samples."""
         self._stop = False
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -99,10 +93,8 @@ class PeakMemory:
             max(self.peak_own_shmem, shmem),
             max(self.peak_own_anon, anon),
         )
-        now = time.monotonic()
-        if now - self._listed >= self.list_every:
-            self._procs, self._listed = [self.proc, *self.proc.children(recursive=True)], now
-        rss, p = _tree_memory(self._procs, pss, self.peak_pss_by_name)
+        procs = [self.proc, *self.proc.children(recursive=True)]
+        rss, p = _tree_memory(procs, pss, self.peak_pss_by_name)
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, p)
         self.pss_samples += pss
         return rss
