@@ -44,7 +44,7 @@ def _block_schema(records: pa.Schema) -> pa.Schema:
 
 
 READ_TASK_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "16777216",
+    "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_ARENA_MAX": "1",
     "ARROW_DEFAULT_MEMORY_POOL": "system",
     "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
@@ -52,10 +52,11 @@ READ_TASK_ENV = {
 """Environment of the read-task worker processes. Each task allocates and frees a few hundred MB of arrays
 (TileDB's result buffers, token arrays).
 
-- A fixed 16 MB mmap threshold and Arrow's system pool give large arrays back on free. With glibc's adaptive
-  threshold and Arrow's caching pool that memory stayed with the workers and the loader's footprint crept up
-  over a long epoch (measured with 8,192-cell tasks and the earlier Arrow-take read path: peak PSS 2.7 ->
-  3.4 GB from a 100k- to a 1M-cell epoch, +27%; +14% with this).
+- A fixed mmap threshold (32 MB, glibc's largest) and Arrow's system pool give large arrays back on free.
+  With glibc's adaptive threshold and Arrow's caching pool that memory stayed with the workers and the
+  loader's footprint crept up over a long epoch (measured with 8,192-cell tasks and the earlier Arrow-take
+  read path: peak PSS 2.7 -> 3.4 GB from a 100k- to a 1M-cell epoch, +27%; +14% with a 16 MB threshold).
+  X queries' result buffers stay below it (`X_BUFFER_BYTES`).
 - Memory mapped afresh is faulted in page by page: kernel time was 39% of the read tasks' CPU. glibc >= 2.35
   then asks for transparent huge pages (`madvise` mode, the usual default) and takes 512x fewer faults:
   two 8,192-cell tasks side by side take 0.84 s instead of 1.0 s each. Ignored where unsupported.
@@ -65,6 +66,15 @@ READ_TASK_ENV = {
   1.34 s per task, 1.8M -> 0.29M faults over 11 tasks, same peak RSS (723 MB); a 1M-cell epoch
   13.9k -> 16.9k cells/s.
 """
+
+X_BUFFER_BYTES = 24 << 20
+"""`soma.init_buffer_bytes` of the read tasks' X queries: each column's result buffer (a 2,048-cell query
+at 3,000 genes fills ~14 MB of each 8-byte coordinate column; at 20,000 genes it takes two rounds). SOMA's
+default (1 GiB per column) is always freshly mapped, so the kernel zeroed every page TileDB copied results
+into; below `READ_TASK_ENV`'s mmap threshold the buffers come from the heap and are reused. With TileDB's
+`sm.mem.malloc_trim` off (it trimmed the heap after every query, giving those pages back too), kernel time
+per 16,384-cell task fell from 0.25 to 0.12 s at 3,000 genes (0.57-0.75 to 0.29-0.35 s at 20,000), about
+15% of a task's CPU (`read_task_tiledb_config`)."""
 
 
 def _trim_heap() -> None:
@@ -78,10 +88,16 @@ def _trim_heap() -> None:
 
 
 def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict[str, str]:
-    """The TileDB config of a read task's X queries: `read_task_cpus / read_threads` compute threads each
-    (rounded up), unless the source's own config sets `sm.compute_concurrency_level`."""
+    """The TileDB config of a read task's queries: `read_task_cpus / read_threads` compute threads each
+    (rounded up), result buffers of `X_BUFFER_BYTES` and no heap trim after each query (see
+    `X_BUFFER_BYTES`); a key the source's own config sets wins."""
     threads = max(1, math.ceil(cfg.read_task_cpus / cfg.read_threads))
-    return {"sm.compute_concurrency_level": str(threads), **(resolved.tiledb_config or {})}
+    return {
+        "sm.compute_concurrency_level": str(threads),
+        "sm.mem.malloc_trim": "false",
+        "soma.init_buffer_bytes": str(X_BUFFER_BYTES),
+        **(resolved.tiledb_config or {}),
+    }
 
 
 def _read_positions(

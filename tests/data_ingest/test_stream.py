@@ -9,6 +9,7 @@ from ray import cloudpickle
 from data_ingest import keys
 from data_ingest.source import TRAIN, SomaCellSource, SourceConfig
 from data_ingest.stream import (
+    READ_TASK_ENV,
     StreamConfig,
     StreamStats,
     batches_per_rank,
@@ -224,11 +225,18 @@ def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(r
         StreamConfig(chunk_size=64, buffer_size=100)
     res, _ = resolved
     four_cpus = StreamConfig(read_task_cpus=4, read_threads=2)
-    assert read_task_tiledb_config(res, four_cpus) == {"sm.compute_concurrency_level": "2"}
-    assert read_task_tiledb_config(res, StreamConfig()) == {"sm.compute_concurrency_level": "1"}
-    # The source's own TileDB setting wins.
-    pinned = dataclasses.replace(res, tiledb_config={"sm.compute_concurrency_level": "8"})
+    assert read_task_tiledb_config(res, four_cpus)["sm.compute_concurrency_level"] == "2"
+    config = read_task_tiledb_config(res, StreamConfig())
+    assert config["sm.compute_concurrency_level"] == "1"
+    # X result buffers small enough to come from the read workers' heap, which TileDB leaves untrimmed.
+    assert int(config["soma.init_buffer_bytes"]) < int(READ_TASK_ENV["MALLOC_MMAP_THRESHOLD_"])
+    assert config["sm.mem.malloc_trim"] == "false"
+    # The source's own TileDB settings win.
+    pinned = dataclasses.replace(
+        res, tiledb_config={"sm.compute_concurrency_level": "8", "soma.init_buffer_bytes": "1024"}
+    )
     assert read_task_tiledb_config(pinned, four_cpus)["sm.compute_concurrency_level"] == "8"
+    assert read_task_tiledb_config(pinned, four_cpus)["soma.init_buffer_bytes"] == "1024"
 
 
 def test_a_small_first_buffer_and_the_plan_stays_a_permutation():
