@@ -79,7 +79,8 @@ default (1 GiB per column) is always freshly mapped, so the kernel zeroed every 
 into; below `READ_TASK_ENV`'s mmap threshold the buffers come from the heap and are reused. With TileDB's
 `sm.mem.malloc_trim` off (it trimmed the heap after every query, giving those pages back too), kernel time
 per 16,384-cell task fell from 0.25 to 0.12 s at 3,000 genes (0.57-0.75 to 0.29-0.35 s at 20,000), about
-15% of a task's CPU (`read_task_tiledb_config`)."""
+15% of a task's CPU (`WORKER_TILEDB_CONFIG`). The cost: a read worker keeps its heap's high-water mark
+between tasks (~0.5 GB more PSS at 20,000 genes, ~0.1 GB at 3,000)."""
 
 
 def _trim_heap() -> None:
@@ -92,17 +93,26 @@ def _trim_heap() -> None:
         pass
 
 
-def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict[str, str]:
+WORKER_TILEDB_CONFIG = {
+    "sm.mem.malloc_trim": "false",
+    "soma.init_buffer_bytes": str(X_BUFFER_BYTES),
+}
+"""TileDB settings of the Ray read workers' queries only (see `X_BUFFER_BYTES`). Reads in the consuming
+process (the first buffer, `local_first_buffer`) keep TileDB's defaults: without its heap trim a 4,096-cell
+local read at 20,000 genes left the training process ~250 MB larger."""
+
+
+def read_task_tiledb_config(
+    resolved: ResolvedSource, cfg: StreamConfig, worker: bool = True
+) -> dict[str, str]:
     """The TileDB config of a read task's queries: `read_task_cpus / read_threads` compute threads each
-    (rounded up), result buffers of `X_BUFFER_BYTES` and no heap trim after each query (see
-    `X_BUFFER_BYTES`); a key the source's own config sets wins."""
+    (rounded up) and, in a Ray read worker (`worker`), `WORKER_TILEDB_CONFIG`; a key the source's own config
+    sets wins."""
     threads = max(1, math.ceil(cfg.read_task_cpus / cfg.read_threads))
-    return {
-        "sm.compute_concurrency_level": str(threads),
-        "sm.mem.malloc_trim": "false",
-        "soma.init_buffer_bytes": str(X_BUFFER_BYTES),
-        **(resolved.tiledb_config or {}),
-    }
+    config = {"sm.compute_concurrency_level": str(threads)}
+    if worker:
+        config.update(WORKER_TILEDB_CONFIG)
+    return {**config, **(resolved.tiledb_config or {})}
 
 
 def _read_positions(
@@ -146,7 +156,8 @@ class RankTasks:
     """A rank's read tasks from `start_batch` on: each one's cells and their positions, in task order."""
 
     src: ResolvedSource
-    """The source without its joinids (each task carries its own) and with the read tasks' TileDB config."""
+    """The source without its joinids (each task carries its own) and with the read tasks' TileDB config
+    (`read_task_tiledb_config` for this process; `reader` adds the Ray workers' settings)."""
     tok: TokenizerConfig
     cls_id: int
     cfg: StreamConfig
@@ -181,19 +192,25 @@ class RankTasks:
         )
 
     def read(self, t: int) -> pa.Table:
-        """Task `t`'s records in position order, tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`."""
-        return self.reader(t)()
+        """Task `t`'s records in position order, tagged with `TASK_COLUMN` / `TASK_ROWS_COLUMN`, read in this
+        process (TileDB's default memory settings)."""
+        return self.reader(t, worker=False)()
 
-    def reader(self, t: int) -> functools.partial:
+    def reader(self, t: int, worker: bool = True) -> functools.partial:
         """A function reading task `t` (`read`) that carries that task's cells only. Ray ships each read
         task's function to its worker through the object store: one closing over the whole plan (every
         task's cells, 16 bytes per cell of the rank) made each of a 1M-cell epoch's 62 tasks 15 MiB, so
         the functions alone took ~1 GB of the store (quadratic in the epoch's length) and with a 768 MB
         store Ray spilled 841 MiB of them to disk."""
         ids, positions = self.tasks[t]
+        src = self.src
+        if worker:  # the source's own settings (already in src's config) still win
+            src = dataclasses.replace(
+                src, tiledb_config={**WORKER_TILEDB_CONFIG, **(src.tiledb_config or {})}
+            )
         return functools.partial(
             _read_task,
-            self.src,
+            src,
             self.tok,
             self.cls_id,
             self.cache,
@@ -253,7 +270,7 @@ def rank_tasks(
     src = dataclasses.replace(
         resolved,
         joinids=np.zeros(0, dtype=np.int64),
-        tiledb_config=read_task_tiledb_config(resolved, cfg),
+        tiledb_config=read_task_tiledb_config(resolved, cfg, worker=False),
     )
     cache = None
     if cfg.token_cache.dir is not None:

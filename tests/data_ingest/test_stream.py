@@ -231,6 +231,9 @@ def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(r
     # X result buffers small enough to come from the read workers' heap, which TileDB leaves untrimmed.
     assert int(config["soma.init_buffer_bytes"]) < int(READ_TASK_ENV["MALLOC_MMAP_THRESHOLD_"])
     assert config["sm.mem.malloc_trim"] == "false"
+    # Reads in the consuming process keep TileDB's defaults.
+    local = read_task_tiledb_config(res, StreamConfig(), worker=False)
+    assert local == {"sm.compute_concurrency_level": "1"}
     # The source's own TileDB settings win.
     pinned = dataclasses.replace(
         res, tiledb_config={"sm.compute_concurrency_level": "8", "soma.init_buffer_bytes": "1024"}
