@@ -80,7 +80,7 @@ into; below `READ_TASK_ENV`'s mmap threshold the buffers come from the heap and 
 `sm.mem.malloc_trim` off (it trimmed the heap after every query, giving those pages back too), kernel time
 per 16,384-cell task fell from 0.25 to 0.12 s at 3,000 genes (0.57-0.75 to 0.29-0.35 s at 20,000), about
 15% of a task's CPU (`WORKER_TILEDB_CONFIG`). The cost: a read worker keeps its heap's high-water mark
-between tasks (~0.5 GB more PSS at 20,000 genes, ~0.1 GB at 3,000)."""
+between tasks (the stream's peak PSS +0.2 GB at 3,000 genes, +0.35 GB at 20,000)."""
 
 
 def _trim_heap() -> None:
