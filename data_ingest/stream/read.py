@@ -102,17 +102,17 @@ process (the first buffer, `local_first_buffer`) keep TileDB's defaults: without
 local read at 20,000 genes left the training process ~250 MB larger."""
 
 
-def read_task_tiledb_config(
-    resolved: ResolvedSource, cfg: StreamConfig, worker: bool = True
-) -> dict[str, str]:
+def read_task_tiledb_config(resolved: ResolvedSource, cfg: StreamConfig) -> dict[str, str]:
     """The TileDB config of a read task's queries: `read_task_cpus / read_threads` compute threads each
-    (rounded up) and, in a Ray read worker (`worker`), `WORKER_TILEDB_CONFIG`; a key the source's own config
-    sets wins."""
+    (rounded up), unless the source's own config sets `sm.compute_concurrency_level`. Ray read workers add
+    `worker_tiledb_config` on top."""
     threads = max(1, math.ceil(cfg.read_task_cpus / cfg.read_threads))
-    config = {"sm.compute_concurrency_level": str(threads)}
-    if worker:
-        config.update(WORKER_TILEDB_CONFIG)
-    return {**config, **(resolved.tiledb_config or {})}
+    return {"sm.compute_concurrency_level": str(threads), **(resolved.tiledb_config or {})}
+
+
+def worker_tiledb_config(config: dict[str, str] | None) -> dict[str, str]:
+    """`config` with `WORKER_TILEDB_CONFIG` under it (a key `config` sets wins): a Ray read worker's."""
+    return {**WORKER_TILEDB_CONFIG, **(config or {})}
 
 
 def _read_positions(
@@ -157,7 +157,7 @@ class RankTasks:
 
     src: ResolvedSource
     """The source without its joinids (each task carries its own) and with the read tasks' TileDB config
-    (`read_task_tiledb_config` for this process; `reader` adds the Ray workers' settings)."""
+    (`read_task_tiledb_config`; `reader` adds `worker_tiledb_config` for the Ray workers)."""
     tok: TokenizerConfig
     cls_id: int
     cfg: StreamConfig
@@ -204,10 +204,8 @@ class RankTasks:
         store Ray spilled 841 MiB of them to disk."""
         ids, positions = self.tasks[t]
         src = self.src
-        if worker:  # the source's own settings (already in src's config) still win
-            src = dataclasses.replace(
-                src, tiledb_config={**WORKER_TILEDB_CONFIG, **(src.tiledb_config or {})}
-            )
+        if worker:
+            src = dataclasses.replace(src, tiledb_config=worker_tiledb_config(src.tiledb_config))
         return functools.partial(
             _read_task,
             src,
@@ -270,7 +268,7 @@ def rank_tasks(
     src = dataclasses.replace(
         resolved,
         joinids=np.zeros(0, dtype=np.int64),
-        tiledb_config=read_task_tiledb_config(resolved, cfg, worker=False),
+        tiledb_config=read_task_tiledb_config(resolved, cfg),
     )
     cache = None
     if cfg.token_cache.dir is not None:

@@ -216,6 +216,23 @@ def test_a_read_task_ships_its_own_cells_only(resolved):
     # rest of the epoch (a function closing over the whole plan made every task carry every task's cells).
     assert len(cloudpickle.dumps(plan.reader(0))) == len(cloudpickle.dumps(alone.reader(0)))
     assert plan.reader(2)().equals(plan.read(2))
+    # Ray read workers take X result buffers small enough to come from their heap, which TileDB leaves
+    # untrimmed; a read in the consuming process keeps TileDB's defaults.
+    worker_config = plan.reader(0).args[0].tiledb_config
+    assert int(worker_config["soma.init_buffer_bytes"]) < int(
+        READ_TASK_ENV["MALLOC_MMAP_THRESHOLD_"]
+    )
+    assert worker_config["sm.mem.malloc_trim"] == "false"
+    assert plan.reader(0, worker=False).args[0].tiledb_config == plan.src.tiledb_config
+    assert "sm.mem.malloc_trim" not in plan.src.tiledb_config
+    # A setting of the source's own wins in the workers too.
+    pinned = dataclasses.replace(
+        plan,
+        src=dataclasses.replace(
+            plan.src, tiledb_config={**plan.src.tiledb_config, "soma.init_buffer_bytes": "1024"}
+        ),
+    )
+    assert pinned.reader(0).args[0].tiledb_config["soma.init_buffer_bytes"] == "1024"
 
 
 def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(resolved):
@@ -225,21 +242,11 @@ def test_stream_config_names_a_bad_size_and_splits_tiledb_threads_over_readers(r
         StreamConfig(chunk_size=64, buffer_size=100)
     res, _ = resolved
     four_cpus = StreamConfig(read_task_cpus=4, read_threads=2)
-    assert read_task_tiledb_config(res, four_cpus)["sm.compute_concurrency_level"] == "2"
-    config = read_task_tiledb_config(res, StreamConfig())
-    assert config["sm.compute_concurrency_level"] == "1"
-    # X result buffers small enough to come from the read workers' heap, which TileDB leaves untrimmed.
-    assert int(config["soma.init_buffer_bytes"]) < int(READ_TASK_ENV["MALLOC_MMAP_THRESHOLD_"])
-    assert config["sm.mem.malloc_trim"] == "false"
-    # Reads in the consuming process keep TileDB's defaults.
-    local = read_task_tiledb_config(res, StreamConfig(), worker=False)
-    assert local == {"sm.compute_concurrency_level": "1"}
-    # The source's own TileDB settings win.
-    pinned = dataclasses.replace(
-        res, tiledb_config={"sm.compute_concurrency_level": "8", "soma.init_buffer_bytes": "1024"}
-    )
+    assert read_task_tiledb_config(res, four_cpus) == {"sm.compute_concurrency_level": "2"}
+    assert read_task_tiledb_config(res, StreamConfig()) == {"sm.compute_concurrency_level": "1"}
+    # The source's own TileDB setting wins.
+    pinned = dataclasses.replace(res, tiledb_config={"sm.compute_concurrency_level": "8"})
     assert read_task_tiledb_config(pinned, four_cpus)["sm.compute_concurrency_level"] == "8"
-    assert read_task_tiledb_config(pinned, four_cpus)["soma.init_buffer_bytes"] == "1024"
 
 
 def test_a_small_first_buffer_and_the_plan_stays_a_permutation():
