@@ -49,6 +49,23 @@ def _run_of(r, run_ids, k):
     return np.searchsorted(run_ids, r, side="right") - 1
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _stretch_end(rows, e, r):
+    """The end of the stretch of row `r` that starts at `rows[e]`: 16 entries at a time (one SIMD
+    comparison, where the whole block is `r`), then one by one."""
+    n = len(rows)
+    while e + 16 <= n:
+        diff = 0
+        for j in range(16):
+            diff |= rows[e + j] ^ r
+        if diff != 0:
+            break
+        e += 16
+    while e < n and rows[e] == r:
+        e += 1
+    return e
+
+
 @numba.njit(cache=True, nogil=True)
 def coo_segments(rows, run_ids, run_pos):
     """Index a COO read by row without moving its entries: (seg_ptr, seg_lo, seg_hi).
@@ -60,35 +77,42 @@ def coo_segments(rows, run_ids, run_pos):
     every row of the read is one of them.
     """
     n = run_pos[-1]
-    seg_ptr = np.zeros(n + 1, np.int64)
+    # One pass over the entries lists the stretches in read order; a counting sort of the (few) stretches
+    # then groups them by row, stable, so each row's stay in read order.
+    cap = 2 * n + 16
+    at = np.empty(cap, np.int64)
+    lo = np.empty(cap, np.int64)
+    hi = np.empty(cap, np.int64)
+    m = 0
     k = 0
-    n_seg = 0
     e = 0
-    while e < len(rows):  # count each row's segments
+    while e < len(rows):
         r = rows[e]
         k = _run_of(r, run_ids, k)
-        seg_ptr[run_pos[k] + (r - run_ids[k]) + 1] += 1
-        n_seg += 1
-        e += 1
-        while e < len(rows) and rows[e] == r:
-            e += 1
+        if m == cap:
+            cap *= 2
+            at = np.concatenate((at, np.empty(cap - m, np.int64)))
+            lo = np.concatenate((lo, np.empty(cap - m, np.int64)))
+            hi = np.concatenate((hi, np.empty(cap - m, np.int64)))
+        at[m] = run_pos[k] + (r - run_ids[k])
+        lo[m] = e
+        e = _stretch_end(rows, e + 1, r)
+        hi[m] = e
+        m += 1
+    seg_ptr = np.zeros(n + 1, np.int64)
+    for j in range(m):
+        seg_ptr[at[j] + 1] += 1
     for i in range(n):
         seg_ptr[i + 1] += seg_ptr[i]
     fill = seg_ptr[:-1].copy()
-    seg_lo = np.empty(n_seg, np.int64)
-    seg_hi = np.empty(n_seg, np.int64)
-    e = 0
-    while e < len(rows):  # place them, grouped by row
-        r = rows[e]
-        k = _run_of(r, run_ids, k)
-        p = run_pos[k] + (r - run_ids[k])
+    seg_lo = np.empty(m, np.int64)
+    seg_hi = np.empty(m, np.int64)
+    for j in range(m):
+        p = at[j]
         s = fill[p]
         fill[p] = s + 1
-        seg_lo[s] = e
-        e += 1
-        while e < len(rows) and rows[e] == r:
-            e += 1
-        seg_hi[s] = e
+        seg_lo[s] = lo[j]
+        seg_hi[s] = hi[j]
     return seg_ptr, seg_lo, seg_hi
 
 
@@ -109,15 +133,22 @@ def compact_slots(genes, values, stride, slot_lengths):
 
 
 @numba.njit(cache=True, nogil=True)
-def _value_at_ranks(hist, vmax, ranks, out):
-    """out[j] = the value of sorted rank ranks[j] (non-decreasing) of the counts histogram `hist[:vmax+1]`."""
+def _values_at_edge_ranks(hist, ranks, nb, out):
+    """out[j] = the value of sorted rank ranks[j] of the counts histogram `hist`, for both halves of
+    `_edge_ranks` (each non-decreasing; ranks[nb + j] is ranks[j] or ranks[j] + 1), in one walk up it."""
     v = 0
-    below = hist[0]  # entries with value <= v
-    for j in range(len(ranks)):
+    below = hist[0]
+    for j in range(nb):
         while below <= ranks[j]:
             v += 1
             below += hist[v]
         out[j] = v
+        w = v
+        b = below
+        while b <= ranks[nb + j]:
+            w += 1
+            b += hist[w]
+        out[nb + j] = w
 
 
 @numba.njit(cache=True, nogil=True)
@@ -171,6 +202,23 @@ def _digitize_table(edges, vmax, left, right):
 
 
 @numba.njit(cache=True, nogil=True)
+def _mid_bin_table(edges, vmax, nb, out):
+    """out[v] = the bin of the integer v = 0 .. vmax with ties split at the middle (`tie_break: mid`):
+    with `left` = #edges <= v and `right` = #edges < v, ceil(0.5 * (right - left) + left) =
+    left - (left - right) // 2, clipped to 1 .. nb (what the per-entry path computes)."""
+    j = 0
+    k = 0
+    for v in range(vmax + 1):
+        while j < nb and edges[j] < v:
+            j += 1
+        if k < j:
+            k = j
+        while k < nb and edges[k] <= v:
+            k += 1
+        out[v] = min(max(k - (k - j) // 2, 1), nb)
+
+
+@numba.njit(cache=True, nogil=True)
 def _select_smallest(keys, m, k, bucket_shift, flags, hist):
     """flags[i] = key i is among the `k` smallest of keys[:m] (ties: the earlier index), for 0 < k < m.
 
@@ -197,16 +245,12 @@ def _select_smallest(keys, m, k, bucket_shift, flags, hist):
     for v in tied:
         if v < thr:
             eq_left -= 1
-    for i in range(m):
+    for i in range(m):  # a key below thr is one of them (no branch: that is a coin flip per key)
         kv = keys[i]
-        b = kv >> bucket_shift
-        if b < edge or (b == edge and kv < thr):
-            flags[i] = True
-        elif kv == thr and eq_left > 0:
+        flags[i] = kv < thr
+        if kv == thr and eq_left > 0:  # rare
             flags[i] = True
             eq_left -= 1
-        else:
-            flags[i] = False
 
 
 @numba.njit(cache=True, nogil=True)
@@ -218,25 +262,23 @@ def _select_largest_values(
     `np.lexsort((keys, -x))[:k]`; only those tied genes are hashed. `keys`, `tied`, `tied_flags`: scratch."""
     above = 0
     n_tied = 0
-    for i in range(m):
-        if x[i] > thr:
-            above += 1
-            flags[i] = True
-        else:
-            flags[i] = False
-            if x[i] == thr:
-                tied[n_tied] = i
-                keys[n_tied] = _gene_hash(stream, tok[i]) >> shift
-                n_tied += 1
+    for i in range(m):  # no branches: which side of thr a value falls is unpredictable
+        xi = x[i]
+        gt = xi > thr
+        flags[i] = gt
+        above += gt
+        tied[n_tied] = i
+        n_tied += xi == thr
+    for t in range(n_tied):
+        keys[t] = _gene_hash(stream, tok[tied[t]]) >> shift
     need = k - above
     if need >= n_tied:
         for t in range(n_tied):
             flags[tied[t]] = True
         return
     _select_smallest(keys, n_tied, need, bucket_shift, tied_flags, hist)
-    for t in range(n_tied):
-        if tied_flags[t]:
-            flags[tied[t]] = True
+    for t in range(n_tied):  # their flags were False (not above thr)
+        flags[tied[t]] = tied_flags[t]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -423,7 +465,8 @@ def tokenize_into(
                 v = data[e]
                 if v > 0 and t >= 0:
                     tok[c] = t
-                    col[c] = indices[e]
+                    if zero_fill:
+                        col[c] = indices[e]
                     x[c] = v
                     c += 1
                     if v > vmax:
@@ -451,8 +494,7 @@ def tokenize_into(
                 lut_right = np.empty(2 * top + 2, np.int64)
             for k in range(c):
                 hist[int(x[k])] += 1
-            _value_at_ranks(hist, top, ranks[:nb], rank_vals[:nb])
-            _value_at_ranks(hist, top, ranks[nb:], rank_vals[nb:])
+            _values_at_edge_ranks(hist, ranks, nb, rank_vals)
             if select_top and c > n_keep:  # the n_keep-th largest value, from the histogram
                 acc = 0
                 v = top
@@ -468,7 +510,9 @@ def tokenize_into(
             if select_top and c > n_keep:
                 thr_top = sv[c - n_keep]
         _edges(c, q, rank_vals, edges)
-        if counted:
+        if counted and tie_mid:
+            _mid_bin_table(edges, top, nb, lut_left)
+        elif counted:
             _digitize_table(edges, top, lut_left, lut_right)
         trunc = c > n_keep
         if trunc:
@@ -483,10 +527,25 @@ def tokenize_into(
                 for k in range(c):
                     keys[k] = _gene_hash(stream, tok[k]) >> shift
                 _select_smallest(keys, c, n_keep, bucket_shift, flags, bucket_hist)
+            # Close up the kept entries in place (no branch per entry: the flags are unpredictable).
+            o = 0
+            for k in range(c):
+                tok[o] = tok[k]
+                x[o] = x[k]
+                if zero_fill:
+                    col[o] = col[k]
+                o += flags[k]
+            c = o
         tstream = tie_streams[i]
-        for k in range(c):
-            if trunc and not flags[k]:
-                continue
+        if counted and tie_mid:  # each value's bin from the table: no per-entry search or branch
+            for k in range(c):
+                genes[out] = tok[k]
+                values[out] = lut_left[np.int64(x[k])]
+                out += 1
+            c_rest = 0
+        else:
+            c_rest = c
+        for k in range(c_rest):
             v = x[k]
             if counted:
                 left = lut_left[np.int64(v)]

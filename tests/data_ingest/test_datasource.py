@@ -300,3 +300,23 @@ def test_restyled_views_need_the_batch_profile_and_leave_the_record_alone(demo_s
     for g in keys.VIEW_GENES:
         assert all(set(v) <= set(f) for f, v in zip(full, table[g].to_pylist(), strict=True))
     assert read_token_table(styled, ids, tok, vocab.cls_id, **kw).equals(table)
+
+
+def test_coo_segments_long_stretches_match_a_plain_scan():
+    from data_ingest.datasource import _segments
+
+    rng = np.random.default_rng(1)
+    ids = np.unique(rng.choice(5000, 300, replace=False))
+    # Stretches of 1-70 entries (the kernel compares 16 at a time), a row often in several of them,
+    # sometimes twice in a row (one stretch then), and stretches that end the read at any length.
+    for n_stretches in (1, 7, 400, 2000):
+        owners = rng.choice(ids, n_stretches)
+        rows = np.repeat(owners, rng.integers(1, 71, n_stretches))
+        seg_ptr, seg_lo, seg_hi = _segments(ids, rows)
+        for i, cell in enumerate(ids):
+            want = np.flatnonzero(rows == cell)
+            got = [np.arange(seg_lo[s], seg_hi[s]) for s in range(seg_ptr[i], seg_ptr[i + 1])]
+            assert all(len(g) for g in got)
+            assert np.array_equal(np.concatenate(got or [np.zeros(0, int)]), want)
+            # maximal stretches: consecutive segments of a row do not touch
+            assert all(seg_hi[s] < seg_lo[s + 1] for s in range(seg_ptr[i], seg_ptr[i + 1] - 1))
