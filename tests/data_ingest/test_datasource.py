@@ -320,3 +320,24 @@ def test_coo_segments_long_stretches_match_a_plain_scan():
             assert np.array_equal(np.concatenate(got or [np.zeros(0, int)]), want)
             # maximal stretches: consecutive segments of a row do not touch
             assert all(seg_hi[s] < seg_lo[s + 1] for s in range(seg_ptr[i], seg_ptr[i + 1] - 1))
+
+
+def test_query_bounds_keep_each_query_within_the_result_buffers():
+    from data_ingest.datasource import query_bounds, x_buffer_entries
+
+    assert x_buffer_entries(None) == (1 << 30) // 8
+    assert x_buffer_entries({"soma.init_buffer_bytes": str(24 << 20)}) == 3 << 20
+    # Without per-cell entry counts: io_cells at a time.
+    assert query_bounds(5000, 2048, None, 100).tolist() == [0, 2048, 4096, 5000]
+    assert query_bounds(0, 2048, np.zeros(0, np.int64), 100).tolist() == [0]
+    rng = np.random.default_rng(0)
+    nnz = rng.integers(0, 4000, 10_000)
+    nnz[123] = 10**6  # a cell larger than the buffers is read alone
+    room = 1_000_000
+    b = query_bounds(len(nnz), 2048, nnz, room)
+    assert b[0] == 0 and b[-1] == len(nnz) and (np.diff(b) > 0).all() and (np.diff(b) <= 2048).all()
+    for lo, hi in zip(b[:-1], b[1:], strict=True):
+        assert hi - lo == 1 or nnz[lo:hi].sum() <= 0.9 * room
+        # greedy: one more cell would not have fitted (or the query is full)
+        assert hi == len(nnz) or hi - lo == 2048 or nnz[lo : hi + 1].sum() > 0.9 * room
+    assert [123, 124] in [[int(lo), int(hi)] for lo, hi in zip(b[:-1], b[1:], strict=True)]
