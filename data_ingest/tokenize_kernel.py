@@ -202,20 +202,13 @@ def _digitize_table(edges, vmax, left, right):
 
 
 @numba.njit(cache=True, nogil=True)
-def _mid_bin_table(edges, vmax, nb, out):
-    """out[v] = the bin of the integer v = 0 .. vmax with ties split at the middle (`tie_break: mid`):
-    with `left` = #edges <= v and `right` = #edges < v, ceil(0.5 * (right - left) + left) =
+def _mid_bin_table(edges, vmax, nb, left, right):
+    """left[v] = the bin of the integer v = 0 .. vmax with ties split at the middle (`tie_break: mid`;
+    `right` is scratch): from `_digitize_table`'s counts, ceil(0.5 * (right - left) + left) =
     left - (left - right) // 2, clipped to 1 .. nb (what the per-entry path computes)."""
-    j = 0
-    k = 0
+    _digitize_table(edges, vmax, left, right)
     for v in range(vmax + 1):
-        while j < nb and edges[j] < v:
-            j += 1
-        if k < j:
-            k = j
-        while k < nb and edges[k] <= v:
-            k += 1
-        out[v] = min(max(k - (k - j) // 2, 1), nb)
+        left[v] = min(max(left[v] - (left[v] - right[v]) // 2, 1), nb)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -511,7 +504,7 @@ def tokenize_into(
                 thr_top = sv[c - n_keep]
         _edges(c, q, rank_vals, edges)
         if counted and tie_mid:
-            _mid_bin_table(edges, top, nb, lut_left)
+            _mid_bin_table(edges, top, nb, lut_left, lut_right)
         elif counted:
             _digitize_table(edges, top, lut_left, lut_right)
         trunc = c > n_keep
