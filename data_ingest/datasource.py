@@ -164,7 +164,9 @@ def read_token_table(
             coords=(joinids,), column_names=obs_cols + ([keys.OBS_NNZ] if has_nnz else [])
         )
         obs = obs.concat().to_pandas().set_index(keys.SOMA_JOINID).reindex(joinids)
-        nnz = obs[keys.OBS_NNZ].to_numpy(np.int64) if has_nnz else None
+        nnz = obs[keys.OBS_NNZ].to_numpy() if has_nnz else None
+        if nnz is not None and (nnz.dtype.kind not in "iu" or (nnz < 0).any()):
+            nnz = None  # not counts (nulls, another meaning): it only sizes the queries
         bounds = query_bounds(n, io_cells, nnz, x_buffer_entries(src.tiledb_config))
         batch = pd.Categorical(
             obs[src.batch_key].astype(str), categories=src.batch_categories

@@ -118,3 +118,22 @@ def test_census_version_must_be_pinned_and_exist(monkeypatch):
     uri, config = census_locator("2025-01-30", keys.DEFAULT_ORGANISM)
     assert uri == "s3://bucket/cell-census/2025-01-30/soma/census_data/homo_sapiens"
     assert config["vfs.s3.region"] == "us-west-2"
+
+
+def test_queries_cut_by_obs_nnz_read_the_same_records(census):
+    import dataclasses
+
+    from data_ingest.datasource import query_bounds, read_token_table, x_buffer_entries
+
+    src = SomaCellSource(SourceConfig(soma_uri=str(census), holdout_fraction=0.0))
+    vocab = GeneVocab.from_genes(src.gene_names())
+    res = src.resolve(vocab, ALL)
+    ids = res.joinids[::2]
+    tok = TokenizerConfig(max_seq_len=32, seed=2)
+    obs = _obs(census).set_index(keys.SOMA_JOINID).loc[ids]
+    small = {"soma.init_buffer_bytes": str(8 * 3000)}  # ~3,000 entries a round: many cuts
+    bounds = query_bounds(len(ids), 2048, obs[keys.OBS_NNZ].to_numpy(), x_buffer_entries(small))
+    assert len(bounds) > 10  # the cut happens (the census has obs nnz)
+    cut = read_token_table(dataclasses.replace(res, tiledb_config=small), ids, tok, vocab.cls_id)
+    whole = read_token_table(res, ids, tok, vocab.cls_id, io_cells=len(ids))
+    assert cut.num_rows == len(ids) and cut.equals(whole)
