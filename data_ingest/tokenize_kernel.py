@@ -535,28 +535,30 @@ def tokenize_into(
                 genes[out] = tok[k]
                 values[out] = lut_left[np.int64(x[k])]
                 out += 1
-            c_rest = 0
         else:
-            c_rest = c
-        for k in range(c_rest):
-            v = x[k]
-            if counted:
-                left = lut_left[np.int64(v)]
-                right = lut_right[np.int64(v)]
-            else:
-                left = np.searchsorted(edges, v, side="right")  # edges <= v (np.digitize default)
-                right = np.searchsorted(edges, v, side="left")  # edges < v (np.digitize right=True)
-            if right != left:
-                if tie_mid:
-                    u = 0.5
+            for k in range(c):
+                v = x[k]
+                if counted:
+                    left = lut_left[np.int64(v)]
+                    right = lut_right[np.int64(v)]
                 else:
-                    u = np.float64(_gene_hash(tstream, tok[k]) >> _S11) * 2.0**-53
-                d = np.int64(np.ceil(u * (right - left) + left))
-            else:
-                d = left
-            genes[out] = tok[k]
-            values[out] = min(max(d, 1), nb)
-            out += 1
+                    left = np.searchsorted(
+                        edges, v, side="right"
+                    )  # edges <= v (np.digitize default)
+                    right = np.searchsorted(
+                        edges, v, side="left"
+                    )  # edges < v (np.digitize right=True)
+                if right != left:
+                    if tie_mid:
+                        u = 0.5
+                    else:
+                        u = np.float64(_gene_hash(tstream, tok[k]) >> _S11) * 2.0**-53
+                    d = np.int64(np.ceil(u * (right - left) + left))
+                else:
+                    d = left
+                genes[out] = tok[k]
+                values[out] = min(max(d, 1), nb)
+                out += 1
         if zero_fill and c < n_keep:
             for k in range(c):
                 mark[col[k]] = True
