@@ -45,16 +45,23 @@ from data_ingest.stream.plan import (
     rank_plan,
     read_tasks,
 )
-from data_ingest.stream.read import READ_TASK_ENV, read_task_tiledb_config
+from data_ingest.stream.read import (
+    READ_TASK_ENV,
+    Prestart,
+    prestart_readers,
+    read_task_tiledb_config,
+)
 
 __all__ = [
     "READ_TASK_ENV",
+    "Prestart",
     "StreamConfig",
     "StreamStats",
     "batches_per_rank",
     "buffer_starts",
     "check_plan",
     "epoch_order",
+    "prestart_readers",
     "rank_batches",
     "rank_dataset",
     "rank_order",

@@ -16,6 +16,7 @@ from data_ingest.stream.read import (
     POS_COLUMN,
     TASK_COLUMN,
     TASK_ROWS_COLUMN,
+    Prestart,
     gather_blocks,
     rank_tasks,
     tasks_dataset,
@@ -79,6 +80,7 @@ def rank_batches(
     start_batch: int = 0,
     cfg: StreamConfig | None = None,
     stats: StreamStats | None = None,
+    warm: Prestart | None = None,
 ) -> Iterator[pa.Table]:
     """Yield rank `rank`'s token batches of epoch `epoch`, starting at batch `start_batch`.
 
@@ -97,6 +99,9 @@ def rank_batches(
       selection empty (`num_rows == 0`) — the caller must still count it as a step on every rank. Skips are
       counted in `stats` (pass a `StreamStats` and log `stats.as_dict()`).
     - Raises `ValueError` when the selection cannot fill one batch per rank (never a silent empty epoch).
+
+    `warm`: read workers started beforehand (`prestart_readers`): the stream waits for them and its read
+    tasks run in them.
     """
     stats = stats if stats is not None else StreamStats()
     n_batches = batches_per_rank(len(resolved.joinids), world_size, batch_size)
@@ -167,7 +172,7 @@ def rank_batches(
 
     current = -1  # buffer of the blocks in `held` beyond the carried records
     got: dict[int, int] = {}  # records received per read task
-    blocks = gather_blocks(plan, rank, n_local)
+    blocks = gather_blocks(plan, rank, n_local, warm)
     try:
         for block in blocks:
             if not block.num_rows:

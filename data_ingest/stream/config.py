@@ -66,6 +66,10 @@ class StreamConfig:
     local_first_buffer: bool = True
     """Read the first buffer of an epoch (or of a resume) in the consuming process instead of a Ray Data read
     task, while Ray Data starts: the first batch does not wait for a read worker process to start."""
+    prestart: bool = True
+    """Training starts and warms the read workers (and the local first buffer's reader) before it builds
+    the model, so that setup overlaps theirs (`read.prestart_readers`): a cold 500k-cell x 3,000-gene epoch
+    on 2 cores read steadily only ~4.9 s in."""
     token_cache: TokenCacheConfig = field(default_factory=TokenCacheConfig)
     """Arrow cache of token records for repeated epochs (off unless `token_cache.dir` is set)."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import threading
 from collections.abc import Iterator
@@ -34,6 +35,8 @@ TASK_ROWS_COLUMN = "_task_rows"
 """Records that read task made in all: the batcher knows when a task, and so a buffer, is complete even if
 Ray Data splits its output into several blocks."""
 CARRIED_COLUMNS = (POS_COLUMN, TASK_COLUMN, TASK_ROWS_COLUMN)
+
+log = logging.getLogger(__name__)
 
 
 def _block_schema(records: pa.Schema) -> pa.Schema:
@@ -235,6 +238,113 @@ def _read_task(
     return table.append_column(TASK_ROWS_COLUMN, pa.array(np.full(n, n, np.int32)))
 
 
+def _warm_reader(
+    src: ResolvedSource, tok: TokenizerConfig, cls_id: int, cells: np.ndarray, readers: int
+) -> int:
+    """Read and tokenize `cells` as a read task does (same path, threads and array sizes), so this process
+    has done a task's one-time work: imports (Ray Data's task code too), TileDB's context, the tokenizer's
+    compiled kernels, and a heap grown to a task's size. Returns the process id."""
+    import os
+
+    import ray.data  # noqa: F401 - Ray Data's task code: half a second of imports in a fresh process
+
+    order = np.arange(len(cells))
+    read_token_table(
+        src, cells, tok, cls_id, order_key=order, compact=True, readers=readers, views=True
+    )
+    return os.getpid()
+
+
+def _identity(batch):
+    return batch
+
+
+@dataclass
+class Prestart:
+    """Read workers being started and warmed (`prestart_readers`); pass it to `rank_batches(warm=...)`."""
+
+    refs: list
+    """The Ray read workers' warm-ups."""
+    thread: threading.Thread | None = None
+    """This process's own warm-up (the local first buffer's read, Ray Data's helper actors)."""
+    errors: list = dataclasses.field(default_factory=list)
+    pids: list[int] = dataclasses.field(default_factory=list)
+    """The warmed read workers' process ids (after `wait`)."""
+
+    def wait(self) -> None:
+        """Until every warm-up is done. A failed warm-up is only logged: the read tasks meet the same
+        problem and raise it with its context."""
+        import ray
+
+        if self.thread is not None:
+            self.thread.join()
+        try:
+            self.pids = ray.get(self.refs)
+        except Exception as e:  # noqa: BLE001 - raised again, in context, by the read task that hits it
+            self.errors.append(e)
+        for e in self.errors:
+            log.warning("a read worker's warm-up failed (%s); the stream starts without it", e)
+        self.errors.clear()
+
+
+def prestart_readers(
+    resolved: ResolvedSource,
+    tok: TokenizerConfig,
+    cls_id: int,
+    cfg: StreamConfig,
+) -> Prestart:
+    """Start `cfg.prefetch` Ray read workers and warm them (`_warm_reader` on a task's worth of cells), and,
+    on a thread of this process, warm the local first buffer's read (with `cfg.local_first_buffer`) and
+    start Ray Data's helper actors. Returns at once; `rank_batches(warm=...)` waits for it before it reads,
+    so its read tasks go to these workers (same runtime environment and CPUs) instead of starting others.
+
+    Call it before the trainer's own setup (model, DeepSpeed), which then overlaps it. A cold stream spends
+    its first seconds on this: 500k cells x 3,000 genes on 2 cores, the first Ray read task began 3.1 s
+    into the epoch (a worker process to start: Python, Ray, its runtime environment) and took 1.7 s
+    instead of 0.3 (imports, TileDB's context, numba's kernels, a heap growing), the local 4,096-cell
+    first buffer 0.84 s instead of 0.2, and Ray Data's two helper actors (stats, autoscaling) started
+    beside them: steady reading began ~4.9 s in and the epoch took 14-16 s, against 11.6-11.8 s with the
+    readers prestarted (3-5 s before it, untimed; `python -m jobs.bench data` vs `--cold-start`)."""
+    import ray
+
+    if not len(resolved.joinids):
+        return Prestart([])
+    cells = np.asarray(resolved.joinids[: cfg.task_cells], np.int64)
+    src = dataclasses.replace(
+        resolved,
+        joinids=np.zeros(0, np.int64),
+        tiledb_config=read_task_tiledb_config(resolved, cfg),
+    )
+    worker_src = dataclasses.replace(src, tiledb_config=worker_tiledb_config(src.tiledb_config))
+    remote = ray.remote(_warm_reader).options(
+        num_cpus=cfg.read_task_cpus, runtime_env={"env_vars": READ_TASK_ENV}
+    )
+    out = Prestart(
+        [
+            remote.remote(worker_src, tok, cls_id, cells, cfg.read_threads)
+            for _ in range(cfg.prefetch)
+        ]
+    )
+
+    def local() -> None:
+        try:
+            if cfg.local_first_buffer:
+                first = (
+                    cfg.first_buffer if 0 < cfg.first_buffer < cfg.buffer_size else cfg.buffer_size
+                )
+                _warm_reader(src, tok, cls_id, cells[:first], cfg.read_threads)
+            # Ray Data's first execution in a job starts its stats and autoscaling actors: two processes
+            # importing Ray Data beside the first read tasks. A one-row dataset whose one task asks for no
+            # CPU (it runs whatever the stream's tasks hold) starts them now.
+            ray.data.from_items([0]).map_batches(_identity, num_cpus=0).materialize()
+        except Exception as e:  # noqa: BLE001 - see Prestart.wait
+            out.errors.append(e)
+
+    out.thread = threading.Thread(target=local, name="stream-prestart", daemon=True)
+    out.thread.start()
+    return out
+
+
 def rank_tasks(
     resolved: ResolvedSource,
     tok: TokenizerConfig,
@@ -352,10 +462,16 @@ def tasks_dataset(plan: RankTasks, rank: int, skip: int = 0):
     return ds
 
 
-def gather_blocks(plan: RankTasks, rank: int, n_local: int) -> Iterator[pa.Table]:
+def gather_blocks(
+    plan: RankTasks, rank: int, n_local: int, warm: Prestart | None = None
+) -> Iterator[pa.Table]:
     """Every read task's block of `plan`, in task order. The first `n_local` are read here, in this
     process, while Ray Data starts reading the rest on a thread: the first batch does not wait for a read
-    worker process to start (about 2 s), and that start overlaps the local reads."""
+    worker process to start (about 2 s), and that start overlaps the local reads. With `warm`
+    (`prestart_readers`), nothing is read before its warm-ups are done, so Ray Data's tasks go to its
+    workers."""
+    if warm is not None:
+        warm.wait()
     ray_iter = None
     if n_local < len(plan.tasks):
         # No prefetch: Ray Data would fetch blocks through a prefetcher actor (one more process mapping

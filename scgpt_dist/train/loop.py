@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from data_ingest.keys import BATCH, CELL_ID, GENES, LABEL, MODALITY, PAD_VALUE, VALUES
-from data_ingest.stream import StreamStats, rank_batches
+from data_ingest.stream import StreamStats, prestart_readers, rank_batches
 from data_ingest.tokenize import RECORD_SCHEMA, VIEW_COLUMNS, mix64
 from data_ingest.vocab import GeneVocab
 from scgpt_dist.config import ExperimentConfig, from_dict
@@ -124,6 +124,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # DeepSpeed's ZeRO calls a torch collective torch has renamed; one warning per rank and step otherwise.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
     write_worker_info(cfg.output_dir, rank)
+    if cfg.data.stream.prestart:  # the read workers start and warm up while the model is built
+        loop_config = {
+            **loop_config,
+            "prestart": prestart_readers(
+                loop_config["resolved"], cfg.data.tokenizer, vocab.cls_id, cfg.data.stream
+            ),
+        }
 
     module = TrainModule(cfg, vocab, world, rank)
     state = TrainState()
@@ -203,6 +210,7 @@ def _loop(cfg, vocab, module, state, callbacks, rank, world, loop_config, watchd
             start_batch=state.batches_in_epoch,
             cfg=cfg.data.stream,
             stats=stats,
+            warm=loop_config.pop("prestart", None),  # the first epoch's
         )
         watchdog.beat("data", state.step)
         t_wait = time.perf_counter()

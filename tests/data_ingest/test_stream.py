@@ -15,6 +15,7 @@ from data_ingest.stream import (
     batches_per_rank,
     buffer_starts,
     epoch_order,
+    prestart_readers,
     rank_batches,
     rank_dataset,
     rank_order,
@@ -361,3 +362,48 @@ def test_the_first_buffer_read_in_process_gives_the_same_batches(ray_local, reso
     whole = dataclasses.replace(CFG, buffer_size=4096, first_buffer=0)
     one = list(rank_batches(res, tok, vocab.cls_id, cfg=whole, **kw))
     assert [c for b in _ids(one) for c in b] == rank_order(res.joinids, cfg=whole, **kw).tolist()
+
+
+def _read_workers() -> set[int]:
+    """Ray worker processes started with the read tasks' environment (`READ_TASK_ENV`)."""
+    from pathlib import Path
+
+    marker = f"MALLOC_ARENA_MAX={READ_TASK_ENV['MALLOC_ARENA_MAX']}".encode()
+    out = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::"):
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    out.add(int(proc.name))
+        except OSError:
+            pass
+    return out
+
+
+def test_prestarted_readers_serve_the_stream_and_change_nothing(ray_local, resolved):
+    import os
+    import signal
+    import time
+
+    res, vocab = resolved
+    tok = TokenizerConfig(max_seq_len=32)
+    kw = dict(seed=5, epoch=0, rank=0, world_size=2, batch_size=BATCH)
+    want = list(rank_batches(res, tok, vocab.cls_id, cfg=CFG, **kw))
+    # Idle read workers of earlier streams would serve this one too: without them, a stream whose tasks
+    # did not fit the warm workers (another runtime environment, say) would have to start its own.
+    old = _read_workers()
+    for pid in old:
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.time() + 30
+    while _read_workers() & old and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(2)  # for the raylet to see them gone, not hand them a warm-up
+    warm = prestart_readers(res, tok, vocab.cls_id, CFG)
+    warm.wait()
+    assert len(warm.pids) == CFG.prefetch and os.getpid() not in warm.pids
+    before = _read_workers()
+    assert set(warm.pids) <= before
+    got = list(rank_batches(res, tok, vocab.cls_id, cfg=CFG, warm=warm, **kw))
+    assert len(got) == len(want) and all(a.equals(b) for a, b in zip(got, want, strict=True))
+    # The stream's read tasks went to warm workers: it started no read worker process of its own.
+    assert _read_workers() <= before
