@@ -9,6 +9,9 @@ processes such as Ray's object store once per process; see `jobs.bench.memory.Pe
 - `soma-ml`: TileDB-SOMA-ML `ExperimentDataset` (dense X batches, its default shuffle) through
   `experiment_dataloader`.
 - `ours`: `data_ingest.stream.rank_batches` (Ray Data read tasks, scatter-gather shuffle, tokenization).
+  Its read workers are started and warmed before the timer (`prestart_readers`, `prestart_s` in the JSON),
+  as training does while it builds the model and as the other readers import and open before theirs.
+- `ours-cold` (not by default): the same, timed from cold: the epoch starts its read workers itself.
 - `ours-cached` (not by default): the same stream's epoch 1 served from its Arrow token cache, filled by a
   whole epoch 0 (reported as `fill s`).
 
@@ -47,7 +50,7 @@ from data_ingest.vocab import GeneVocab
 from jobs.bench.memory import PeakMemory
 from jobs.bench.tile import tile_census
 
-READERS = ("raw", "soma-ml", "ours", "ours-cached")
+READERS = ("raw", "soma-ml", "ours", "ours-cold", "ours-cached")
 
 
 def _distinct(per_batch: list[np.ndarray]) -> float:
@@ -258,8 +261,9 @@ def ideal_mixing(exp_uri: str, n_cells: int, batch_size: int, seed: int = 0) -> 
 
 
 def _reader_spec(reader: str) -> tuple[str, int, int, str]:
-    """(reader, chunk_size, buffer_size, chunk_order) of a `--readers` entry: `ours` / `ours-cached` may name
-    their own chunk and buffer as `ours:CHUNK:BUFFER` (0 for the --chunk-size / --buffer-size value), and
+    """(reader, chunk_size, buffer_size, chunk_order) of a `--readers` entry: `ours`, `ours-cold` and
+    `ours-cached` may name their own chunk and buffer as `ours:CHUNK:BUFFER` (0 for the --chunk-size /
+    --buffer-size value), and
     the chunk order as `ours:CHUNK:BUFFER:ORDER` (`stratified` or `random`; default the --chunk-order
     value), so several shuffle settings run side by side in one benchmark."""
     name, *rest = reader.split(":")
@@ -309,7 +313,7 @@ def _worker(a: argparse.Namespace) -> int:
                     a.read_threads,
                     a.first_buffer,
                     not a.no_local_first_buffer,
-                    a.cold_start,
+                    a.worker == "ours-cold",
                 )
                 if cache:
                     out["cache_mb"] = sum(f.stat().st_size for f in Path(cache).rglob("*")) / 2**20
@@ -399,12 +403,6 @@ def main(argv: list[str]) -> int:
         help="our stream reads its first buffer with Ray Data too (StreamConfig.local_first_buffer off)",
     )
     p.add_argument(
-        "--cold-start",
-        action="store_true",
-        help="time our stream from cold read workers (by default they are started and warmed before the "
-        "timer, as training does while it builds the model: data_ingest.stream.prestart_readers)",
-    )
-    p.add_argument(
         "--task-cells", type=int, default=0, help="our read task size (0 = StreamConfig default)"
     )
     p.add_argument(
@@ -457,7 +455,6 @@ def main(argv: list[str]) -> int:
         cmd += ["--task-cells", str(a.task_cells), "--read-threads", str(a.read_threads)]
         cmd += ["--first-buffer", str(a.first_buffer), "--memory-every", str(a.memory_every)]
         cmd += ["--no-local-first-buffer"] if a.no_local_first_buffer else []
-        cmd += ["--cold-start"] if a.cold_start else []
         res = subprocess.run(cmd, capture_output=True, text=True)
         line = [x for x in res.stdout.splitlines() if x.startswith("RESULT ")]
         if not line:

@@ -30,6 +30,7 @@ def test_reader_specs_name_their_own_chunk_and_buffer():
     assert _reader_spec("ours") == ("ours", 0, 0, "")
     assert _reader_spec("ours:2048:65536") == ("ours", 2048, 65536, "")
     assert _reader_spec("ours-cached:256:131072") == ("ours-cached", 256, 131072, "")
+    assert _reader_spec("ours-cold") == ("ours-cold", 0, 0, "")
     assert _reader_spec("ours:256:131072:random") == ("ours", 256, 131072, "random")
     for bad in ("raw:1:2", "ours:2048", "theirs", "ours:256:131072:sorted"):
         with pytest.raises(ValueError, match="unknown reader"):
