@@ -268,6 +268,7 @@ class Prestart:
     thread: threading.Thread | None = None
     """This process's own warm-up (the local first buffer's read, Ray Data's helper actors)."""
     errors: list = dataclasses.field(default_factory=list)
+    """Exceptions of this process's warm-up, logged by `wait`."""
     pids: list[int] = dataclasses.field(default_factory=list)
     """The warmed read workers' process ids (after `wait`)."""
 
@@ -303,8 +304,8 @@ def prestart_readers(
     into the epoch (a worker process to start: Python, Ray, its runtime environment) and took 1.7 s
     instead of 0.3 (imports, TileDB's context, numba's kernels, a heap growing), the local 4,096-cell
     first buffer 0.84 s instead of 0.2, and Ray Data's two helper actors (stats, autoscaling) started
-    beside them: steady reading began ~4.9 s in and the epoch took 14-16 s, against 11.6-11.8 s with the
-    readers prestarted (3-5 s before it, untimed; `python -m jobs.bench data` vs `--cold-start`)."""
+    beside them: steady reading began ~4.9 s in and the epoch took 16.1 s, against 12.0 s with the readers
+    prestarted (4.9 s before it, untimed): `python -m jobs.bench data`, readers `ours` and `ours-cold`."""
     import ray
 
     if not len(resolved.joinids):
