@@ -542,12 +542,9 @@ def tokenize_into(
                     left = lut_left[np.int64(v)]
                     right = lut_right[np.int64(v)]
                 else:
-                    left = np.searchsorted(
-                        edges, v, side="right"
-                    )  # edges <= v (np.digitize default)
-                    right = np.searchsorted(
-                        edges, v, side="left"
-                    )  # edges < v (np.digitize right=True)
+                    # edges <= v (np.digitize's default) and edges < v (np.digitize right=True)
+                    left = np.searchsorted(edges, v, side="right")
+                    right = np.searchsorted(edges, v, side="left")
                 if right != left:
                     if tie_mid:
                         u = 0.5

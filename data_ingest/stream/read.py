@@ -330,9 +330,7 @@ def prestart_readers(
     def local() -> None:
         try:
             if cfg.local_first_buffer:
-                first = (
-                    cfg.first_buffer if 0 < cfg.first_buffer < cfg.buffer_size else cfg.buffer_size
-                )
+                first = int(buffer_starts(len(cells), cfg)[1])  # the first buffer's cells
                 _warm_reader(src, tok, cls_id, cells[:first], cfg.read_threads)
             # Ray Data's first execution in a job starts its stats and autoscaling actors: two processes
             # importing Ray Data beside the first read tasks. A one-row dataset whose one task asks for no
